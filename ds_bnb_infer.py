@@ -1,0 +1,800 @@
+#!/usr/bin/env python3
+"""ds_bnb_infer.py — DeepSpeed Inference + bitsandbytes 8/4-bit: deploy an LLM and measure what each choice costs.
+
+Read it beside the tutorial "DeepSpeed + bitsandbytes 量化部署示例：使用说明与函数文档"; the 第N节 pointers in the
+docstrings are its sections, and README.md is that tutorial made true for today's libraries.
+
+What generation costs (第八节). A request has two phases:
+  * prefill — the prompt goes through the model in one pass: many tokens per weight read, compute-bound;
+  * decode  — one new token per step per sequence: every weight is read once per step, so at small batch the
+    step time is bounded below by weight bytes / memory bandwidth. That is why 8-bit and 4-bit weights can make
+    decode faster on a GPU (fewer bytes), and why they often don't in practice (dequantisation kernels).
+  TTFT (time to first token) ~ prefill; decode time per token ~ the rest. Throughput counts tokens actually
+  generated: not the prompt, not padding, nothing after a sequence's EOS.
+
+What the libraries do today (see README, 第七节 and 第十一节 FAQ) and what this script does about it:
+  * `deepspeed.init_inference` always casts the module to its `dtype`. On a bitsandbytes model that either
+    raises (fp16/fp32) or silently changes the quantized model (bf16). The script keeps that cast from running
+    on quantized models and proves (tests) that the logits are bit-identical before and after wrapping.
+  * Kernel injection is checked against the plain model before any output is trusted (`verify`); when it
+    crashes or disagrees, the script falls back to no injection and says so (or exits 1 with --no-fallback).
+
+Commands
+  python ds_bnb_infer.py --model random:tiny                      # CPU, offline, seconds (random weights)
+  python ds_bnb_infer.py --model random:tiny --quant 4bit --json - | tail -n 1 | jq .metrics
+  python ds_bnb_infer.py --model random:llama-2-7b --quant 8bit   # Llama-2-7B shape, random weights, one GPU
+  deepspeed --num_gpus=2 ds_bnb_infer.py --tp-size 2 --model meta-llama/Llama-2-7b-chat-hf   # 第六节
+The last stdout line is the JSON report when `--json -` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+# torch / transformers are imported on first use (inside functions) so that `--help` and bad flags answer at
+# once and `import ds_bnb_infer` does no work; deepspeed and bitsandbytes are optional and imported where used.
+
+# ----------------------------------------------------------------------------------------------------------------
+# 第三节 配置: DeployConfig is the one source of truth for defaults; the CLI is derived from its fields.
+
+PRESETS = {
+    # A small Llama (2 layers): runs on a CPU in seconds. Dimensions are multiples of 32 because bitsandbytes'
+    # CPU 4-bit kernel packs weights in blocks of 32 output rows.
+    "random:tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, vocab_size=320, max_position_embeddings=2048),
+    # The real Llama-2-7B architecture: costs exactly what the real weights cost in time and memory.
+    "random:llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                              max_position_embeddings=4096, rms_norm_eps=1e-5),
+}
+QUANT_FALLBACK = {"4bit": "8bit", "8bit": "none"}     # 第九节: 4-bit → 8-bit → fp16
+
+
+def _opt(flag, help, **kw):
+    """Field metadata: the CLI flag, its help, and any extra argparse settings (choices, metavar)."""
+    return dict(flag=flag, help=help, **kw)
+
+
+@dataclass
+class DeployConfig:
+    """Every setting of a run (第三节). Flags are derived from these fields by build_parser()."""
+    model_name: str = field(default="meta-llama/Llama-2-7b-chat-hf", metadata=_opt(
+        "--model", "hub id, local path, or a random-weight preset: " + ", ".join(PRESETS), metavar="NAME"))
+    backend: str = field(default="deepspeed", metadata=_opt(
+        "--backend", "deepspeed: wrap with deepspeed.init_inference; hf: plain transformers",
+        choices=["deepspeed", "hf"]))
+    quant: str = field(default="none", metadata=_opt(
+        "--quant", "bitsandbytes weights: 8bit (LLM.int8) or 4bit (nf4 + double quant, bf16 compute)",
+        choices=["none", "8bit", "4bit"]))
+    dtype: str = field(default="auto", metadata=_opt(
+        "--dtype", "dtype of the (non-quantized) weights; auto = fp16 on GPU, fp32 on CPU",
+        choices=["auto", "fp16", "bf16", "fp32"]))
+    tp_size: int = field(default=1, metadata=_opt("--tp-size", "tensor-parallel ranks (DeepSpeed AutoTP)"))
+    pp_size: int = field(default=1, metadata=_opt("--pp-size", "pipeline stages (see 第六节: not offered)"))
+    kernel_inject: bool = field(default=True, metadata=_opt(
+        "--kernel-inject", "replace layers with DeepSpeed's fused kernels (verified first, 第七节)"))
+    max_new_tokens: int = field(default=64, metadata=_opt("--max-new-tokens", "new tokens per sequence"))
+    batch_size: int = field(default=1, metadata=_opt("--batch-size", "sequences per generate() call"))
+    prompts: list = field(default_factory=lambda: ["DeepSpeed is"], metadata=_opt(
+        "--prompt", "a prompt (repeat the flag for several)", action="append", metavar="TEXT"))
+    prompts_file: str | None = field(default=None, metadata=_opt(
+        "--prompts-file", "a text file with one prompt per line", metavar="PATH"))
+    warmup: int = field(default=1, metadata=_opt("--warmup", "untimed runs before measuring"))
+    iters: int = field(default=3, metadata=_opt("--iters", "timed runs (latency mean/p50/p95 over their batches)"))
+    do_sample: bool = field(default=False, metadata=_opt("--do-sample", "sample instead of greedy decoding"))
+    temperature: float = field(default=1.0, metadata=_opt("--temperature", "sampling temperature (> 0)"))
+    top_p: float = field(default=1.0, metadata=_opt("--top-p", "nucleus sampling mass, in (0, 1]"))
+    seed: int = field(default=0, metadata=_opt("--seed", "seed for random weights and sampling"))
+    device: str = field(default="auto", metadata=_opt(
+        "--device", "auto = cuda when a GPU is visible, else cpu", choices=["auto", "cuda", "cpu"]))
+    fallback: bool = field(default=True, metadata=_opt(
+        "--fallback", "on failure fall back (4bit→8bit→none, injection→none, deepspeed→hf); "
+        "--no-fallback makes each an error"))
+    verify: bool = field(default=True, metadata=_opt(
+        "--verify", "check the engine's logits and greedy tokens against the unwrapped model "
+        "(always on for kernel injection)"))
+    json_path: str | None = field(default=None, metadata=_opt(
+        "--json", "write the JSON report to PATH ('-' = print it as the last stdout line)", metavar="PATH"))
+    trust_remote_code: bool = field(default=False, metadata=_opt(
+        "--trust-remote-code", "allow model code from the hub (off: only run code you have read)"))
+    debug: bool = field(default=False, metadata=_opt("--debug", "show tracebacks"))
+    local_rank: int = field(default=-1, metadata=_opt(
+        "--local_rank", "set by the deepspeed launcher (LOCAL_RANK is read too)"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI, derived field by field from DeployConfig. Defaults are SUPPRESSed so the dataclass fills them."""
+    p = argparse.ArgumentParser(prog="ds_bnb_infer.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(DeployConfig):
+        meta = dict(f.metadata)
+        flag, help = meta.pop("flag"), meta.pop("help")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flags = [flag, "--local-rank"] if f.name == "local_rank" else [flag]
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help} (default: {default})")
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif "action" not in meta:
+            kw["type"] = {"int": int, "float": float}.get(f.type, str)
+        p.add_argument(*flags, **kw, **meta)
+    return p
+
+
+def config_from_args(argv=None) -> DeployConfig:
+    """Parse argv into a DeployConfig; argparse itself exits 2 with one line on unknown flags or bad values."""
+    return DeployConfig(**vars(build_parser().parse_args(argv)))
+
+
+class UsageError(Exception):
+    """Bad input: the message names the problem and the fix. Exit code 2."""
+
+
+class RunFailure(Exception):
+    """The run itself failed (a mode that cannot run, out of memory). Exit code 1."""
+
+
+def dist_env(config: DeployConfig) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment (deepspeed, torchrun) or --local_rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", config.local_rank if config.local_rank >= 0 else 0))
+    return int(os.environ.get("RANK", local)), local, world
+
+
+def validate(config: DeployConfig, world_size: int, cuda_available: bool) -> None:
+    """Reject impossible or conflicting settings before any model is loaded (every rank fails the same way)."""
+    for name, low in [("tp_size", 1), ("pp_size", 1), ("max_new_tokens", 1), ("batch_size", 1),
+                      ("warmup", 0), ("iters", 1)]:
+        if getattr(config, name) < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(config, name)}.")
+    if not config.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {config.temperature}.")
+    if not 0 < config.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {config.top_p}.")
+    if config.device == "cuda" and not cuda_available:
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu (or auto).")
+    if config.pp_size > 1:
+        raise UsageError("--pp-size > 1 is not offered: DeepSpeed Inference has no pipeline engine (第六节); "
+                         "use --tp-size N to split each layer over N GPUs.")
+    if config.tp_size != world_size:
+        raise UsageError(f"--tp-size {config.tp_size} needs {config.tp_size} ranks but {world_size} were launched; "
+                         f"run: deepspeed --num_gpus={config.tp_size} ds_bnb_infer.py --tp-size {config.tp_size} ...")
+    if config.tp_size > 1 and config.backend != "deepspeed":
+        raise UsageError("--tp-size > 1 is DeepSpeed's tensor parallelism; use --backend deepspeed.")
+    if config.tp_size > 1 and config.quant != "none":
+        raise UsageError(f"--quant {config.quant} cannot be combined with --tp-size > 1: AutoTP slices weight "
+                         "matrices and bitsandbytes' packed weights cannot be sliced that way; use --tp-size 1 "
+                         "(a 4-bit 7B model fits one GPU) or --quant none.")
+    if config.prompts_file is not None and config.prompts != DeployConfig().prompts:
+        raise UsageError("give prompts either with --prompt or with --prompts-file, not both.")
+    if config.json_path not in (None, "-") and not os.path.isdir(os.path.dirname(os.path.abspath(config.json_path))):
+        raise UsageError(f"the folder for --json {config.json_path} does not exist; create it or pick another path.")
+
+
+def load_prompts(config: DeployConfig) -> list[str]:
+    """The prompts of a run: --prompt values, or the non-empty lines of --prompts-file."""
+    if config.prompts_file is None:
+        return list(config.prompts)
+    try:
+        with open(config.prompts_file, encoding="utf-8") as fh:
+            prompts = [line.rstrip("\n") for line in fh if line.strip()]
+    except OSError as e:
+        raise UsageError(f"cannot read --prompts-file {config.prompts_file} ({e.strerror}); check the path.")
+    if not prompts:
+        raise UsageError(f"--prompts-file {config.prompts_file} has no prompts; write one prompt per line.")
+    return prompts
+
+
+def batches_of(prompts: list[str], batch_size: int) -> list[list[str]]:
+    """Split prompts into batches; too few prompts repeat to fill one batch (批处理, 第八节)."""
+    if len(prompts) < batch_size:
+        prompts = [prompts[i % len(prompts)] for i in range(batch_size)]
+    return [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 第四节 加载: tokenizer and model object — plain, or quantized by bitsandbytes — before DeepSpeed sees it.
+
+def resolve_dtype(config: DeployConfig, device: str):
+    import torch
+    name = config.dtype if config.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def byte_tokenizer(vocab_size: int):
+    """A byte-level tokenizer built in code (no download): one token per UTF-8 byte, ids up to vocab_size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<s>", "</s>", "<pad>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(chars))}
+    # Ids the model can emit but no text maps to: they decode to a visible placeholder.
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), vocab_size)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def load_tokenizer(config: DeployConfig):
+    """第四节: the tokenizer, padded on the left so that every sequence of a batch ends at the same position."""
+    if config.model_name in PRESETS:
+        tok = byte_tokenizer(PRESETS[config.model_name]["vocab_size"])
+    else:
+        _check_model_source(config.model_name)
+        from transformers import AutoTokenizer
+        with _loading_errors(config.model_name):
+            tok = AutoTokenizer.from_pretrained(config.model_name, trust_remote_code=config.trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token      # Llama has no pad token; padded positions are masked anyway
+    return tok
+
+
+def _check_model_source(name: str) -> None:
+    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise UsageError(f"model path {name} does not exist; give a local model folder, a hub id, "
+                         f"or a preset ({', '.join(PRESETS)}).")
+
+
+@contextlib.contextmanager
+def _loading_errors(name: str):
+    """Turn the hub's many failure modes into one sentence each."""
+    try:
+        yield
+    except OSError as e:
+        text = str(e)
+        if "gated" in text or "401" in text or "403" in text:
+            raise UsageError(f"{name} is a gated model: accept its license on the hub and set HF_TOKEN, "
+                             "or use a local copy.") from e
+        raise UsageError(f"cannot load {name} (not a local folder, and the hub could not provide it: "
+                         f"{text.splitlines()[0][:160]}); give a local path or --model random:tiny.") from e
+
+
+def bnb_config(quant: str, dtype):
+    """第四节: the BitsAndBytesConfig of the doc — LLM.int8, or 4-bit nf4 with double quant and bf16 compute."""
+    import torch
+    from transformers import BitsAndBytesConfig
+    import bitsandbytes  # noqa: F401 — fail here, with a clear ImportError, rather than inside transformers
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_model(config: DeployConfig, quant: str, device: str):
+    """第四节: the model object, on `device`, quantized by bitsandbytes when quant != none."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    dtype = resolve_dtype(config, device)
+    if config.model_name in PRESETS:
+        torch.manual_seed(config.seed)     # every rank builds the same random weights
+        cfg = LlamaConfig(**PRESETS[config.model_name], bos_token_id=0, eos_token_id=1, pad_token_id=2)
+        build_on = device if quant == "none" else "cpu"
+        with torch.device(build_on):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        if quant == "none":
+            return model.eval()
+        # bitsandbytes quantizes while loading from a folder, exactly as for a real checkpoint.
+        with tempfile.TemporaryDirectory(prefix="ds_bnb_infer-") as tmp:
+            model.save_pretrained(tmp)
+            del model
+            return _from_pretrained(tmp, config, quant, dtype, device)
+    return _from_pretrained(config.model_name, config, quant, dtype, device)
+
+
+def _from_pretrained(source: str, config: DeployConfig, quant: str, dtype, device: str):
+    from transformers import AutoModelForCausalLM
+    kw = dict(dtype=dtype, trust_remote_code=config.trust_remote_code)
+    if quant != "none":
+        kw.update(quantization_config=bnb_config(quant, dtype), device_map={"": device})
+    elif not (config.backend == "deepspeed" and config.tp_size > 1):
+        kw.update(device_map={"": device})
+    # tp > 1: load on the CPU and let DeepSpeed move only its shard to each GPU, so no GPU holds a full copy.
+    with _loading_errors(config.model_name):
+        return AutoModelForCausalLM.from_pretrained(source, **kw).eval()
+
+
+def load_quantized(config: DeployConfig, device: str, tokenizer, record: dict):
+    """Load config.quant, falling back 4bit → 8bit → none when a quant mode cannot load or run (第九节)."""
+    import torch
+    quant = config.quant
+    while True:
+        try:
+            model = load_model(config, quant, device)
+            if quant != "none":
+                # One token through the model: some bitsandbytes failures only show at the first matmul.
+                with torch.no_grad():
+                    model(input_ids=torch.tensor([[tokenizer.bos_token_id or 0]], device=device))
+            record["quant"] = quant
+            return model
+        except (UsageError, torch.OutOfMemoryError):
+            raise
+        except Exception as e:
+            if quant == "none":
+                raise
+            fall_back(config, record, "quant", quant, QUANT_FALLBACK[quant], _reason(e),
+                      usage=isinstance(e, ImportError))
+            quant = QUANT_FALLBACK[quant]
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def fall_back(config: DeployConfig, record: dict, what: str, frm, to, reason: str, usage: bool = False) -> None:
+    """Record (and log) a fallback, or raise when --no-fallback was given."""
+    if not config.fallback:
+        err = UsageError if usage else RunFailure
+        raise err(f"{what} {frm} cannot be used ({reason}); --no-fallback forbids falling back to {to}.")
+    record["fallbacks"].append({"what": what, "from": frm, "to": to, "reason": reason})
+    print0(f"[fallback] {what}: {frm} -> {to} ({reason})", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 第五节/第七节 引擎: hand the model object to deepspeed.init_inference, then check the engine against it.
+
+# Verification thresholds (relative logits error ‖out−ref‖/‖ref‖). Wrapping without injection must not change
+# a single bit; fused fp16 kernels differ from PyTorch's only by rounding (~1e-3); tensor parallel sums in
+# another order (rounding too). A broken kernel or KV cache gives errors of order 1.
+EXACT_TOL = 0.0
+KERNEL_TOL = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 4e-2}
+VERIFY_TOKENS = 16
+
+
+@contextlib.contextmanager
+def keep_quantized_dtype(model):
+    """Stop InferenceEngine from casting a bitsandbytes model to its dtype (it calls .half()/.bfloat16()).
+
+    On a quantized model that cast raises (fp16) or silently re-rounds the quantization state (bf16: 1–17%
+    logits error, measured), so for those models the engine must take the module exactly as it is.
+    """
+    if not getattr(model, "is_quantized", False):
+        yield
+        return
+    from deepspeed.inference.engine import InferenceEngine
+    original = InferenceEngine._convert_to_dtype
+    InferenceEngine._convert_to_dtype = lambda self, config: None
+    try:
+        yield
+    finally:
+        InferenceEngine._convert_to_dtype = original
+
+
+def init_engine(config: DeployConfig, record: dict | None = None):
+    """第五节/第七节: (engine, tokenizer) — the model loaded, then wrapped by deepspeed.init_inference.
+
+    `record` (optional) receives what was actually used: backend, quant, kernel_inject, fallbacks, verify.
+    """
+    import torch
+    record = {} if record is None else record
+    record.update(backend=config.backend, quant=config.quant, kernel_inject=False, fallbacks=[], verify=None)
+    device = pick_device(config)
+    tokenizer = load_tokenizer(config)
+    model = load_quantized(config, device, tokenizer, record)
+    record["dtype"] = str(resolve_dtype(config, device)).replace("torch.", "")
+    if config.backend == "hf":
+        return model, tokenizer
+    try:
+        import deepspeed
+    except ImportError as e:
+        if config.tp_size > 1:
+            raise UsageError("--tp-size > 1 needs deepspeed; pip install deepspeed==0.19.8.") from e
+        fall_back(config, record, "backend", "deepspeed", "hf", "deepspeed is not installed", usage=True)
+        record["backend"] = "hf"
+        return model, tokenizer
+
+    inject = config.kernel_inject
+    if inject and record["quant"] != "none":
+        fall_back(config, record, "kernel_inject", "on", "off",
+                  "bitsandbytes weights cannot be kernel-injected", usage=True)
+        inject = False
+    check = config.verify or inject
+    verify_ids = verify_batch(tokenizer, load_prompts(config), device) if check else None
+    ref = reference_outputs(model, verify_ids) if check else None
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    record["dtype"] = str(dtype).replace("torch.", "")
+    while True:
+        engine = None
+        try:
+            with keep_quantized_dtype(model):
+                engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=inject,
+                                                  tensor_parallel={"tp_size": config.tp_size})
+            if check:
+                record["verify"] = verify(engine, verify_ids, ref, tolerance(config, dtype, inject))
+                if not record["verify"]["passed"]:
+                    raise RunFailure("its output differs from the unwrapped model: " + record["verify"]["summary"])
+            record["kernel_inject"] = inject
+            return engine, tokenizer
+        except (UsageError, torch.OutOfMemoryError):
+            raise
+        except Exception as e:
+            if not inject:
+                raise
+            fall_back(config, record, "kernel_inject", "on", "off", _reason(e))
+            # Injection replaced the model's layers in place: start again from a fresh copy.
+            del engine, model
+            free_memory()
+            model, inject = load_model(config, "none", device), False
+
+
+def pick_device(config: DeployConfig) -> str:
+    import torch
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    return f"cuda:{dist_env(config)[1]}"
+
+
+def free_memory() -> None:
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def tolerance(config: DeployConfig, dtype, inject: bool) -> float:
+    """The verification threshold of a mode (see EXACT_TOL / KERNEL_TOL above)."""
+    import torch
+    if not inject and config.tp_size == 1:
+        return EXACT_TOL
+    return KERNEL_TOL[{torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")]
+
+
+def verify_batch(tokenizer, prompts: list[str], device: str):
+    enc = tokenizer(prompts[:4], return_tensors="pt", padding=True)
+    return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+
+
+def greedy_with_logits(model, inputs):
+    """Greedy tokens and every step's logits (prefill logits included) — what verification compares."""
+    import torch
+    with torch.no_grad():
+        prefill = model(**inputs).logits.float().cpu()
+        out = model.generate(**inputs, max_new_tokens=VERIFY_TOKENS, do_sample=False, min_new_tokens=VERIFY_TOKENS,
+                             output_logits=True, return_dict_in_generate=True)
+    steps = torch.stack([s.float().cpu() for s in out.logits], dim=1)
+    return {"prefill": prefill, "steps": steps, "tokens": out.sequences[:, inputs["input_ids"].shape[1]:].cpu()}
+
+
+def reference_outputs(model, inputs):
+    """The unwrapped model's outputs, computed before DeepSpeed touches the model (injection changes it)."""
+    return greedy_with_logits(model, inputs)
+
+
+def verify(engine, inputs, ref: dict, tol: float) -> dict:
+    """Compare the engine with the reference: logits error, top-1 agreement, greedy tokens (第七节)."""
+    out = greedy_with_logits(engine, inputs)
+    mask = inputs["attention_mask"].bool().cpu()
+    same = (out["tokens"] == ref["tokens"]).all(dim=0).long()
+    agree = int(same.cumprod(0).sum())            # steps until the first divergence in any sequence
+    upto = min(agree + 1, VERIFY_TOKENS)          # decode logits are comparable up to the first divergence
+    prefill_err = rel_error(out["prefill"][mask], ref["prefill"][mask])
+    decode_err = rel_error(out["steps"][:, :upto], ref["steps"][:, :upto])
+    top1 = float((out["prefill"][mask].argmax(-1) == ref["prefill"][mask].argmax(-1)).float().mean())
+    passed = prefill_err <= tol and decode_err <= tol and math.isfinite(prefill_err + decode_err)
+    if tol == EXACT_TOL:
+        passed = passed and agree == VERIFY_TOKENS
+    return {"passed": bool(passed), "tolerance": tol, "prefill_rel_error": prefill_err,
+            "decode_rel_error": decode_err, "top1_agreement": top1, "greedy_tokens_matching": agree,
+            "greedy_tokens_checked": VERIFY_TOKENS,
+            "summary": f"rel. error prefill {prefill_err:.2e} / decode {decode_err:.2e} (tolerance {tol:g}), "
+                       f"top-1 {top1:.1%}, greedy tokens {agree}/{VERIFY_TOKENS} equal"}
+
+
+def rel_error(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ (NaN when the output is not finite)."""
+    denom = float(ref.norm())
+    return float((out - ref).norm()) / denom if denom else float(out.norm() != 0) * math.inf
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 第五节 生成: one batched generate() call, timed: latency, TTFT, decode time per token, tokens generated.
+
+def _sync(device) -> None:
+    import torch
+    if torch.cuda.is_available() and str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def make_first_token_timer(device):
+    """A logits processor that notes the time when the first new token's logits exist (= TTFT).
+
+    generate() calls it once per step; only the first call synchronizes, so timing costs one sync per request.
+    """
+    from transformers import LogitsProcessor
+
+    class FirstTokenTimer(LogitsProcessor):
+        t_first = None
+
+        def __call__(self, input_ids, scores):
+            if self.t_first is None:
+                _sync(device)
+                self.t_first = time.perf_counter()
+            return scores
+    return FirstTokenTimer()
+
+
+def generate(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict:
+    """第五节: generate for one batch of prompts; returns texts, latency, TTFT, decode time, token counts."""
+    import torch
+    from transformers import LogitsProcessorList
+    device = next(p.device for p in engine.parameters())
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+    timer = make_first_token_timer(device)
+    sampling = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p) if config.do_sample \
+        else dict(do_sample=False)
+    torch.manual_seed(config.seed)                # same samples on every rank and every run
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = engine.generate(**enc, max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              logits_processor=LogitsProcessorList([timer]), **sampling)
+    _sync(device)
+    latency = time.perf_counter() - t0
+    new_ids = out[:, enc["input_ids"].shape[1]:].tolist()
+    counts = count_new_tokens(new_ids, eos_ids(tokenizer, engine))
+    ttft = timer.t_first - t0
+    return {"texts": [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(new_ids, counts)],
+            "latency_s": latency, "ttft_s": ttft, "new_tokens": counts, "steps": max(len(i) for i in new_ids),
+            "decode_s_per_token": decode_time_per_token(latency, ttft, max(len(i) for i in new_ids)),
+            "prompt_tokens": int(enc["attention_mask"].sum())}
+
+
+def eos_ids(tokenizer, model) -> set[int]:
+    cfg = getattr(getattr(model, "module", model), "generation_config", None)   # a DeepSpeed engine wraps .module
+    ids = cfg.eos_token_id if cfg is not None and cfg.eos_token_id is not None else tokenizer.eos_token_id
+    return set(ids) if isinstance(ids, (list, tuple)) else {ids}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 第八节 测量: pure functions of numbers, so that tests check them without a model.
+
+def count_new_tokens(new_ids: list[list[int]], eos: set[int]) -> list[int]:
+    """Tokens each sequence actually generated: up to and including its first EOS; padding after it excluded."""
+    counts = []
+    for ids in new_ids:
+        n = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
+        counts.append(n)
+    return counts
+
+
+def decode_time_per_token(latency_s: float, ttft_s: float, steps: int) -> float | None:
+    """Seconds per decode step: the time after the first token over the steps after it (None for 1 step)."""
+    return (latency_s - ttft_s) / (steps - 1) if steps > 1 else None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile with linear interpolation between order statistics (numpy's default)."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(values: list[float]) -> dict:
+    return {"mean": sum(values) / len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
+            "n": len(values)}
+
+
+def throughput(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else math.nan
+
+
+def gpu_mem_gb(device=None) -> dict:
+    """第八节: this process's GPU memory in GiB — allocated/reserved now and their peaks (None on CPU).
+
+    Allocated = tensors alive; reserved = what PyTorch's caching allocator holds from the driver (>= allocated).
+    """
+    import torch
+    if not torch.cuda.is_available():
+        return {"allocated": None, "reserved": None, "peak_allocated": None, "peak_reserved": None}
+    gib = 2 ** 30
+    return {"allocated": torch.cuda.memory_allocated(device) / gib,
+            "reserved": torch.cuda.memory_reserved(device) / gib,
+            "peak_allocated": torch.cuda.max_memory_allocated(device) / gib,
+            "peak_reserved": torch.cuda.max_memory_reserved(device) / gib}
+
+
+def measure(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict:
+    """第八节: warm up, then --iters timed runs over all batches; latency stats and token throughput."""
+    import torch
+    batches = batches_of(prompts, config.batch_size)
+    for _ in range(config.warmup):
+        generate(engine, tokenizer, batches[0], config)   # kernels chosen, allocator grown, caches built
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    runs = [generate(engine, tokenizer, b, config) for _ in range(config.iters) for b in batches]
+    tokens = sum(sum(r["new_tokens"]) for r in runs)
+    seconds = sum(r["latency_s"] for r in runs)
+    decode = [r["decode_s_per_token"] for r in runs if r["decode_s_per_token"] is not None]
+    return {"runs": runs, "metrics": {
+        "latency_s": summarize([r["latency_s"] for r in runs]),
+        "ttft_s": summarize([r["ttft_s"] for r in runs]),
+        "decode_s_per_token": summarize(decode) if decode else None,
+        "generated_tokens": tokens, "timed_seconds": seconds,
+        "tokens_per_s": throughput(tokens, seconds), "batch_size": config.batch_size,
+        "batches_per_iter": len(batches)}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 报告: rank 0 prints a card, the texts, a metrics table and the fallbacks; --json writes one object.
+
+def print0(*args, **kw) -> None:
+    """Print on rank 0 only (every rank runs the same script)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kw, flush=True)
+
+
+def versions() -> dict:
+    from importlib import metadata
+    v = {"python": platform.python_version()}
+    for pkg in ["torch", "transformers", "deepspeed", "bitsandbytes", "accelerate"]:
+        try:
+            v[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            v[pkg] = None
+    import torch
+    v["cuda"] = torch.version.cuda
+    return v
+
+
+def hardware(device: str, world_size: int) -> dict:
+    import torch
+    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
+    return {"device": device.split(":")[0], "gpu": gpu, "world_size": world_size, "cpu_count": os.cpu_count()}
+
+
+def gather_memory(world_size: int) -> list[dict]:
+    """Every rank's gpu_mem_gb(), collected on all ranks (rank order)."""
+    mem = gpu_mem_gb()
+    if world_size == 1:
+        return [mem]
+    import torch.distributed as tdist
+    out = [None] * world_size
+    tdist.all_gather_object(out, mem)
+    return out
+
+
+def build_report(config, record, prompts, result, memory, device, world_size) -> dict:
+    first = result["runs"][: len(batches_of(prompts, config.batch_size))]
+    outputs = [{"prompt": p, "text": t, "new_tokens": n}
+               for r, b in zip(first, batches_of(prompts, config.batch_size))
+               for p, t, n in zip(b, r["texts"], r["new_tokens"])]
+    m = dict(result["metrics"])
+    m["tokens_per_s_cluster"] = m.pop("tokens_per_s")
+    m["tokens_per_s_per_gpu"] = m["tokens_per_s_cluster"] / world_size
+    m["per_run"] = [{k: r[k] for k in ("latency_s", "ttft_s", "new_tokens", "steps", "prompt_tokens")}
+                    for r in result["runs"]]
+    return {"config": dataclasses.asdict(config), "versions": versions(), "hardware": hardware(device, world_size),
+            "engine": {k: record[k] for k in ("backend", "quant", "dtype", "kernel_inject", "fallbacks", "verify")},
+            "metrics": m, "memory": {"unit": "GiB", "per_rank": memory}, "outputs": outputs,
+            "note": "random weights: the text is meaningless" if config.model_name in PRESETS else None}
+
+
+def render(report: dict) -> str:
+    """Human-readable report: card, generated texts, metrics table, fallbacks."""
+    c, e, m, h = report["config"], report["engine"], report["metrics"], report["hardware"]
+    v = report["versions"]
+    lines = [f"model    {c['model_name']}" + ("   (random weights: the text is meaningless)" if report["note"] else ""),
+             f"engine   backend={e['backend']} quant={e['quant']} kernel_inject={e['kernel_inject']} "
+             f"dtype={e['dtype']} tp={c['tp_size']}",
+             f"hardware {h['gpu'] or h['device']} x{h['world_size']} rank(s)",
+             f"versions torch {v['torch']}, transformers {v['transformers']}, deepspeed {v['deepspeed']}, "
+             f"bitsandbytes {v['bitsandbytes']}",
+             "verify   " + (e["verify"]["summary"] + (" PASSED" if e["verify"]["passed"] else " FAILED")
+                           if e["verify"] else "not run (no DeepSpeed wrapping)" if e["backend"] == "hf"
+                           else "off (--no-verify)"), ""]
+    for o in report["outputs"][:8]:
+        lines.append(f"> {o['prompt']!r} -> {o['text']!r} ({o['new_tokens']} tokens)")
+    lat, ttft, dec = m["latency_s"], m["ttft_s"], m["decode_s_per_token"]
+    lines += ["", f"{'metric':<30}{'mean':>10}{'p50':>10}{'p95':>10}",
+              f"{'latency per batch (s)':<30}{lat['mean']:>10.4f}{lat['p50']:>10.4f}{lat['p95']:>10.4f}",
+              f"{'TTFT (s)':<30}{ttft['mean']:>10.4f}{ttft['p50']:>10.4f}{ttft['p95']:>10.4f}"]
+    if dec:
+        lines.append(f"{'decode per token (ms)':<30}{dec['mean'] * 1e3:>10.2f}{dec['p50'] * 1e3:>10.2f}"
+                     f"{dec['p95'] * 1e3:>10.2f}")
+    lines += [f"tokens generated {m['generated_tokens']} in {m['timed_seconds']:.3f} s over {lat['n']} batches of "
+              f"{m['batch_size']}: {m['tokens_per_s_cluster']:.1f} tok/s (cluster), "
+              f"{m['tokens_per_s_per_gpu']:.1f} tok/s per rank"]
+    for rank, mem in enumerate(report["memory"]["per_rank"]):
+        if mem["peak_allocated"] is not None:
+            lines.append(f"rank {rank} GPU memory: peak allocated {mem['peak_allocated']:.2f} GiB, "
+                         f"peak reserved {mem['peak_reserved']:.2f} GiB (measured runs)")
+    for f in e["fallbacks"]:
+        lines.append(f"fallback {f['what']}: {f['from']} -> {f['to']} ({f['reason']})")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str) -> None:
+    """Write the report atomically (a temporary file renamed into place): never a half-written file."""
+    text = json.dumps(_finite(report), ensure_ascii=False)
+    if path == "-":
+        print(text, flush=True)
+        return
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text + "\n")
+    os.replace(tmp, path)
+
+
+def _finite(x):
+    """NaN/inf become null, so the report stays valid JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: validate → (distributed) → init_engine → measure → report. Errors: one sentence, exit 2 or 1.
+
+def run(config: DeployConfig) -> int:
+    import torch
+    rank, local_rank, world_size = dist_env(config)
+    validate(config, world_size, torch.cuda.is_available())
+    prompts = load_prompts(config)
+    device = pick_device(config)
+    if world_size > 1:
+        import deepspeed
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+        deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
+    record = {}
+    engine, tokenizer = init_engine(config, record)
+    result = measure(engine, tokenizer, prompts, config)
+    report = build_report(config, record, prompts, result, gather_memory(world_size), device, world_size)
+    print0(render(report))
+    if config.json_path and rank == 0:
+        write_json(report, config.json_path)
+    return 0
+
+
+def quiet_libraries() -> None:
+    """Library chatter (deprecations, progress bars, bitsandbytes' per-call "cast to float16" note) would bury
+    the report; --debug keeps all of it. Must run before transformers is imported."""
+    import logging
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def main(argv=None) -> int:
+    config = config_from_args(argv)
+    if not config.debug:
+        quiet_libraries()
+    try:
+        return run(config)
+    except Exception as e:
+        if config.debug:
+            raise
+        import torch
+        if isinstance(e, UsageError):
+            print0(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, torch.OutOfMemoryError):
+            print(f"error: out of GPU memory ({_reason(e)[:120]}); try --quant 4bit, a smaller --batch-size or "
+                  "--max-new-tokens, or more GPUs with --tp-size.", file=sys.stderr)
+        else:
+            print(f"error: {e if isinstance(e, RunFailure) else _reason(e)} (run with --debug for the traceback)",
+                  file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
