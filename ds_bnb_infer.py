@@ -280,7 +280,8 @@ def load_model(config: DeployConfig, quant: str, device: str):
     if config.model_name in PRESETS:
         torch.manual_seed(config.seed)     # every rank builds the same random weights
         cfg = LlamaConfig(**PRESETS[config.model_name], bos_token_id=0, eos_token_id=1, pad_token_id=2)
-        build_on = device if quant == "none" else "cpu"
+        # tp > 1: build on the CPU and let DeepSpeed move only its shard to each GPU (no GPU holds a full copy).
+        build_on = "cpu" if config.tp_size > 1 else device
         with torch.device(build_on):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         if quant == "none":
