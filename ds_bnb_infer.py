@@ -196,10 +196,11 @@ def load_prompts(config: DeployConfig) -> list[str]:
 
 
 def batches_of(prompts: list[str], batch_size: int) -> list[list[str]]:
-    """Split prompts into batches; too few prompts repeat to fill one batch (批处理, 第八节)."""
-    if len(prompts) < batch_size:
-        prompts = [prompts[i % len(prompts)] for i in range(batch_size)]
-    return [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    """Split prompts into batches of exactly batch_size (批处理, 第八节): prompts repeat to fill the last one,
+    so that every timed batch does the same amount of work."""
+    n = -(-len(prompts) // batch_size) * batch_size
+    filled = [prompts[i % len(prompts)] for i in range(n)]
+    return [filled[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,7 +266,10 @@ def bnb_config(quant: str, dtype):
     """第四节: the BitsAndBytesConfig of the doc — LLM.int8, or 4-bit nf4 with double quant and bf16 compute."""
     import torch
     from transformers import BitsAndBytesConfig
-    import bitsandbytes  # noqa: F401 — fail here, with a clear ImportError, rather than inside transformers
+    try:
+        import bitsandbytes  # noqa: F401 — fail here, in one sentence, rather than deep inside transformers
+    except ImportError as e:
+        raise ImportError("bitsandbytes is not installed (pip install bitsandbytes)") from e
     if quant == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

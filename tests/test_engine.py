@@ -1,0 +1,210 @@
+"""init_engine / generate / the report, with the real libraries on the CPU and the random:tiny preset."""
+import json
+
+import pytest
+import torch
+
+import ds_bnb_infer as m
+from conftest import HIDE, run_cli
+
+
+def tiny_config(**kw):
+    base = dict(model_name="random:tiny", max_new_tokens=8, iters=1, warmup=0, device="cpu")
+    return m.DeployConfig(**{**base, **kw})
+
+
+def greedy_tokens(config, prompts=("DeepSpeed is",)):
+    record = {}
+    engine, tok = m.init_engine(config, record)
+    out = m.generate(engine, tok, list(prompts), config)
+    return out, record, engine
+
+
+def logits(model, text="a quantized model must not change"):
+    tok = m.byte_tokenizer(m.PRESETS["random:tiny"]["vocab_size"])
+    ids = tok([text], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# --- backends ---------------------------------------------------------------------------------------------------
+
+def test_hf_and_deepspeed_give_identical_greedy_tokens():
+    hf, rec_hf, _ = greedy_tokens(tiny_config(backend="hf", max_new_tokens=24))
+    ds, rec_ds, engine = greedy_tokens(tiny_config(backend="deepspeed", kernel_inject=False, max_new_tokens=24))
+    import deepspeed
+    assert isinstance(engine, deepspeed.InferenceEngine)
+    assert (rec_hf["backend"], rec_ds["backend"]) == ("hf", "deepspeed")
+    assert hf["texts"] == ds["texts"] and hf["new_tokens"] == ds["new_tokens"] == [24]
+    assert rec_ds["verify"]["passed"] and rec_ds["verify"]["greedy_tokens_matching"] == m.VERIFY_TOKENS
+
+
+def test_left_padding_batched_equals_one_by_one():
+    config = tiny_config(backend="hf", max_new_tokens=6)
+    engine, tok = m.init_engine(config)
+    prompts = ["a", "a much longer prompt than the first"]
+    batched = m.generate(engine, tok, prompts, config)["texts"]
+    alone = [m.generate(engine, tok, [p], config)["texts"][0] for p in prompts]
+    assert batched == alone
+
+
+def test_timing_fields_are_consistent():
+    out, _, _ = greedy_tokens(tiny_config(backend="hf", max_new_tokens=12))
+    assert 0 < out["ttft_s"] < out["latency_s"]
+    assert out["steps"] == 12 and out["decode_s_per_token"] > 0
+    assert out["decode_s_per_token"] == pytest.approx((out["latency_s"] - out["ttft_s"]) / 11)
+
+
+def test_sampling_is_seeded():
+    config = tiny_config(backend="hf", do_sample=True, temperature=1.5, max_new_tokens=16)
+    engine, tok = m.init_engine(config)
+    a = m.generate(engine, tok, ["x"], config)["texts"]
+    b = m.generate(engine, tok, ["x"], config)["texts"]
+    c = m.generate(engine, tok, ["x"], m.DeployConfig(**{**config.__dict__, "seed": 1}))["texts"]
+    greedy = m.generate(engine, tok, ["x"], tiny_config(backend="hf", max_new_tokens=16))["texts"]
+    assert a == b and a != c and a != greedy
+
+
+# --- bitsandbytes -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quant, layer", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
+def test_quantized_load_and_generate_on_cpu(quant, layer):
+    out, record, engine = greedy_tokens(tiny_config(quant=quant, kernel_inject=False))
+    assert record["quant"] == quant and record["fallbacks"] == []
+    assert any(type(mod).__name__ == layer for mod in engine.module.modules())
+    assert out["new_tokens"] == [8]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("quant", ["8bit", "4bit"])
+def test_init_engine_does_not_change_a_quantized_model(quant, dtype):
+    """DeepSpeed casts its module to `dtype`; on a bnb model that raises (fp32/fp16) or re-rounds it (bf16)."""
+    config = tiny_config(quant=quant, dtype=dtype, kernel_inject=False)
+    unwrapped = m.load_model(config, quant, "cpu")
+    record = {}
+    engine, _ = m.init_engine(config, record)
+    assert isinstance(engine, __import__("deepspeed").InferenceEngine)
+    assert torch.equal(logits(unwrapped), logits(engine))
+    assert record["verify"]["passed"] and record["verify"]["prefill_rel_error"] == 0.0
+
+
+# --- verification ---------------------------------------------------------------------------------------------------
+
+def test_verify_detects_a_changed_model():
+    config = tiny_config(backend="hf")
+    model = m.load_model(config, "none", "cpu")
+    tok = m.load_tokenizer(config)
+    ids = m.verify_batch(tok, ["one prompt", "and another one"], "cpu")
+    ref = m.reference_outputs(model, ids)
+    assert m.verify(model, ids, ref, m.EXACT_TOL)["passed"]
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.01)      # a 1% change in one matrix
+    result = m.verify(model, ids, ref, m.EXACT_TOL)
+    assert not result["passed"] and 0 < result["prefill_rel_error"] < 0.1
+
+
+# --- fallbacks (each failure is real: a package hidden, a kernel that does not exist on CPU) ---------------------
+
+def test_kernel_injection_falls_back_when_it_fails():
+    out, record, _ = greedy_tokens(tiny_config(kernel_inject=True))
+    assert record["kernel_inject"] is False
+    assert record["fallbacks"] == [{"what": "kernel_inject", "from": "on", "to": "off",
+                                    "reason": "ValueError: This op had not been implemented on CPU backend."}]
+    assert record["verify"]["passed"]
+
+
+def test_no_fallback_makes_failed_injection_an_error(tiny):
+    r = run_cli(*tiny, "--no-fallback")
+    assert r.returncode == 1, r.stderr
+    assert "kernel_inject on cannot be used" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_quant_with_injection_turns_injection_off_or_refuses(tiny):
+    out, record, _ = greedy_tokens(tiny_config(quant="8bit", kernel_inject=True))
+    assert record["fallbacks"][0]["reason"] == "bitsandbytes weights cannot be kernel-injected"
+    r = run_cli(*tiny, "--quant", "8bit", "--no-fallback")
+    assert r.returncode == 2 and "cannot be kernel-injected" in r.stderr
+
+
+def test_without_bitsandbytes_4bit_falls_back_to_8bit_then_none(tiny, tmp_path):
+    r = run_cli(*tiny, "--quant", "4bit", "--json", str(tmp_path / "r.json"), prelude=HIDE.format(name="bitsandbytes"))
+    assert r.returncode == 0, r.stderr
+    engine = json.loads((tmp_path / "r.json").read_text())["engine"]
+    assert engine["quant"] == "none"
+    assert [(f["from"], f["to"]) for f in engine["fallbacks"] if f["what"] == "quant"] == [("4bit", "8bit"),
+                                                                                          ("8bit", "none")]
+    assert all(f["reason"] == "ImportError: bitsandbytes is not installed (pip install bitsandbytes)"
+               for f in engine["fallbacks"] if f["what"] == "quant")
+    r = run_cli(*tiny, "--quant", "8bit", "--no-fallback", prelude=HIDE.format(name="bitsandbytes"))
+    assert r.returncode == 2 and "quant 8bit cannot be used" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_4bit_that_cannot_run_falls_back_to_8bit(tmp_path):
+    """bitsandbytes' CPU 4-bit kernel needs layers whose rows are a multiple of 32: a real 4-bit failure."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    preset = {**m.PRESETS["random:tiny"], "intermediate_size": 688}
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**preset, eos_token_id=1))
+    model.save_pretrained(tmp_path)
+    m.byte_tokenizer(preset["vocab_size"]).save_pretrained(tmp_path)
+    config = m.DeployConfig(model_name=str(tmp_path), quant="4bit", kernel_inject=False, max_new_tokens=4,
+                            iters=1, warmup=0)
+    out, record, _ = greedy_tokens(config)
+    assert record["quant"] == "8bit"
+    assert record["fallbacks"][0]["from"] == "4bit" and "divisible" in record["fallbacks"][0]["reason"]
+    assert out["new_tokens"] == [4]
+
+
+def test_without_deepspeed_runs_plain_transformers(tiny, tmp_path):
+    r = run_cli(*tiny, "--json", str(tmp_path / "r.json"), prelude=HIDE.format(name="deepspeed"))
+    assert r.returncode == 0, r.stderr
+    engine = json.loads((tmp_path / "r.json").read_text())["engine"]
+    assert engine["backend"] == "hf"
+    assert engine["fallbacks"] == [{"what": "backend", "from": "deepspeed", "to": "hf",
+                                    "reason": "deepspeed is not installed"}]
+    r = run_cli(*tiny, "--no-fallback", prelude=HIDE.format(name="deepspeed"))
+    assert r.returncode == 2 and "deepspeed is not installed" in r.stderr
+
+
+# --- the report ---------------------------------------------------------------------------------------------------
+
+def test_cli_end_to_end_json_report_is_consistent():
+    r = run_cli("--model", "random:tiny", "--max-new-tokens", "10", "--iters", "2", "--warmup", "1",
+                "--batch-size", "2", "--prompt", "hello", "--prompt", "a second, longer prompt", "--prompt", "3rd",
+                "--json", "-")
+    assert r.returncode == 0, r.stderr
+    assert "random weights: the text is meaningless" in r.stdout and "tok/s" in r.stdout
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"config", "versions", "hardware", "engine", "metrics", "memory", "outputs"} <= set(report)
+    assert report["versions"]["deepspeed"] and report["versions"]["bitsandbytes"]
+    met = report["metrics"]
+    runs = met["per_run"]
+    assert len(runs) == 2 * 2 == met["latency_s"]["n"]            # 2 iters x 2 batches; warmup not counted
+    assert met["generated_tokens"] == sum(sum(r["new_tokens"]) for r in runs)
+    assert met["tokens_per_s_cluster"] == pytest.approx(met["generated_tokens"] / met["timed_seconds"])
+    assert met["timed_seconds"] == pytest.approx(sum(r["latency_s"] for r in runs))
+    assert met["latency_s"]["p50"] <= met["latency_s"]["p95"]
+    assert [o["prompt"] for o in report["outputs"]] == ["hello", "a second, longer prompt", "3rd", "hello"]
+    first_iter = [n for r in runs[:2] for n in r["new_tokens"]]
+    assert [o["new_tokens"] for o in report["outputs"]] == first_iter
+    assert report["memory"]["per_rank"] == [m.gpu_mem_gb()] and report["hardware"]["world_size"] == 1
+
+
+def test_tensor_parallel_2_cpu_ranks_equals_tp_1(tmp_path):
+    """Two CPU ranks under the deepspeed launcher (gloo): AutoTP shards the model, the tokens stay the same."""
+    import shutil
+    import subprocess
+    import sys
+    common = ["--model", "random:tiny", "--max-new-tokens", "16", "--iters", "1", "--warmup", "0",
+              "--prompt", "tensor parallel", "--prompt", "two ranks", "--batch-size", "2"]
+    r1 = run_cli(*common, "--json", str(tmp_path / "tp1.json"))
+    assert r1.returncode == 0, r1.stderr
+    launcher = shutil.which("deepspeed", path=str(__import__("pathlib").Path(sys.executable).parent))
+    r2 = subprocess.run([launcher, "--num_gpus", "2", "ds_bnb_infer.py", "--tp-size", "2", *common,
+                         "--json", str(tmp_path / "tp2.json")], capture_output=True, text=True, timeout=600,
+                        cwd=m.__file__.rsplit("/", 1)[0])
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    tp1, tp2 = (json.loads((tmp_path / f).read_text()) for f in ("tp1.json", "tp2.json"))
+    assert tp2["hardware"]["world_size"] == 2 and len(tp2["memory"]["per_rank"]) == 2
+    assert tp2["engine"]["verify"]["passed"] and tp2["engine"]["verify"]["tolerance"] > 0
+    assert [o["text"] for o in tp2["outputs"]] == [o["text"] for o in tp1["outputs"]]
+    assert "AutoTP" in r2.stdout                                    # the layers really were sharded
