@@ -88,6 +88,19 @@ def test_init_engine_does_not_change_a_quantized_model(quant, dtype):
     assert record["verify"]["passed"] and record["verify"]["prefill_rel_error"] == 0.0
 
 
+def test_deepspeed_alone_would_change_a_quantized_model():
+    """Why keep_quantized_dtype exists: without it, init_inference(dtype=bf16) re-rounds a bnb model silently
+    (and fp32/fp16 raise). If a DeepSpeed release stops doing this, this test says so."""
+    import deepspeed
+    config = tiny_config(quant="4bit", dtype="bf16", kernel_inject=False)
+    model = m.load_model(config, "4bit", "cpu")
+    before = logits(model)
+    engine = deepspeed.init_inference(model, dtype=torch.bfloat16, replace_with_kernel_inject=False)
+    assert m.rel_error(logits(engine).float(), before.float()) > 1e-3
+    with pytest.raises(ValueError, match="not supported for quantized model"):
+        deepspeed.init_inference(m.load_model(config, "4bit", "cpu"), dtype=torch.float32)
+
+
 # --- verification ---------------------------------------------------------------------------------------------------
 
 def test_verify_detects_a_changed_model():

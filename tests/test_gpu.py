@@ -1,0 +1,66 @@
+"""GPU-only behaviour (marked `gpu`): run on the device machine with `python -m pytest -q -m gpu tests`."""
+import json
+
+import pytest
+import torch
+
+import ds_bnb_infer as m
+from conftest import run_cli
+
+pytestmark = pytest.mark.gpu
+
+
+def cuda_config(**kw):
+    base = dict(model_name="random:tiny", max_new_tokens=16, iters=1, warmup=0, device="cuda")
+    return m.DeployConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("quant", ["8bit", "4bit"])
+def test_gpu_quantized_model_unchanged_by_init_engine(quant):
+    """With dtype fp16 DeepSpeed would call .half() on the bnb model (an error); the script must skip it."""
+    config = cuda_config(quant=quant, dtype="fp16", kernel_inject=False)
+    unwrapped = m.load_model(config, quant, "cuda:0")
+    record = {}
+    engine, tok = m.init_engine(config, record)
+    ids = tok(["a quantized model must not change"], return_tensors="pt")["input_ids"].cuda()
+    with torch.no_grad():
+        assert torch.equal(unwrapped(input_ids=ids).logits, engine(input_ids=ids).logits)
+    assert record["quant"] == quant and record["verify"]["passed"]
+
+
+def test_gpu_default_path_is_verified(tmp_path):
+    """Kernel injection (the default) either passes verification or is replaced by no injection."""
+    r = run_cli("--model", "random:tiny", "--device", "cuda", "--max-new-tokens", "16", "--iters", "1",
+                "--json", str(tmp_path / "r.json"), env={"TORCH_CUDA_ARCH_LIST": "9.0"}, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    engine = json.loads((tmp_path / "r.json").read_text())["engine"]
+    assert engine["verify"]["passed"]
+    if not engine["kernel_inject"]:
+        assert engine["fallbacks"][0]["what"] == "kernel_inject"
+
+
+def test_gpu_hf_and_deepspeed_fp16_identical():
+    outs = []
+    for backend in ("hf", "deepspeed"):
+        config = cuda_config(backend=backend, kernel_inject=False, max_new_tokens=32)
+        engine, tok = m.init_engine(config)
+        outs.append(m.generate(engine, tok, ["DeepSpeed is", "a second prompt"], config)["texts"])
+        del engine
+        m.free_memory()
+    assert outs[0] == outs[1]
+
+
+def test_gpu_memory_is_reported(tmp_path):
+    r = run_cli("--model", "random:tiny", "--device", "cuda", "--backend", "hf", "--max-new-tokens", "8",
+                "--iters", "1", "--json", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    mem = json.loads((tmp_path / "r.json").read_text())["memory"]["per_rank"][0]
+    assert 0 < mem["peak_allocated"] <= mem["peak_reserved"]
+    assert "GPU memory: peak allocated" in r.stdout
+
+
+def test_gpu_out_of_memory_is_one_sentence():
+    r = run_cli("--model", "random:llama-2-7b", "--backend", "hf", "--batch-size", "4096",
+                "--prompt", "x" * 1000, "--max-new-tokens", "2", "--warmup", "0", "--iters", "1", timeout=900)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "out of GPU memory" in r.stderr and "Traceback" not in r.stderr
