@@ -31,11 +31,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +61,17 @@ PRESETS = {
                               max_position_embeddings=4096, rms_norm_eps=1e-5),
 }
 QUANT_FALLBACK = {"4bit": "8bit", "8bit": "none"}     # 第九节: 4-bit → 8-bit → fp16
+# --compare: each mode is a set of flags added to the user's own. Injection runs with --no-fallback so that a
+# failed injection shows as a failed row instead of a second copy of "ds".
+COMPARE_MODES = {
+    "hf": ["--backend", "hf"],
+    "ds": ["--backend", "deepspeed", "--no-kernel-inject"],
+    "ds-inject": ["--backend", "deepspeed", "--kernel-inject", "--no-fallback"],
+    "ds-8bit": ["--backend", "deepspeed", "--quant", "8bit", "--no-kernel-inject"],
+    "ds-4bit": ["--backend", "deepspeed", "--quant", "4bit", "--no-kernel-inject"],
+    "hf-compile": ["--backend", "hf", "--compile"],
+    "hf-4bit-compile": ["--backend", "hf", "--quant", "4bit", "--compile"],
+}
 
 
 def _opt(flag, help, **kw):
@@ -85,6 +98,8 @@ class DeployConfig:
     kernel_inject: bool = field(default=True, metadata=_opt(
         "--kernel-inject", "replace layers with DeepSpeed's fused kernels (verified first, 第七节)"))
     max_new_tokens: int = field(default=64, metadata=_opt("--max-new-tokens", "new tokens per sequence"))
+    compile: bool = field(default=False, metadata=_opt(
+        "--compile", "static KV cache; on a GPU transformers then compiles the decode step (verified first)"))
     batch_size: int = field(default=1, metadata=_opt("--batch-size", "sequences per generate() call"))
     prompts: list = field(default_factory=lambda: ["DeepSpeed is"], metadata=_opt(
         "--prompt", "a prompt (repeat the flag for several)", action="append", metavar="TEXT"))
@@ -106,6 +121,12 @@ class DeployConfig:
         "(always on for kernel injection)"))
     json_path: str | None = field(default=None, metadata=_opt(
         "--json", "write the JSON report to PATH ('-' = print it as the last stdout line)", metavar="PATH"))
+    compare: str | None = field(default=None, metadata=_opt(
+        "--compare", "run a matrix of modes, each in its own process, and print one table; MODES is a comma list "
+        "of names in COMPARE_MODES (default: all)", nargs="?", const="all", metavar="MODES"))
+    plot: str | None = field(default=None, metadata=_opt(
+        "--plot", "with --compare: draw decode tok/s and peak memory per mode into a PNG (needs matplotlib)",
+        metavar="PATH"))
     trust_remote_code: bool = field(default=False, metadata=_opt(
         "--trust-remote-code", "allow model code from the hub (off: only run code you have read)"))
     debug: bool = field(default=False, metadata=_opt("--debug", "show tracebacks"))
@@ -134,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv=None) -> DeployConfig:
     """Parse argv into a DeployConfig; argparse itself exits 2 with one line on unknown flags or bad values."""
     return DeployConfig(**vars(build_parser().parse_args(argv)))
+
+
+def to_argv(config: DeployConfig, skip=()) -> list[str]:
+    """The flags that reproduce `config` (non-default fields only), e.g. to start one --compare mode."""
+    argv, default = [], DeployConfig()
+    for f in dataclasses.fields(DeployConfig):
+        value, flag = getattr(config, f.name), f.metadata["flag"]
+        if f.name in skip or value == getattr(default, f.name):
+            continue
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            argv += [x for v in value for x in (flag, v)]
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 class UsageError(Exception):
@@ -166,6 +203,8 @@ def validate(config: DeployConfig, world_size: int, cuda_available: bool) -> Non
     if config.pp_size > 1:
         raise UsageError("--pp-size > 1 is not offered: DeepSpeed Inference has no pipeline engine (第六节); "
                          "use --tp-size N to split each layer over N GPUs.")
+    if config.compare and world_size > 1:
+        raise UsageError("--compare starts one process per mode by itself; run it without the deepspeed launcher.")
     if config.tp_size != world_size:
         raise UsageError(f"--tp-size {config.tp_size} needs {config.tp_size} ranks but {world_size} were launched; "
                          f"run: deepspeed --num_gpus={config.tp_size} ds_bnb_infer.py --tp-size {config.tp_size} ...")
@@ -175,6 +214,12 @@ def validate(config: DeployConfig, world_size: int, cuda_available: bool) -> Non
         raise UsageError(f"--quant {config.quant} cannot be combined with --tp-size > 1: AutoTP slices weight "
                          "matrices and bitsandbytes' packed weights cannot be sliced that way; use --tp-size 1 "
                          "(a 4-bit 7B model fits one GPU) or --quant none.")
+    if config.plot and not config.compare:
+        raise UsageError("--plot draws the --compare table; add --compare.")
+    unknown = set((config.compare or "all").split(",")) - set(COMPARE_MODES) - {"all"}
+    if unknown:
+        raise UsageError(f"unknown --compare mode(s) {', '.join(sorted(unknown))}; choose from "
+                         f"{', '.join(COMPARE_MODES)}.")
     if config.prompts_file is not None and config.prompts != DeployConfig().prompts:
         raise UsageError("give prompts either with --prompt or with --prompts-file, not both.")
     if config.json_path not in (None, "-") and not os.path.isdir(os.path.dirname(os.path.abspath(config.json_path))):
@@ -380,44 +425,39 @@ def keep_quantized_dtype(model):
 def init_engine(config: DeployConfig, record: dict | None = None):
     """第五节/第七节: (engine, tokenizer) — the model loaded, then wrapped by deepspeed.init_inference.
 
-    `record` (optional) receives what was actually used: backend, quant, kernel_inject, fallbacks, verify.
+    `record` (optional) receives what was actually used: backend, quant, dtype, kernel_inject, fallbacks, verify.
     """
     import torch
     record = {} if record is None else record
-    record.update(backend=config.backend, quant=config.quant, kernel_inject=False, fallbacks=[], verify=None)
+    record.update(backend=config.backend, quant=config.quant, kernel_inject=False, compile=config.compile,
+                  fallbacks=[], verify=None)
     device = pick_device(config)
     tokenizer = load_tokenizer(config)
     model = load_quantized(config, device, tokenizer, record)
-    record["dtype"] = str(resolve_dtype(config, device)).replace("torch.", "")
-    if config.backend == "hf":
-        return model, tokenizer
-    try:
-        import deepspeed
-    except ImportError as e:
-        if config.tp_size > 1:
-            raise UsageError("--tp-size > 1 needs deepspeed; pip install deepspeed==0.19.8.") from e
-        fall_back(config, record, "backend", "deepspeed", "hf", "deepspeed is not installed", usage=True)
-        record["backend"] = "hf"
-        return model, tokenizer
-
-    inject = config.kernel_inject
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    record["dtype"] = str(dtype).replace("torch.", "")
+    deepspeed = import_deepspeed(config, record)
+    inject = config.kernel_inject and deepspeed is not None
     if inject and record["quant"] != "none":
         fall_back(config, record, "kernel_inject", "on", "off",
                   "bitsandbytes weights cannot be kernel-injected", usage=True)
         inject = False
-    check = config.verify or inject
+    # Verify whatever replaces the model's computation: DeepSpeed's wrapper, fused kernels, tensor parallel, the
+    # compiled static-cache decode. Plain transformers is its own reference.
+    check = (deepspeed is not None and (config.verify or inject)) or config.compile
     verify_ids = verify_batch(tokenizer, load_prompts(config), device) if check else None
     ref = reference_outputs(model, verify_ids) if check else None
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    record["dtype"] = str(dtype).replace("torch.", "")
     while True:
         engine = None
         try:
-            with keep_quantized_dtype(model):
-                engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=inject,
-                                                  tensor_parallel={"tp_size": config.tp_size})
+            engine = model
+            if deepspeed is not None:
+                with keep_quantized_dtype(model):
+                    engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=inject,
+                                                      tensor_parallel={"tp_size": config.tp_size})
             if check:
-                record["verify"] = verify(engine, verify_ids, ref, tolerance(config, dtype, inject))
+                record["verify"] = verify(engine, verify_ids, ref, tolerance(config, dtype, inject),
+                                          **gen_options(config))
                 if not record["verify"]["passed"]:
                     raise RunFailure("its output differs from the unwrapped model: " + record["verify"]["summary"])
             record["kernel_inject"] = inject
@@ -432,6 +472,27 @@ def init_engine(config: DeployConfig, record: dict | None = None):
             del engine, model
             free_memory()
             model, inject = load_model(config, "none", device), False
+
+
+def import_deepspeed(config: DeployConfig, record: dict):
+    """The deepspeed module for --backend deepspeed; None for hf, or (fallback) when it is not installed."""
+    if config.backend == "hf":
+        return None
+    try:
+        import deepspeed
+        return deepspeed
+    except ImportError as e:
+        if config.tp_size > 1:
+            raise UsageError("--tp-size > 1 needs deepspeed; pip install deepspeed==0.19.8.") from e
+        fall_back(config, record, "backend", "deepspeed", "hf", "deepspeed is not installed", usage=True)
+        record["backend"] = "hf"
+        return None
+
+
+def gen_options(config: DeployConfig) -> dict:
+    """generate() options of the fast path: a static KV cache, whose fixed shapes let transformers compile the
+    decode step (torch.compile, CUDA graphs) on a GPU; on a CPU the static cache runs eagerly."""
+    return {"cache_implementation": "static"} if config.compile else {}
 
 
 def pick_device(config: DeployConfig) -> str:
@@ -451,7 +512,7 @@ def free_memory() -> None:
 def tolerance(config: DeployConfig, dtype, inject: bool) -> float:
     """The verification threshold of a mode (see EXACT_TOL / KERNEL_TOL above)."""
     import torch
-    if not inject and config.tp_size == 1:
+    if not inject and config.tp_size == 1 and not config.compile:
         return EXACT_TOL
     return KERNEL_TOL[{torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")]
 
@@ -461,13 +522,13 @@ def verify_batch(tokenizer, prompts: list[str], device: str):
     return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
-def greedy_with_logits(model, inputs):
+def greedy_with_logits(model, inputs, **options):
     """Greedy tokens and every step's logits (prefill logits included) — what verification compares."""
     import torch
     with torch.no_grad():
         prefill = model(**inputs).logits.float().cpu()
         out = model.generate(**inputs, max_new_tokens=VERIFY_TOKENS, do_sample=False, min_new_tokens=VERIFY_TOKENS,
-                             output_logits=True, return_dict_in_generate=True)
+                             output_logits=True, return_dict_in_generate=True, **options)
     steps = torch.stack([s.float().cpu() for s in out.logits], dim=1)
     return {"prefill": prefill, "steps": steps, "tokens": out.sequences[:, inputs["input_ids"].shape[1]:].cpu()}
 
@@ -477,9 +538,9 @@ def reference_outputs(model, inputs):
     return greedy_with_logits(model, inputs)
 
 
-def verify(engine, inputs, ref: dict, tol: float) -> dict:
+def verify(engine, inputs, ref: dict, tol: float, **options) -> dict:
     """Compare the engine with the reference: logits error, top-1 agreement, greedy tokens (第七节)."""
-    out = greedy_with_logits(engine, inputs)
+    out = greedy_with_logits(engine, inputs, **options)
     mask = inputs["attention_mask"].bool().cpu()
     same = (out["tokens"] == ref["tokens"]).all(dim=0).long()
     agree = int(same.cumprod(0).sum())            # steps until the first divergence in any sequence
@@ -545,7 +606,7 @@ def generate(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dic
     t0 = time.perf_counter()
     with torch.no_grad():
         out = engine.generate(**enc, max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              logits_processor=LogitsProcessorList([timer]), **sampling)
+                              logits_processor=LogitsProcessorList([timer]), **sampling, **gen_options(config))
     _sync(device)
     latency = time.perf_counter() - t0
     new_ids = out[:, enc["input_ids"].shape[1]:].tolist()
@@ -612,25 +673,91 @@ def gpu_mem_gb(device=None) -> dict:
             "peak_reserved": torch.cuda.max_memory_reserved(device) / gib}
 
 
+def weight_bytes(model) -> int:
+    """Bytes of weight storage, counted from the real tensors: parameters and buffers (packed int8 / 4-bit data
+    as stored) plus bitsandbytes' quantization state (8-bit row scales; 4-bit absmax and codebooks, nested too)."""
+    import torch
+    seen, total = set(), 0
+    for p in list(model.parameters()) + list(model.buffers()):
+        qs = getattr(p, "quant_state", None)
+        tensors = [p, getattr(p, "SCB", None)]
+        while qs is not None:
+            tensors += [qs.absmax, qs.code]
+            qs = qs.state2 if qs.nested else None
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def decode_read_bytes(model) -> int:
+    """Weight bytes one decode step reads: everything but the input embedding table, of which a step reads only
+    one row per sequence (unless it is tied to the output layer, which reads all of it)."""
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight.data_ptr() == emb.data_ptr()
+    return weight_bytes(model) - (0 if tied else emb.numel() * emb.element_size())
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth_gbps(device: str) -> float:
+    """This device's memory bandwidth in GB/s, measured: a large copy, bytes read + written, median of 10.
+
+    The buffer (1 GiB on a GPU) is far larger than any cache, and holds random bytes, never zeros."""
+    import torch
+    n = 2 ** 30 if device.startswith("cuda") else 2 ** 27
+    src = torch.randint(0, 256, (n,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(12):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        if i >= 2:                                            # the first copies page the buffers in
+            times.append(time.perf_counter() - t0)
+    del src, dst
+    return 2 * n / percentile(times, 50) / 1e9
+
+
+def mbu(bytes_per_step: int, s_per_step: float | None, bandwidth_gbps: float) -> float | None:
+    """Model bandwidth utilisation: weight bytes read per decode step × steps/s ÷ the device's bandwidth."""
+    if not s_per_step:
+        return None
+    return bytes_per_step / s_per_step / (bandwidth_gbps * 1e9)
+
+
 def measure(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict:
-    """第八节: warm up, then --iters timed runs over all batches; latency stats and token throughput."""
+    """第八节: warm up, then --iters timed runs over all batches; latency stats, token throughput, MBU."""
     import torch
     batches = batches_of(prompts, config.batch_size)
-    for _ in range(config.warmup):
-        generate(engine, tokenizer, batches[0], config)   # kernels chosen, allocator grown, caches built
+    # Warm-up picks cuBLAS kernels and grows the allocator; with --compile the first two calls compile.
+    warmup = max(config.warmup, 2) if config.compile else config.warmup
+    for _ in range(warmup):
+        generate(engine, tokenizer, batches[0], config)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     runs = [generate(engine, tokenizer, b, config) for _ in range(config.iters) for b in batches]
     tokens = sum(sum(r["new_tokens"]) for r in runs)
     seconds = sum(r["latency_s"] for r in runs)
     decode = [r["decode_s_per_token"] for r in runs if r["decode_s_per_token"] is not None]
+    module = getattr(engine, "module", engine)
+    device = str(next(engine.parameters()).device)
+    step_bytes, bandwidth = decode_read_bytes(module), copy_bandwidth_gbps(device)
+    step_s = percentile(decode, 50) if decode else None
     return {"runs": runs, "metrics": {
         "latency_s": summarize([r["latency_s"] for r in runs]),
         "ttft_s": summarize([r["ttft_s"] for r in runs]),
         "decode_s_per_token": summarize(decode) if decode else None,
+        "decode_tok_s": config.batch_size / step_s if step_s else None,
         "generated_tokens": tokens, "timed_seconds": seconds,
         "tokens_per_s": throughput(tokens, seconds), "batch_size": config.batch_size,
-        "batches_per_iter": len(batches)}}
+        "batches_per_iter": len(batches), "warmup_runs": warmup,
+        "weight_gb": weight_bytes(module) / 1e9, "decode_read_gb": step_bytes / 1e9,
+        "bandwidth_GBps": bandwidth, "mbu": mbu(step_bytes, step_s, bandwidth),
+        "roofline_decode_tok_s": config.batch_size * bandwidth * 1e9 / step_bytes,
+        "compiled": hasattr(module, "_compiled_call")}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -683,7 +810,7 @@ def build_report(config, record, prompts, result, memory, device, world_size) ->
     m["per_run"] = [{k: r[k] for k in ("latency_s", "ttft_s", "new_tokens", "steps", "prompt_tokens")}
                     for r in result["runs"]]
     return {"config": dataclasses.asdict(config), "versions": versions(), "hardware": hardware(device, world_size),
-            "engine": {k: record[k] for k in ("backend", "quant", "dtype", "kernel_inject", "fallbacks", "verify")},
+            "engine": dict(record),
             "metrics": m, "memory": {"unit": "GiB", "per_rank": memory}, "outputs": outputs,
             "note": "random weights: the text is meaningless" if config.model_name in PRESETS else None}
 
@@ -713,6 +840,10 @@ def render(report: dict) -> str:
     lines += [f"tokens generated {m['generated_tokens']} in {m['timed_seconds']:.3f} s over {lat['n']} batches of "
               f"{m['batch_size']}: {m['tokens_per_s_cluster']:.1f} tok/s (cluster), "
               f"{m['tokens_per_s_per_gpu']:.1f} tok/s per rank"]
+    if m["mbu"] is not None:
+        lines.append(f"decode {m['decode_tok_s']:.1f} tok/s reads {m['decode_read_gb']:.3f} GB of weights per step: "
+                     f"MBU {m['mbu']:.1%} of {m['bandwidth_GBps']:.0f} GB/s (measured copy bandwidth), roofline "
+                     f"{m['roofline_decode_tok_s']:.0f} tok/s" + (", decode compiled" if m["compiled"] else ""))
     for rank, mem in enumerate(report["memory"]["per_rank"]):
         if mem["peak_allocated"] is not None:
             lines.append(f"rank {rank} GPU memory: peak allocated {mem['peak_allocated']:.2f} GiB, "
@@ -746,6 +877,103 @@ def _finite(x):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 第八节 对比: --compare runs each mode in a fresh process (no mode inherits another's memory or compiled kernels).
+
+def compare(config: DeployConfig) -> int:
+    """Run the modes of --compare on the same model and prompts; one table, optional JSON and PNG chart."""
+    names = list(COMPARE_MODES) if config.compare == "all" else config.compare.split(",")
+    if config.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib; pip install matplotlib (or leave out --plot).")
+    common = to_argv(config, skip={"compare", "plot", "json_path", "backend", "quant", "kernel_inject", "compile",
+                                   "fallback", "local_rank"})
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ds_bnb_infer-compare-") as tmp:
+        for name in names:
+            path = os.path.join(tmp, f"{name}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), *common, *COMPARE_MODES[name], "--json", path]
+            print(f"[compare] {name}: {' '.join(cmd[2:-2])}", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            rows.append(compare_row(name, proc.returncode, proc.stderr, path))
+    ok = [r for r in rows if r["status"] == "ok"]
+    result = {"date": time.strftime("%Y-%m-%d"), "card": ok[0]["card"] if ok else None, "versions": versions(),
+              "bandwidth_GBps": ok[0]["bandwidth_GBps"] if ok else None, "config": dataclasses.asdict(config),
+              "rows": rows}
+    print(render_compare(result))
+    if config.plot:
+        plot_compare(result, config.plot)
+    if config.json_path:
+        write_json(result, config.json_path)
+    return 0
+
+
+def compare_row(name: str, returncode: int, stderr: str, path: str) -> dict:
+    """One --compare row from a mode's JSON report (or its one-line error)."""
+    if returncode != 0 or not os.path.exists(path):
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")] or stderr.splitlines()[-1:]
+        return {"mode": name, "status": "failed", "reason": errors[-1] if errors else f"exit {returncode}"}
+    with open(path, encoding="utf-8") as fh:
+        rep = json.load(fh)
+    e, m, c = rep["engine"], rep["metrics"], rep["config"]
+    peaks = [r["peak_allocated"] for r in rep["memory"]["per_rank"] if r["peak_allocated"] is not None]
+    return {"mode": name, "status": "ok", "card": rep["hardware"]["gpu"] or "cpu", "backend": e["backend"],
+            "quant": e["quant"], "dtype": e["dtype"], "kernel_inject": e["kernel_inject"], "compile": e["compile"],
+            "compiled": m["compiled"], "batch_size": c["batch_size"],
+            "prompt_len": m["per_run"][0]["prompt_tokens"] / c["batch_size"], "new_tokens": c["max_new_tokens"],
+            "decode_tok_s": m["decode_tok_s"], "tok_s": m["tokens_per_s_cluster"], "ttft_s": m["ttft_s"]["p50"],
+            "p50_s": m["latency_s"]["p50"], "p95_s": m["latency_s"]["p95"],
+            "peak_alloc_gb": max(peaks) * 2 ** 30 / 1e9 if peaks else None, "weight_gb": m["weight_gb"],
+            "mbu": m["mbu"], "roofline_decode_tok_s": m["roofline_decode_tok_s"],
+            "bandwidth_GBps": m["bandwidth_GBps"],
+            "verified": e["verify"]["passed"] if e["verify"] else "reference",
+            "verify": e["verify"]["summary"] if e["verify"] else "plain transformers is the reference",
+            "fallbacks": e["fallbacks"]}
+
+
+def render_compare(result: dict) -> str:
+    head = f"{'mode':<16}{'quant':>6}{'batch':>6}{'TTFT s':>8}{'p50 s':>8}{'p95 s':>8}{'decode tok/s':>13}" \
+           f"{'MBU':>6}{'peak GB':>9}  verified"
+    lines = [f"compare on {result['card']} ({result['bandwidth_GBps'] or 0:.0f} GB/s measured copy bandwidth), "
+             f"{result['date']}", head]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"{r['mode']:<16} FAILED: {r['reason']}")
+            continue
+        mbu_txt = f"{r['mbu']:.0%}" if r["mbu"] is not None else "-"
+        peak = f"{r['peak_alloc_gb']:.2f}" if r["peak_alloc_gb"] is not None else "-"
+        lines.append(f"{r['mode']:<16}{r['quant']:>6}{r['batch_size']:>6}{r['ttft_s']:>8.3f}{r['p50_s']:>8.3f}"
+                     f"{r['p95_s']:>8.3f}{r['decode_tok_s'] or 0:>13.1f}{mbu_txt:>6}{peak:>9}  {r['verified']}")
+    lines.append("decode tok/s = batch / decode time per step (p50); MBU = weight bytes per step x steps/s / "
+                 "bandwidth; peak GB = peak allocated GPU memory (1e9 bytes)")
+    return "\n".join(lines)
+
+
+def plot_compare(result: dict, path: str) -> None:
+    """Bar chart: decode tok/s per mode with its bandwidth roofline, and peak GPU memory."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    names = [r["mode"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax1.bar(names, [r["decode_tok_s"] or 0 for r in rows], color="tab:blue", label="decode tok/s (measured)")
+    ax1.scatter(names, [r["roofline_decode_tok_s"] for r in rows], marker="_", s=600, color="tab:red",
+                label="roofline: bandwidth / weight bytes per step")
+    ax1.set_ylabel("tokens/s")
+    ax1.legend(fontsize=8)
+    ax2.bar(names, [r["peak_alloc_gb"] or 0 for r in rows], color="tab:green")
+    ax2.set_ylabel("peak allocated GPU memory (GB)" + ("" if any(r["peak_alloc_gb"] for r in rows) else ": none on CPU"))
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=30)
+    batch = rows[0]["batch_size"] if rows else "?"
+    fig.suptitle(f"{result['card']}, batch {batch}, {result['date']} (verified modes only)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # main: validate → (distributed) → init_engine → measure → report. Errors: one sentence, exit 2 or 1.
 
 def run(config: DeployConfig) -> int:
@@ -753,6 +981,8 @@ def run(config: DeployConfig) -> int:
     rank, local_rank, world_size = dist_env(config)
     validate(config, world_size, torch.cuda.is_available())
     prompts = load_prompts(config)
+    if config.compare:
+        return compare(config)
     device = pick_device(config)
     if world_size > 1:
         import deepspeed

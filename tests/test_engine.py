@@ -221,3 +221,55 @@ def test_tensor_parallel_2_cpu_ranks_equals_tp_1(tmp_path):
     assert tp2["engine"]["verify"]["passed"] and tp2["engine"]["verify"]["tolerance"] > 0
     assert [o["text"] for o in tp2["outputs"]] == [o["text"] for o in tp1["outputs"]]
     assert "AutoTP" in r2.stdout                                    # the layers really were sharded
+
+
+# --- weight bytes, bandwidth, --compare ----------------------------------------------------------------------------
+
+def test_weight_bytes_count_the_real_storage():
+    config = tiny_config()
+    full = m.load_model(config, "none", "cpu")
+    n_params = sum(p.numel() for p in full.parameters())
+    assert m.weight_bytes(full) == 4 * n_params + sum(b.numel() * b.element_size() for b in full.buffers())
+    emb = full.get_input_embeddings().weight
+    assert m.decode_read_bytes(full) == m.weight_bytes(full) - 4 * emb.numel()
+    q8, q4 = (m.load_model(config, q, "cpu") for q in ("8bit", "4bit"))
+    linear = sum(mod.weight.numel() for mod in full.modules() if isinstance(mod, torch.nn.Linear)
+                 and mod is not full.lm_head)
+    rows = sum(mod.weight.shape[0] for mod in full.modules() if isinstance(mod, torch.nn.Linear)
+               and mod is not full.lm_head)
+    # 8-bit: one byte per weight plus one fp32 scale per output row (SCB)
+    assert m.weight_bytes(q8) == m.weight_bytes(full) - 3 * linear + 4 * rows
+    # 4-bit: half a byte per weight plus the (double-quantized) absmax and codebooks, which must be counted too
+    assert m.weight_bytes(full) - 4 * linear + linear // 2 < m.weight_bytes(q4) < m.weight_bytes(q8)
+
+
+def test_copy_bandwidth_is_measured():
+    bw = m.copy_bandwidth_gbps("cpu")
+    assert 0.1 < bw < 10_000 and m.copy_bandwidth_gbps("cpu") == bw        # measured once per run, cached
+
+
+def test_compare_runs_each_mode_and_reports_failures(tmp_path):
+    r = run_cli("--model", "random:tiny", "--max-new-tokens", "8", "--iters", "2", "--warmup", "0",
+                "--compare", "hf,ds-4bit,ds-inject,hf-compile", "--json", str(tmp_path / "c.json"),
+                "--plot", str(tmp_path / "c.png"), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert {"card", "date", "versions", "bandwidth_GBps", "rows"} <= set(result)
+    rows = {row["mode"]: row for row in result["rows"]}
+    assert list(rows) == ["hf", "ds-4bit", "ds-inject", "hf-compile"]
+    assert rows["ds-inject"]["status"] == "failed" and "not been implemented on CPU" in rows["ds-inject"]["reason"]
+    assert rows["hf"]["verified"] == "reference" and rows["ds-4bit"]["verified"] is True
+    assert rows["hf-compile"]["compile"] is True and rows["hf-compile"]["verified"] is True
+    assert rows["ds-4bit"]["quant"] == "4bit" and rows["ds-4bit"]["weight_gb"] < rows["hf"]["weight_gb"]
+    for row in (rows["hf"], rows["ds-4bit"], rows["hf-compile"]):
+        for key in ("backend", "quant", "kernel_inject", "compile", "batch_size", "prompt_len", "new_tokens",
+                    "decode_tok_s", "ttft_s", "p50_s", "p95_s", "peak_alloc_gb", "mbu", "verified"):
+            assert key in row
+        assert row["decode_tok_s"] > 0 and 0 < row["mbu"] and row["p50_s"] <= row["p95_s"]
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert "FAILED" in r.stdout and "MBU" in r.stdout
+
+
+def test_plot_without_matplotlib_is_one_sentence(tiny):
+    r = run_cli(*tiny, "--compare", "hf", "--plot", "x.png", prelude=HIDE.format(name="matplotlib"))
+    assert r.returncode == 2 and "pip install matplotlib" in r.stderr and "Traceback" not in r.stderr
