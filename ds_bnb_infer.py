@@ -24,6 +24,7 @@ Commands
   python ds_bnb_infer.py --model random:tiny --quant 4bit --json - | tail -n 1 | jq .metrics
   python ds_bnb_infer.py --model random:llama-2-7b --quant 8bit   # Llama-2-7B shape, random weights, one GPU
   deepspeed --num_gpus=2 ds_bnb_infer.py --tp-size 2 --model meta-llama/Llama-2-7b-chat-hf   # 第六节
+  python ds_bnb_infer.py --model random:llama-2-7b --compare --plot compare.png      # every mode, one table
 The last stdout line is the JSON report when `--json -` is given.
 """
 from __future__ import annotations
@@ -200,6 +201,9 @@ def validate(config: DeployConfig, world_size: int, cuda_available: bool) -> Non
         raise UsageError(f"--top-p must be in (0, 1], got {config.top_p}.")
     if config.device == "cuda" and not cuda_available:
         raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu (or auto).")
+    if config.backend == "deepspeed" and config.dtype == "fp16" and (config.device == "cpu" or not cuda_available):
+        raise UsageError("DeepSpeed's CPU accelerator has no fp16; use --dtype bf16 or fp32 on a CPU "
+                         "(or --backend hf).")
     if config.pp_size > 1:
         raise UsageError("--pp-size > 1 is not offered: DeepSpeed Inference has no pipeline engine (第六节); "
                          "use --tp-size N to split each layer over N GPUs.")
@@ -339,6 +343,7 @@ def load_model(config: DeployConfig, quant: str, device: str):
         with tempfile.TemporaryDirectory(prefix="ds_bnb_infer-") as tmp:
             model.save_pretrained(tmp)
             del model
+            free_memory()          # or the fp16 copy's cached blocks would show up as "reserved" memory
             return _from_pretrained(tmp, config, quant, dtype, device)
     return _from_pretrained(config.model_name, config, quant, dtype, device)
 
@@ -383,11 +388,16 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
+FALLBACK_FIX = {"quant": "pick another --quant", "kernel_inject": "add --no-kernel-inject",
+                "backend": "pip install deepspeed, or use --backend hf"}
+
+
 def fall_back(config: DeployConfig, record: dict, what: str, frm, to, reason: str, usage: bool = False) -> None:
     """Record (and log) a fallback, or raise when --no-fallback was given."""
     if not config.fallback:
         err = UsageError if usage else RunFailure
-        raise err(f"{what} {frm} cannot be used ({reason}); --no-fallback forbids falling back to {to}.")
+        raise err(f"{what} {frm} cannot be used ({reason}); --no-fallback forbids falling back to {to}: "
+                  f"{FALLBACK_FIX[what]}.")
     record["fallbacks"].append({"what": what, "from": frm, "to": to, "reason": reason})
     print0(f"[fallback] {what}: {frm} -> {to} ({reason})", file=sys.stderr)
 
@@ -404,15 +414,14 @@ VERIFY_TOKENS = 16
 
 
 @contextlib.contextmanager
-def keep_quantized_dtype(model):
-    """Stop InferenceEngine from casting a bitsandbytes model to its dtype (it calls .half()/.bfloat16()).
+def keep_model_as_loaded():
+    """Stop InferenceEngine from casting the module to its dtype (it calls .half() / .bfloat16() / .float()).
 
-    On a quantized model that cast raises (fp16) or silently re-rounds the quantization state (bf16: 1–17%
-    logits error, measured), so for those models the engine must take the module exactly as it is.
+    The model is already loaded in the dtype asked for, so the cast can only do harm: it re-rounds the fp32
+    buffers transformers keeps on purpose (Llama's rotary inv_freq: 0.7% logits error on Llama-2-7B in fp16,
+    measured on an H100), and on a bitsandbytes model it raises (fp16/fp32) or re-rounds the quantization state
+    (bf16: 0.6-17% logits error, measured). Tests prove the wrapped model's logits are bit-identical.
     """
-    if not getattr(model, "is_quantized", False):
-        yield
-        return
     from deepspeed.inference.engine import InferenceEngine
     original = InferenceEngine._convert_to_dtype
     InferenceEngine._convert_to_dtype = lambda self, config: None
@@ -435,7 +444,9 @@ def init_engine(config: DeployConfig, record: dict | None = None):
     tokenizer = load_tokenizer(config)
     model = load_quantized(config, device, tokenizer, record)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    record["dtype"] = str(dtype).replace("torch.", "")
+    record["dtype"] = str(dtype).replace("torch.", "")     # of the weights bitsandbytes leaves unquantized
+    if record["quant"] == "4bit":
+        record["compute_dtype"] = "bfloat16"                # bnb_4bit_compute_dtype: matmuls run in bf16
     deepspeed = import_deepspeed(config, record)
     inject = config.kernel_inject and deepspeed is not None
     if inject and record["quant"] != "none":
@@ -452,7 +463,7 @@ def init_engine(config: DeployConfig, record: dict | None = None):
         try:
             engine = model
             if deepspeed is not None:
-                with keep_quantized_dtype(model):
+                with keep_model_as_loaded():
                     engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=inject,
                                                       tensor_parallel={"tp_size": config.tp_size})
             if check:
@@ -732,6 +743,9 @@ def measure(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict
     """第八节: warm up, then --iters timed runs over all batches; latency stats, token throughput, MBU."""
     import torch
     batches = batches_of(prompts, config.batch_size)
+    module = getattr(engine, "module", engine)
+    device = str(next(engine.parameters()).device)
+    bandwidth = copy_bandwidth_gbps(device)                   # before the peak-memory reset: its buffers are big
     # Warm-up picks cuBLAS kernels and grows the allocator; with --compile the first two calls compile.
     warmup = max(config.warmup, 2) if config.compile else config.warmup
     for _ in range(warmup):
@@ -742,9 +756,7 @@ def measure(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict
     tokens = sum(sum(r["new_tokens"]) for r in runs)
     seconds = sum(r["latency_s"] for r in runs)
     decode = [r["decode_s_per_token"] for r in runs if r["decode_s_per_token"] is not None]
-    module = getattr(engine, "module", engine)
-    device = str(next(engine.parameters()).device)
-    step_bytes, bandwidth = decode_read_bytes(module), copy_bandwidth_gbps(device)
+    step_bytes = decode_read_bytes(module)
     step_s = percentile(decode, 50) if decode else None
     return {"runs": runs, "metrics": {
         "latency_s": summarize([r["latency_s"] for r in runs]),
@@ -821,7 +833,8 @@ def render(report: dict) -> str:
     v = report["versions"]
     lines = [f"model    {c['model_name']}" + ("   (random weights: the text is meaningless)" if report["note"] else ""),
              f"engine   backend={e['backend']} quant={e['quant']} kernel_inject={e['kernel_inject']} "
-             f"dtype={e['dtype']} tp={c['tp_size']}",
+             f"dtype={e['dtype']}{' (4-bit matmuls in bfloat16)' if e.get('compute_dtype') else ''} "
+             f"tp={c['tp_size']}",
              f"hardware {h['gpu'] or h['device']} x{h['world_size']} rank(s)",
              f"versions torch {v['torch']}, transformers {v['transformers']}, deepspeed {v['deepspeed']}, "
              f"bitsandbytes {v['bitsandbytes']}",

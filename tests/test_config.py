@@ -61,6 +61,7 @@ def cfg(**kw):
     (dict(tp_size=2, backend="hf"), 2, "use --backend deepspeed"),
     (dict(tp_size=2, quant="8bit"), 2, "cannot be combined with --tp-size"),
     (dict(pp_size=2), 1, "no pipeline engine"),
+    (dict(dtype="fp16"), 1, "CPU accelerator has no fp16"),
     (dict(prompts=["x"], prompts_file="p.txt"), 1, "not both"),
     (dict(json_path="/no/such/dir/r.json"), 1, "does not exist"),
     (dict(compare="hf,turbo"), 1, "unknown --compare mode"),

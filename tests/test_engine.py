@@ -65,6 +65,18 @@ def test_sampling_is_seeded():
     assert a == b and a != c and a != greedy
 
 
+def test_deepspeed_wrapping_keeps_a_half_precision_model_bit_identical():
+    """DeepSpeed's .half()/.bfloat16() would re-round Llama's fp32 rotary inv_freq buffer (fp16 on an H100:
+    0.7% logits error on a 7B). DeepSpeed's CPU accelerator has no fp16, so bf16 shows it here."""
+    config = tiny_config(dtype="bf16", kernel_inject=False)
+    unwrapped = m.load_model(config, "none", "cpu")
+    record = {}
+    engine, _ = m.init_engine(config, record)
+    assert engine.module.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(logits(unwrapped), logits(engine))
+    assert record["verify"]["passed"] and record["verify"]["tolerance"] == 0.0
+
+
 # --- bitsandbytes -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("quant, layer", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])

@@ -40,14 +40,19 @@ def test_gpu_default_path_is_verified(tmp_path):
 
 
 def test_gpu_hf_and_deepspeed_fp16_identical():
+    """DeepSpeed's .half() would turn the fp32 rotary inv_freq into fp16; the script keeps the model as loaded."""
     outs = []
     for backend in ("hf", "deepspeed"):
-        config = cuda_config(backend=backend, kernel_inject=False, max_new_tokens=32)
-        engine, tok = m.init_engine(config)
+        config = cuda_config(backend=backend, kernel_inject=False, max_new_tokens=32, dtype="fp16")
+        record = {}
+        engine, tok = m.init_engine(config, record)
         outs.append(m.generate(engine, tok, ["DeepSpeed is", "a second prompt"], config)["texts"])
-        del engine
+        module = getattr(engine, "module", engine)
+        assert module.model.rotary_emb.inv_freq.dtype == torch.float32
+        del engine, module
         m.free_memory()
     assert outs[0] == outs[1]
+    assert record["verify"]["passed"] and record["verify"]["prefill_rel_error"] == 0.0
 
 
 def test_gpu_memory_is_reported(tmp_path):
