@@ -23,6 +23,12 @@ if [ "$PART" = a ]; then
   group compare-b1 230 1 hf,ds,ds-inject,ds-4bit plot
   group compare-b1-compile 150 1 hf-compile
 else
-  group compare-b16 300 16 hf,ds,ds-4bit,hf-compile plot
-  group compare-b1-more 240 1 ds-8bit,hf-4bit-compile
+  group compare-b16 250 16 hf,ds,hf-compile plot
+  group compare-b1-more 220 1 ds-8bit,hf-4bit-compile
+  # Kernel injection, twice, with tracebacks: the first call JIT-builds DeepSpeed's kernels, the second loads them.
+  for i in 1 2; do
+    timeout -k 5 $(( i == 1 ? 80 : 40 )) python3 ds_bnb_infer.py --model random:tiny --device cuda --no-fallback \
+      --max-new-tokens 8 --iters 1 --debug 2>&1 | grep -v "^\[20" | grep -B2 -A1 "Error\|error" | tail -n 12
+    echo "== inject debug run $i: rc=${PIPESTATUS[0]}"
+  done
 fi
