@@ -22,6 +22,9 @@ if [ "$PART" = a ]; then
   t0=$SECONDS; timeout -k 10 240 python3 -m pytest -q -m gpu tests 2>&1 | tail -n 15; echo "== gpu tests wall $((SECONDS - t0)) s"
   group compare-b1 230 1 hf,ds,ds-inject,ds-4bit plot
   group compare-b1-compile 150 1 hf-compile
+elif [ "$PART" = c ]; then
+  group compare-b1-8bit 170 1 ds-8bit
+  group compare-b1-4bit-compile 230 1 hf-4bit-compile
 else
   group compare-b16 250 16 hf,ds,hf-compile plot
   group compare-b1-more 220 1 ds-8bit,hf-4bit-compile

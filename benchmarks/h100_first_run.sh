@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ds_bnb_infer.py over a matrix of modes on one GPU and combines every JSON report into $OUT/all.json,
-# with the whole console output in $OUT/log.txt. Used for benchmarks/h100-2026-11-25*.{json,log}.
+# with the whole console output in $OUT/log.txt. Used for benchmarks/h100-2026-11-25-first-run.{json,log} (the run that found the rotary-buffer cast; see README).
 #
 # Device command (from the repo root, carry [".whl"]):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
