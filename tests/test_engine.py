@@ -101,7 +101,7 @@ def test_init_engine_does_not_change_a_quantized_model(quant, dtype):
 
 
 def test_deepspeed_alone_would_change_a_quantized_model():
-    """Why keep_quantized_dtype exists: without it, init_inference(dtype=bf16) re-rounds a bnb model silently
+    """Why keep_model_as_loaded exists: without it, init_inference(dtype=bf16) re-rounds a bnb model silently
     (and fp32/fp16 raise). If a DeepSpeed release stops doing this, this test says so."""
     import deepspeed
     config = tiny_config(quant="4bit", dtype="bf16", kernel_inject=False)
@@ -285,3 +285,41 @@ def test_compare_runs_each_mode_and_reports_failures(tmp_path):
 def test_plot_without_matplotlib_is_one_sentence(tiny):
     r = run_cli(*tiny, "--compare", "hf", "--plot", "x.png", prelude=HIDE.format(name="matplotlib"))
     assert r.returncode == 2 and "pip install matplotlib" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_rank_that_dies_ends_every_rank():
+    """Rank 1 is killed mid-run (as the OOM killer would): rank 0, blocked in a collective, must not hang."""
+    import os
+    import re
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    proc = subprocess.Popen([launcher, "--num_gpus", "2", "ds_bnb_infer.py", "--tp-size", "2", "--model",
+                             "random:tiny", "--max-new-tokens", "2000", "--iters", "5", "--warmup", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(m.__file__).parent)
+    pids, sharded = {}, 0
+    try:
+        for line in proc.stdout:                      # until both ranks have sharded the model
+            found = re.search(r"process (\d+) spawned with command: .*'--local_rank=(\d)'", line)
+            if found:
+                pids[found.group(2)] = int(found.group(1))
+            sharded += line.startswith("AutoTP")
+            if sharded == 2:
+                break
+        assert set(pids) == {"0", "1"} and sharded == 2
+        time.sleep(2)
+        os.kill(pids["1"], signal.SIGKILL)
+        start = time.time()
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert time.time() - start < 60
+        with pytest.raises(ProcessLookupError):
+            os.kill(pids["0"], 0)                     # rank 0 is gone too
+    finally:
+        if proc.poll() is None:
+            proc.kill()
