@@ -10,14 +10,21 @@ What generation costs (第八节). A request has two phases:
     step time is bounded below by weight bytes / memory bandwidth. That is why 8-bit and 4-bit weights can make
     decode faster on a GPU (fewer bytes), and why they often don't in practice (dequantisation kernels).
   TTFT (time to first token) ~ prefill; decode time per token ~ the rest. Throughput counts tokens actually
-  generated: not the prompt, not padding, nothing after a sequence's EOS.
+  generated: not the prompt, not padding, nothing after a sequence's EOS. MBU (model bandwidth utilisation) says
+  how close decode is to that bound. Measured on an H100 (README 第八节, benchmarks/h100-2026-11-25.json,
+  Llama-2-7B shape, batch 1, fp16): plain generate 26.9 tok/s = 12% MBU, Python and kernel launches dominate;
+  --compile (static KV cache, compiled decode) 113.9 tok/s = 53%; bitsandbytes 8-bit 7.5, 4-bit 18.6 tok/s.
 
-What the libraries do today (see README, 第七节 and 第十一节 FAQ) and what this script does about it:
-  * `deepspeed.init_inference` always casts the module to its `dtype`. On a bitsandbytes model that either
-    raises (fp16/fp32) or silently changes the quantized model (bf16). The script keeps that cast from running
-    on quantized models and proves (tests) that the logits are bit-identical before and after wrapping.
+What the libraries do today (README 第七节, 第十一节 FAQ) and what this script does about it:
+  * `deepspeed.init_inference` always casts the module to its `dtype`. That re-rounds fp32 buffers transformers
+    keeps on purpose (Llama's rotary inv_freq) and, on a bitsandbytes model, raises (fp16/fp32) or silently
+    changes the quantized model (bf16). The model is already in the dtype asked for, so the script keeps the
+    cast from running and proves (tests) that the logits are bit-identical before and after wrapping.
   * Kernel injection is checked against the plain model before any output is trusted (`verify`); when it
-    crashes or disagrees, the script falls back to no injection and says so (or exits 1 with --no-fallback).
+    crashes or disagrees (it does, on transformers 5.17 + deepspeed 0.19.8), the script falls back to no
+    injection and says so (or exits 1 with --no-fallback).
+  * DeepSpeed Inference has no pipeline engine, and AutoTP cannot slice bitsandbytes' packed weights:
+    --pp-size > 1 and --quant with --tp-size > 1 are refused with the reason.
 
 Commands
   python ds_bnb_infer.py --model random:tiny                      # CPU, offline, seconds (random weights)
@@ -226,8 +233,9 @@ def validate(config: DeployConfig, world_size: int, cuda_available: bool) -> Non
                          f"{', '.join(COMPARE_MODES)}.")
     if config.prompts_file is not None and config.prompts != DeployConfig().prompts:
         raise UsageError("give prompts either with --prompt or with --prompts-file, not both.")
-    if config.json_path not in (None, "-") and not os.path.isdir(os.path.dirname(os.path.abspath(config.json_path))):
-        raise UsageError(f"the folder for --json {config.json_path} does not exist; create it or pick another path.")
+    for flag, path in (("--json", config.json_path), ("--plot", config.plot)):
+        if path not in (None, "-") and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UsageError(f"the folder for {flag} {path} does not exist; create it or pick another path.")
 
 
 def load_prompts(config: DeployConfig) -> list[str]:
@@ -744,6 +752,11 @@ def measure(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict
     import torch
     batches = batches_of(prompts, config.batch_size)
     module = getattr(engine, "module", engine)
+    longest = max(len(tokenizer(p)["input_ids"]) for p in prompts) + config.max_new_tokens
+    limit = getattr(module.config, "max_position_embeddings", None)
+    if limit and longest > limit:
+        raise UsageError(f"the longest prompt plus --max-new-tokens is {longest} tokens but the model was trained "
+                         f"for at most {limit} positions; shorten the prompt or lower --max-new-tokens.")
     device = str(next(engine.parameters()).device)
     bandwidth = copy_bandwidth_gbps(device)                   # before the peak-memory reset: its buffers are big
     # Warm-up picks cuBLAS kernels and grows the allocator; with --compile the first two calls compile.
