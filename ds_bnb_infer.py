@@ -465,7 +465,8 @@ def init_engine(config: DeployConfig, record: dict | None = None):
     # compiled static-cache decode. Plain transformers is its own reference.
     check = (deepspeed is not None and (config.verify or inject)) or config.compile
     verify_ids = verify_batch(tokenizer, load_prompts(config), device) if check else None
-    ref = reference_outputs(model, verify_ids) if check else None
+    # The reference comes first: injection rewrites the model's layers in place.
+    ref = greedy_with_logits(model, verify_ids) if check else None
     while True:
         engine = None
         try:
@@ -550,11 +551,6 @@ def greedy_with_logits(model, inputs, **options):
                              output_logits=True, return_dict_in_generate=True, **options)
     steps = torch.stack([s.float().cpu() for s in out.logits], dim=1)
     return {"prefill": prefill, "steps": steps, "tokens": out.sequences[:, inputs["input_ids"].shape[1]:].cpu()}
-
-
-def reference_outputs(model, inputs):
-    """The unwrapped model's outputs, computed before DeepSpeed touches the model (injection changes it)."""
-    return greedy_with_logits(model, inputs)
 
 
 def verify(engine, inputs, ref: dict, tol: float, **options) -> dict:
