@@ -626,10 +626,10 @@ def generate(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dic
     latency = time.perf_counter() - t0
     new_ids = out[:, enc["input_ids"].shape[1]:].tolist()
     counts = count_new_tokens(new_ids, eos_ids(tokenizer, engine))
-    ttft = timer.t_first - t0
+    ttft, steps = timer.t_first - t0, len(new_ids[0])       # generate() pads every row to the same length
     return {"texts": [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(new_ids, counts)],
-            "latency_s": latency, "ttft_s": ttft, "new_tokens": counts, "steps": max(len(i) for i in new_ids),
-            "decode_s_per_token": decode_time_per_token(latency, ttft, max(len(i) for i in new_ids)),
+            "latency_s": latency, "ttft_s": ttft, "new_tokens": counts, "steps": steps,
+            "decode_s_per_token": decode_time_per_token(latency, ttft, steps),
             "prompt_tokens": int(enc["attention_mask"].sum())}
 
 
@@ -1007,7 +1007,10 @@ def run(config: DeployConfig) -> int:
         return compare(config)
     device = pick_device(config)
     if world_size > 1:
-        import deepspeed
+        try:
+            import deepspeed
+        except ImportError:
+            raise UsageError("--tp-size > 1 needs deepspeed; pip install deepspeed==0.19.8.") from None
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
         deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")

@@ -114,6 +114,13 @@ def test_argparse_errors_exit_2():
         assert r.returncode == 2 and "Traceback" not in r.stderr and "usage:" in r.stderr
 
 
+def test_tensor_parallel_without_deepspeed_is_one_sentence():
+    from conftest import HIDE
+    r = run_cli("--model", "random:tiny", "--tp-size", "2", env={"WORLD_SIZE": "2", "RANK": "0"},
+                prelude=HIDE.format(name="deepspeed"))
+    assert r.returncode == 2 and "needs deepspeed" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_debug_shows_the_traceback():
     r = run_cli("--model", "./no/such/model", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr
