@@ -606,8 +606,10 @@ def make_first_token_timer(device):
     return FirstTokenTimer()
 
 
-def generate(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict:
-    """第五节: generate for one batch of prompts; returns texts, latency, TTFT, decode time, token counts."""
+def generate(engine, tokenizer, prompts: list[str], config: DeployConfig, ttft: bool = True) -> dict:
+    """第五节: generate for one batch of prompts; returns texts, latency, TTFT, decode time, token counts.
+
+    ttft=False leaves the first-token timer out (measure() uses it to show what the timer itself costs)."""
     import torch
     from transformers import LogitsProcessorList
     device = next(p.device for p in engine.parameters())
@@ -621,12 +623,14 @@ def generate(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dic
     t0 = time.perf_counter()
     with torch.no_grad():
         out = engine.generate(**enc, max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              logits_processor=LogitsProcessorList([timer]), **sampling, **gen_options(config))
+                              logits_processor=LogitsProcessorList([timer] if ttft else []), **sampling,
+                              **gen_options(config))
     _sync(device)
     latency = time.perf_counter() - t0
     new_ids = out[:, enc["input_ids"].shape[1]:].tolist()
     counts = count_new_tokens(new_ids, eos_ids(tokenizer, engine))
-    ttft, steps = timer.t_first - t0, len(new_ids[0])       # generate() pads every row to the same length
+    ttft = timer.t_first - t0 if ttft else math.nan
+    steps = len(new_ids[0])                                  # generate() pads every row to the same length
     return {"texts": [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(new_ids, counts)],
             "latency_s": latency, "ttft_s": ttft, "new_tokens": counts, "steps": steps,
             "decode_s_per_token": decode_time_per_token(latency, ttft, steps),
@@ -761,7 +765,12 @@ def measure(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict
         generate(engine, tokenizer, batches[0], config)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    runs = [generate(engine, tokenizer, b, config) for _ in range(config.iters) for b in batches]
+    runs, untimed = [], []
+    for _ in range(config.iters):
+        runs += [generate(engine, tokenizer, b, config) for b in batches]
+        # The same first batch without the TTFT timer: measuring must not slow down what it measures.
+        untimed.append(generate(engine, tokenizer, batches[0], config, ttft=False)["latency_s"])
+    timed_first = [r["latency_s"] for r in runs[::len(batches)]]
     tokens = sum(sum(r["new_tokens"]) for r in runs)
     seconds = sum(r["latency_s"] for r in runs)
     decode = [r["decode_s_per_token"] for r in runs if r["decode_s_per_token"] is not None]
@@ -778,7 +787,8 @@ def measure(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict
         "weight_gb": weight_bytes(module) / 1e9, "decode_read_gb": step_bytes / 1e9,
         "bandwidth_GBps": bandwidth, "mbu": mbu(step_bytes, step_s, bandwidth),
         "roofline_decode_tok_s": config.batch_size * bandwidth * 1e9 / step_bytes,
-        "compiled": hasattr(module, "_compiled_call")}}
+        "compiled": hasattr(module, "_compiled_call"),
+        "timer_overhead": percentile(timed_first, 50) / percentile(untimed, 50) - 1}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -866,6 +876,8 @@ def render(report: dict) -> str:
         lines.append(f"decode {m['decode_tok_s']:.1f} tok/s reads {m['decode_read_gb']:.3f} GB of weights per step: "
                      f"MBU {m['mbu']:.1%} of {m['bandwidth_GBps']:.0f} GB/s (measured copy bandwidth), roofline "
                      f"{m['roofline_decode_tok_s']:.0f} tok/s" + (", decode compiled" if m["compiled"] else ""))
+    lines.append(f"the TTFT timer changed the batch latency by {m['timer_overhead']:+.1%} (p50 with vs without it, "
+                 f"{lat['n'] // m['batches_per_iter']} runs each)")
     for rank, mem in enumerate(report["memory"]["per_rank"]):
         if mem["peak_allocated"] is not None:
             lines.append(f"rank {rank} GPU memory: peak allocated {mem['peak_allocated']:.2f} GiB, "
@@ -948,7 +960,7 @@ def compare_row(name: str, returncode: int, stderr: str, path: str) -> dict:
             "p50_s": m["latency_s"]["p50"], "p95_s": m["latency_s"]["p95"],
             "peak_alloc_gb": max(peaks) * 2 ** 30 / 1e9 if peaks else None, "weight_gb": m["weight_gb"],
             "mbu": m["mbu"], "roofline_decode_tok_s": m["roofline_decode_tok_s"],
-            "bandwidth_GBps": m["bandwidth_GBps"],
+            "bandwidth_GBps": m["bandwidth_GBps"], "timer_overhead": m["timer_overhead"],
             "verified": e["verify"]["passed"] if e["verify"] else "reference",
             "verify": e["verify"]["summary"] if e["verify"] else "plain transformers is the reference",
             "fallbacks": e["fallbacks"]}

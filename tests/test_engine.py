@@ -208,6 +208,7 @@ def test_cli_end_to_end_json_report_is_consistent():
     assert met["tokens_per_s_cluster"] == pytest.approx(met["generated_tokens"] / met["timed_seconds"])
     assert met["timed_seconds"] == pytest.approx(sum(r["latency_s"] for r in runs))
     assert met["latency_s"]["p50"] <= met["latency_s"]["p95"]
+    assert abs(met["timer_overhead"]) < 1 and "the TTFT timer changed the batch latency" in r.stdout
     assert [o["prompt"] for o in report["outputs"]] == ["hello", "a second, longer prompt", "3rd", "hello"]
     first_iter = [n for r in runs[:2] for n in r["new_tokens"]]
     assert [o["new_tokens"] for o in report["outputs"]] == first_iter
