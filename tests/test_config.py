@@ -176,3 +176,13 @@ def test_mbu():
     # 13.5 GB per step at 30 ms/step on a 3000 GB/s device: 450 GB/s achieved = 15%
     assert m.mbu(13_500_000_000, 0.030, 3000.0) == pytest.approx(0.15)
     assert m.mbu(1, None, 1.0) is None
+
+
+@pytest.mark.parametrize("text, words", [
+    ("You are trying to access a gated repo. Make sure to have access to it.", "gated model"),
+    ("We couldn't connect to the hub to load the files", "cannot load org/model"),
+])
+def test_hub_errors_become_one_sentence(text, words):
+    with pytest.raises(m.UsageError, match=words):
+        with m._loading_errors("org/model"):
+            raise OSError(text)
