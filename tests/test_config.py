@@ -163,6 +163,7 @@ def test_report_json_is_valid_with_non_finite_numbers(tmp_path):
     m.write_json({"x": math.nan, "y": [math.inf, 1.5], "z": {"w": 2}}, str(path))
     assert json.loads(path.read_text()) == {"x": None, "y": [None, 1.5], "z": {"w": 2}}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]       # no temporary file left behind
+    assert path.stat().st_mode & 0o044                               # readable by others, like any file
 
 
 def test_gpu_mem_gb_is_none_on_cpu():
