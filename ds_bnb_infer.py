@@ -831,10 +831,9 @@ def gather_memory(world_size: int) -> list[dict]:
 
 
 def build_report(config, record, prompts, result, memory, device, world_size) -> dict:
-    first = result["runs"][: len(batches_of(prompts, config.batch_size))]
-    outputs = [{"prompt": p, "text": t, "new_tokens": n}
-               for r, b in zip(first, batches_of(prompts, config.batch_size))
-               for p, t, n in zip(b, r["texts"], r["new_tokens"])]
+    batches = batches_of(prompts, config.batch_size)
+    outputs = [{"prompt": p, "text": t, "new_tokens": n}          # the first iteration's batches
+               for r, b in zip(result["runs"], batches) for p, t, n in zip(b, r["texts"], r["new_tokens"])]
     m = dict(result["metrics"])
     m["tokens_per_s_cluster"] = m.pop("tokens_per_s")
     m["tokens_per_s_per_gpu"] = m["tokens_per_s_cluster"] / world_size
