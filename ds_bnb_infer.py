@@ -236,6 +236,8 @@ def validate(config: DeployConfig, world_size: int, cuda_available: bool) -> Non
     for flag, path in (("--json", config.json_path), ("--plot", config.plot)):
         if path not in (None, "-") and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UsageError(f"the folder for {flag} {path} does not exist; create it or pick another path.")
+        if path not in (None, "-") and os.path.isdir(path):
+            raise UsageError(f"{flag} {path} is a folder; give a file name inside it.")
 
 
 def load_prompts(config: DeployConfig) -> list[str]:
@@ -361,9 +363,8 @@ def _from_pretrained(source: str, config: DeployConfig, quant: str, dtype, devic
     kw = dict(dtype=dtype, trust_remote_code=config.trust_remote_code)
     if quant != "none":
         kw.update(quantization_config=bnb_config(quant, dtype), device_map={"": device})
-    elif not (config.backend == "deepspeed" and config.tp_size > 1):
+    elif config.tp_size == 1:              # tp > 1: stay on the CPU, as for the presets in load_model()
         kw.update(device_map={"": device})
-    # tp > 1: load on the CPU and let DeepSpeed move only its shard to each GPU, so no GPU holds a full copy.
     with _loading_errors(config.model_name):
         return AutoModelForCausalLM.from_pretrained(source, **kw).eval()
 
@@ -893,12 +894,16 @@ def write_json(report: dict, path: str) -> None:
         print(text, flush=True)
         return
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text + "\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)            # mkstemp makes it private; the report is an ordinary file
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)        # mkstemp makes it private; the report is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _finite(x):
@@ -1021,10 +1026,7 @@ def run(config: DeployConfig) -> int:
         return compare(config)
     device = pick_device(config)
     if world_size > 1:
-        try:
-            import deepspeed
-        except ImportError:
-            raise UsageError("--tp-size > 1 needs deepspeed; pip install deepspeed==0.19.8.") from None
+        deepspeed = import_deepspeed(config, {"fallbacks": []})   # tp > 1: missing deepspeed is a usage error
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
         deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")

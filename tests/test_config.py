@@ -65,6 +65,7 @@ def cfg(**kw):
     (dict(prompts=["x"], prompts_file="p.txt"), 1, "not both"),
     (dict(json_path="/no/such/dir/r.json"), 1, "does not exist"),
     (dict(compare="hf,turbo"), 1, "unknown --compare mode"),
+    (dict(json_path="/tmp"), 1, "is a folder"),
     (dict(compare="all"), 2, "without the deepspeed launcher"),
     (dict(plot="c.png"), 1, "add --compare"),
 ])
