@@ -440,6 +440,16 @@ def keep_model_as_loaded():
         InferenceEngine._convert_to_dtype = original
 
 
+@contextlib.contextmanager
+def timed(record: dict, step: str):
+    """Note how long a step of init_engine took (record["seconds"]) and say so on stderr: a 7B model takes
+    minutes to load, and the reader should see where they go."""
+    t0 = time.perf_counter()
+    yield
+    record["seconds"][step] = round(time.perf_counter() - t0, 2)
+    print0(f"[{step}] {record['seconds'][step]:.1f} s", file=sys.stderr)
+
+
 def init_engine(config: DeployConfig, record: dict | None = None):
     """第五节/第七节: (engine, tokenizer) — the model loaded, then wrapped by deepspeed.init_inference.
 
@@ -448,37 +458,45 @@ def init_engine(config: DeployConfig, record: dict | None = None):
     import torch
     record = {} if record is None else record
     record.update(backend=config.backend, quant=config.quant, kernel_inject=False, compile=config.compile,
-                  fallbacks=[], verify=None)
+                  fallbacks=[], verify=None, seconds={})
     device = pick_device(config)
     tokenizer = load_tokenizer(config)
-    model = load_quantized(config, device, tokenizer, record)
+    with timed(record, "load"):
+        model = load_quantized(config, device, tokenizer, record)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     record["dtype"] = str(dtype).replace("torch.", "")     # of the weights bitsandbytes leaves unquantized
     if record["quant"] == "4bit":
         record["compute_dtype"] = "bfloat16"                # bnb_4bit_compute_dtype: matmuls run in bf16
     deepspeed = import_deepspeed(config, record)
+    if config.tp_size > 1:                 # the ranks meet here (NCCL between GPUs, gloo between CPU ranks)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
     inject = config.kernel_inject and deepspeed is not None
-    if inject and record["quant"] != "none":
-        fall_back(config, record, "kernel_inject", "on", "off",
-                  "bitsandbytes weights cannot be kernel-injected", usage=True)
+    why_not = "bitsandbytes weights cannot be kernel-injected" if record["quant"] != "none" else \
+        injection_known_broken()
+    if inject and why_not:
+        fall_back(config, record, "kernel_inject", "on", "off", why_not, usage=True)
         inject = False
     # Verify whatever replaces the model's computation: DeepSpeed's wrapper, fused kernels, tensor parallel, the
     # compiled static-cache decode. Plain transformers is its own reference.
     check = (deepspeed is not None and (config.verify or inject)) or config.compile
     verify_ids = verify_batch(tokenizer, load_prompts(config), device) if check else None
     # The reference comes first: injection rewrites the model's layers in place.
-    ref = greedy_with_logits(model, verify_ids) if check else None
+    with timed(record, "reference"):
+        ref = reference(model, verify_ids, config) if check else None
     while True:
         engine = None
         try:
             engine = model
             if deepspeed is not None:
-                with keep_model_as_loaded():
+                with keep_model_as_loaded(), timed(record, "init_inference"):
                     engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=inject,
                                                       tensor_parallel={"tp_size": config.tp_size})
             if check:
-                record["verify"] = verify(engine, verify_ids, ref, tolerance(config, dtype, inject),
-                                          **gen_options(config))
+                with timed(record, "verify"):
+                    record["verify"] = verify(engine, verify_ids, ref, tolerance(config, dtype, inject),
+                                              **gen_options(config))
                 if not record["verify"]["passed"]:
                     raise RunFailure("its output differs from the unwrapped model: " + record["verify"]["summary"])
             record["kernel_inject"] = inject
@@ -493,6 +511,26 @@ def init_engine(config: DeployConfig, record: dict | None = None):
             del engine, model
             free_memory()
             model, inject = load_model(config, "none", device), False
+
+
+# DeepSpeed's injected layers (ds_transformer.py) predate transformers' current decoder-layer interface: they
+# return (output, presents) tuples where transformers >= 4.54 passes a tensor on, keep their own KV cache instead
+# of the Cache object transformers hands them, and ignore position_ids. Measured on an H100 (2026-11-25, README
+# FAQ): deepspeed 0.19.8 crashes on transformers 4.57.6 and 5.17.0 (Llama, OPT, GPT-2) and gives wrong tokens on
+# 4.53.3 (0/32 greedy tokens right). Newer deepspeed releases are tried, and verified.
+INJECTION_BROKEN = {"deepspeed_upto": "0.19.8", "transformers_from": "4.53"}
+
+
+def injection_known_broken() -> str | None:
+    """Why kernel injection cannot work with the installed versions; None when not known (then: try, verify)."""
+    from importlib import metadata
+    from packaging.version import Version
+    ds, tf = metadata.version("deepspeed"), metadata.version("transformers")
+    if Version(ds) <= Version(INJECTION_BROKEN["deepspeed_upto"]) and \
+            Version(tf) >= Version(INJECTION_BROKEN["transformers_from"]):
+        return (f"deepspeed {ds}'s injected kernels do not work with transformers {tf}: they crash or give wrong "
+                f"tokens (measured, see the README FAQ)")
+    return None
 
 
 def import_deepspeed(config: DeployConfig, record: dict):
@@ -554,6 +592,34 @@ def greedy_with_logits(model, inputs, **options):
     return {"prefill": prefill, "steps": steps, "tokens": out.sequences[:, inputs["input_ids"].shape[1]:].cpu()}
 
 
+def reference(model, inputs, config: DeployConfig) -> dict:
+    """The unwrapped model's greedy tokens and logits, taken before DeepSpeed touches the model.
+
+    tp > 1: the model still sits on the CPU (load_model keeps every GPU from holding a full copy), where
+    half-precision matmuls are slow or missing. So rank 0 alone runs it there with fp32 parameters and sends the
+    result to every rank: all ranks then take the same pass/fail decision (one rank falling back alone would hang
+    the others). fp32 against the engine's fp16/bf16 differs by rounding only, within KERNEL_TOL.
+    """
+    if config.tp_size == 1:
+        return dict(greedy_with_logits(model, inputs), of=f"the unwrapped model ({model.dtype})")
+    import torch.distributed as tdist
+    ref = [None]
+    if tdist.get_rank() == 0:
+        # Parameters up to fp32 and back in place (exact: fp16/bf16 -> fp32 -> fp16/bf16 loses nothing); buffers
+        # such as the fp32 rotary inv_freq stay as they are. No second copy of the model in host memory.
+        dtypes = [p.dtype for p in model.parameters()]
+        for p in model.parameters():
+            p.data = p.data.float()
+        try:
+            ref[0] = greedy_with_logits(model, {k: v.cpu() for k, v in inputs.items()})
+        finally:
+            for p, dtype in zip(model.parameters(), dtypes):
+                p.data = p.data.to(dtype)
+        ref[0]["of"] = "the unwrapped model in fp32 on the CPU (rank 0)"
+    tdist.broadcast_object_list(ref, src=0)
+    return ref[0]
+
+
 def verify(engine, inputs, ref: dict, tol: float, **options) -> dict:
     """Compare the engine with the reference: logits error, top-1 agreement, greedy tokens (第七节)."""
     out = greedy_with_logits(engine, inputs, **options)
@@ -567,7 +633,7 @@ def verify(engine, inputs, ref: dict, tol: float, **options) -> dict:
     passed = prefill_err <= tol and decode_err <= tol and math.isfinite(prefill_err + decode_err)
     if tol == EXACT_TOL:
         passed = passed and agree == VERIFY_TOKENS
-    return {"passed": bool(passed), "tolerance": tol, "prefill_rel_error": prefill_err,
+    return {"passed": bool(passed), "reference": ref.get("of", "the reference given"), "tolerance": tol, "prefill_rel_error": prefill_err,
             "decode_rel_error": decode_err, "top1_agreement": top1, "greedy_tokens_matching": agree,
             "greedy_tokens_checked": VERIFY_TOKENS,
             "summary": f"rel. error prefill {prefill_err:.2e} / decode {decode_err:.2e} (tolerance {tol:g}), "
@@ -589,22 +655,26 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_first_token_timer(device):
-    """A logits processor that notes the time when the first new token's logits exist (= TTFT).
+@contextlib.contextmanager
+def first_token_timer(module, device, on: bool = True):
+    """TTFT: a forward hook that fires once, after the prefill forward (the first new token's logits exist),
+    synchronizes, notes the time and removes itself, so the decode steps after it run with no hook at all.
 
-    generate() calls it once per step; only the first call synchronizes, so timing costs one sync per request.
+    (A LogitsProcessor would also work, but transformers inspects every processor's signature at every step:
+    measured +5-10% per request on random:tiny.) Yields a dict whose "t" is the time, None until then.
     """
-    from transformers import LogitsProcessor
+    mark = {"t": None}
 
-    class FirstTokenTimer(LogitsProcessor):
-        t_first = None
-
-        def __call__(self, input_ids, scores):
-            if self.t_first is None:
-                _sync(device)
-                self.t_first = time.perf_counter()
-            return scores
-    return FirstTokenTimer()
+    def hook(mod, args, output):
+        _sync(device)
+        mark["t"] = time.perf_counter()
+        handle.remove()
+    handle = module.register_forward_hook(hook) if on else None
+    try:
+        yield mark
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def generate(engine, tokenizer, prompts: list[str], config: DeployConfig, ttft: bool = True) -> dict:
@@ -612,25 +682,22 @@ def generate(engine, tokenizer, prompts: list[str], config: DeployConfig, ttft: 
 
     ttft=False leaves the first-token timer out (measure() uses it to show what the timer itself costs)."""
     import torch
-    from transformers import LogitsProcessorList
     device = next(p.device for p in engine.parameters())
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
-    timer = make_first_token_timer(device)
     sampling = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p) if config.do_sample \
         else dict(do_sample=False)
     torch.manual_seed(config.seed)                # same samples on every rank and every run
     _sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
+    with first_token_timer(getattr(engine, "module", engine), device, on=ttft) as first, torch.no_grad():
+        t0 = time.perf_counter()
         out = engine.generate(**enc, max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              logits_processor=LogitsProcessorList([timer] if ttft else []), **sampling,
-                              **gen_options(config))
-    _sync(device)
-    latency = time.perf_counter() - t0
+                              **sampling, **gen_options(config))
+        _sync(device)
+        latency = time.perf_counter() - t0
     new_ids = out[:, enc["input_ids"].shape[1]:].tolist()
     counts = count_new_tokens(new_ids, eos_ids(tokenizer, engine))
-    ttft = timer.t_first - t0 if ttft else math.nan
+    ttft = first["t"] - t0 if ttft else math.nan
     steps = len(new_ids[0])                                  # generate() pads every row to the same length
     return {"texts": [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(new_ids, counts)],
             "latency_s": latency, "ttft_s": ttft, "new_tokens": counts, "steps": steps,
@@ -767,10 +834,14 @@ def measure(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     runs, untimed = [], []
-    for _ in range(config.iters):
+    for i in range(config.iters):
+        # The same first batch without the TTFT timer (measuring must not slow down what it measures), run after
+        # the timed batches on even iterations and before them on odd ones, so that neither side always runs warmer.
+        if i % 2:
+            untimed.append(generate(engine, tokenizer, batches[0], config, ttft=False)["latency_s"])
         runs += [generate(engine, tokenizer, b, config) for b in batches]
-        # The same first batch without the TTFT timer: measuring must not slow down what it measures.
-        untimed.append(generate(engine, tokenizer, batches[0], config, ttft=False)["latency_s"])
+        if not i % 2:
+            untimed.append(generate(engine, tokenizer, batches[0], config, ttft=False)["latency_s"])
     timed_first = [r["latency_s"] for r in runs[::len(batches)]]
     tokens = sum(sum(r["new_tokens"]) for r in runs)
     seconds = sum(r["latency_s"] for r in runs)
@@ -795,10 +866,13 @@ def measure(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict
 # ----------------------------------------------------------------------------------------------------------------
 # 报告: rank 0 prints a card, the texts, a metrics table and the fallbacks; --json writes one object.
 
-def print0(*args, **kw) -> None:
-    """Print on rank 0 only (every rank runs the same script)."""
+def print0(text: str, file=None) -> None:
+    """Print on rank 0 only (every rank runs the same script), in one write: the other ranks share the terminal,
+    and a line written in two pieces can come out with another process's line in between."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kw, flush=True)
+        file = file or sys.stdout
+        file.write(text + "\n")
+        file.flush()
 
 
 def versions() -> dict:
@@ -820,9 +894,8 @@ def hardware(device: str, world_size: int) -> dict:
     return {"device": device.split(":")[0], "gpu": gpu, "world_size": world_size, "cpu_count": os.cpu_count()}
 
 
-def gather_memory(world_size: int) -> list[dict]:
-    """Every rank's gpu_mem_gb(), collected on all ranks (rank order)."""
-    mem = gpu_mem_gb()
+def gather_memory(world_size: int, mem: dict) -> list[dict]:
+    """Every rank's memory dict, collected on all ranks (rank order)."""
     if world_size == 1:
         return [mem]
     import torch.distributed as tdist
@@ -857,7 +930,8 @@ def render(report: dict) -> str:
              f"hardware {h['gpu'] or h['device']} x{h['world_size']} rank(s)",
              f"versions torch {v['torch']}, transformers {v['transformers']}, deepspeed {v['deepspeed']}, "
              f"bitsandbytes {v['bitsandbytes']}",
-             "verify   " + (e["verify"]["summary"] + (" PASSED" if e["verify"]["passed"] else " FAILED")
+             "verify   " + (f"against {e['verify']['reference']}: {e['verify']['summary']}"
+                           + (" PASSED" if e["verify"]["passed"] else " FAILED")
                            if e["verify"] else "not run (no DeepSpeed wrapping)" if e["backend"] == "hf"
                            else "off (--no-verify)"), ""]
     for o in report["outputs"][:8]:
@@ -881,7 +955,8 @@ def render(report: dict) -> str:
     for rank, mem in enumerate(report["memory"]["per_rank"]):
         if mem["peak_allocated"] is not None:
             lines.append(f"rank {rank} GPU memory: peak allocated {mem['peak_allocated']:.2f} GiB, "
-                         f"peak reserved {mem['peak_reserved']:.2f} GiB (measured runs)")
+                         f"peak reserved {mem['peak_reserved']:.2f} GiB (measured runs); peak allocated "
+                         f"{mem['loading_peak_allocated']:.2f} GiB while loading and verifying")
     for f in e["fallbacks"]:
         lines.append(f"fallback {f['what']}: {f['from']} -> {f['to']} ({f['reason']})")
     return "\n".join(lines)
@@ -1019,21 +1094,18 @@ def plot_compare(result: dict, path: str) -> None:
 
 def run(config: DeployConfig) -> int:
     import torch
-    rank, local_rank, world_size = dist_env(config)
+    rank, _, world_size = dist_env(config)
     validate(config, world_size, torch.cuda.is_available())
     prompts = load_prompts(config)
     if config.compare:
         return compare(config)
     device = pick_device(config)
-    if world_size > 1:
-        deepspeed = import_deepspeed(config, {"fallbacks": []})   # tp > 1: missing deepspeed is a usage error
-        if device.startswith("cuda"):
-            torch.cuda.set_device(local_rank)
-        deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
     record = {}
     engine, tokenizer = init_engine(config, record)
+    loading = gpu_mem_gb()["peak_allocated"]         # loading, wrapping, verifying (measure() resets the peak)
     result = measure(engine, tokenizer, prompts, config)
-    report = build_report(config, record, prompts, result, gather_memory(world_size), device, world_size)
+    memory = gather_memory(world_size, dict(gpu_mem_gb(), loading_peak_allocated=loading))
+    report = build_report(config, record, prompts, result, memory, device, world_size)
     print0(render(report))
     if config.json_path and rank == 0:
         write_json(report, config.json_path)
