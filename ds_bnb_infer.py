@@ -633,8 +633,8 @@ def verify(engine, inputs, ref: dict, tol: float, **options) -> dict:
     passed = prefill_err <= tol and decode_err <= tol and math.isfinite(prefill_err + decode_err)
     if tol == EXACT_TOL:
         passed = passed and agree == VERIFY_TOKENS
-    return {"passed": bool(passed), "reference": ref.get("of", "the reference given"), "tolerance": tol, "prefill_rel_error": prefill_err,
-            "decode_rel_error": decode_err, "top1_agreement": top1, "greedy_tokens_matching": agree,
+    return {"passed": bool(passed), "reference": ref.get("of", "the reference given"), "tolerance": tol,
+            "prefill_rel_error": prefill_err, "decode_rel_error": decode_err, "top1_agreement": top1, "greedy_tokens_matching": agree,
             "greedy_tokens_checked": VERIFY_TOKENS,
             "summary": f"rel. error prefill {prefill_err:.2e} / decode {decode_err:.2e} (tolerance {tol:g}), "
                        f"top-1 {top1:.1%}, greedy tokens {agree}/{VERIFY_TOKENS} equal"}

@@ -37,7 +37,8 @@ def sync():
 
 
 def emit(**row):
-    row.update(card=m.hardware(DEVICE, 1)["gpu"] or "cpu", model=MODEL, date=time.strftime("%Y-%m-%d"), versions=m.versions())
+    row.update(card=m.hardware(DEVICE, 1)["gpu"] or "cpu", model=MODEL, date=time.strftime("%Y-%m-%d"),
+               versions=m.versions())
     print(json.dumps(row), flush=True)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "profile.jsonl"), "a") as f:

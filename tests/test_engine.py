@@ -240,7 +240,8 @@ def test_cli_end_to_end_json_report_is_consistent():
     assert [o["prompt"] for o in report["outputs"]] == ["hello", "a second, longer prompt", "3rd", "hello"]
     first_iter = [n for r in runs[:2] for n in r["new_tokens"]]
     assert [o["new_tokens"] for o in report["outputs"]] == first_iter
-    assert report["memory"]["per_rank"] == [dict(m.gpu_mem_gb(), loading_peak_allocated=None)] and report["hardware"]["world_size"] == 1
+    assert report["memory"]["per_rank"] == [dict(m.gpu_mem_gb(), loading_peak_allocated=None)]
+    assert report["hardware"]["world_size"] == 1
 
 
 def test_tensor_parallel_2_cpu_ranks_equals_tp_1(tmp_path):
