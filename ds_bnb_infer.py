@@ -20,9 +20,10 @@ What the libraries do today (README 第七节, 第十一节 FAQ) and what this s
     keeps on purpose (Llama's rotary inv_freq) and, on a bitsandbytes model, raises (fp16/fp32) or silently
     changes the quantized model (bf16). The model is already in the dtype asked for, so the script keeps the
     cast from running and proves (tests) that the logits are bit-identical before and after wrapping.
-  * Kernel injection is checked against the plain model before any output is trusted (`verify`); when it
-    crashes or disagrees (it does, on transformers 5.17 + deepspeed 0.19.8), the script falls back to no
-    injection and says so (or exits 1 with --no-fallback).
+  * Kernel injection crashes or gives wrong tokens with deepspeed 0.19.8 on transformers >= 4.53 (measured), so
+    there it is refused up front with the reason; elsewhere it is checked against the plain model before any
+    output is trusted (`verify`) and falls back to no injection when it crashes or disagrees (--no-fallback:
+    an error instead). Tensor parallel is checked the same way, against the full model in fp32 on rank 0.
   * DeepSpeed Inference has no pipeline engine, and AutoTP cannot slice bitsandbytes' packed weights:
     --pp-size > 1 and --quant with --tp-size > 1 are refused with the reason.
 
