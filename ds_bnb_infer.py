@@ -474,9 +474,9 @@ def init_engine(config: DeployConfig, record: dict | None = None):
             torch.cuda.set_device(device)
         deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
     inject = config.kernel_inject and deepspeed is not None
-    why_not = "bitsandbytes weights cannot be kernel-injected" if record["quant"] != "none" else \
-        injection_known_broken()
-    if inject and why_not:
+    why_not = inject and ("bitsandbytes weights cannot be kernel-injected" if record["quant"] != "none"
+                          else injection_known_broken())       # (only asked when deepspeed is there)
+    if why_not:
         fall_back(config, record, "kernel_inject", "on", "off", why_not, usage=True)
         inject = False
     # Verify whatever replaces the model's computation: DeepSpeed's wrapper, fused kernels, tensor parallel, the

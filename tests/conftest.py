@@ -36,7 +36,14 @@ def run_cli(*args, env=None, prelude="", timeout=300):
                           env=full_env, cwd=ROOT)
 
 
-HIDE = "import sys; sys.modules[{name!r}] = None  # import {name} now raises ImportError"
+# Hide an installed package as if it were not installed: import fails, and so does asking for its version.
+HIDE = ("import sys, importlib.metadata as md; sys.modules[{name!r}] = None  # import {name} raises ImportError\n"
+        "_version = md.version\n"
+        "def _hidden(dist):\n"
+        "    if dist == {name!r}:\n"
+        "        raise md.PackageNotFoundError(dist)\n"
+        "    return _version(dist)\n"
+        "md.version = _hidden")
 
 
 @pytest.fixture(scope="session")
