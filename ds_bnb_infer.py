@@ -79,6 +79,7 @@ COMPARE_MODES = {
     "ds-8bit": ["--backend", "deepspeed", "--quant", "8bit", "--no-kernel-inject"],
     "ds-4bit": ["--backend", "deepspeed", "--quant", "4bit", "--no-kernel-inject"],
     "hf-compile": ["--backend", "hf", "--compile"],
+    "hf-8bit-compile": ["--backend", "hf", "--quant", "8bit", "--compile"],
     "hf-4bit-compile": ["--backend", "hf", "--quant", "4bit", "--compile"],
 }
 
@@ -108,7 +109,7 @@ class DeployConfig:
         "--kernel-inject", "replace layers with DeepSpeed's fused kernels (verified first, 第七节)"))
     max_new_tokens: int = field(default=64, metadata=_opt("--max-new-tokens", "new tokens per sequence"))
     compile: bool = field(default=False, metadata=_opt(
-        "--compile", "static KV cache; on a GPU transformers then compiles the decode step (verified first)"))
+        "--compile", "greedy decode with a static KV cache, each step one compiled CUDA graph (verified first)"))
     batch_size: int = field(default=1, metadata=_opt("--batch-size", "sequences per generate() call"))
     prompts: list = field(default_factory=lambda: ["DeepSpeed is"], metadata=_opt(
         "--prompt", "a prompt (repeat the flag for several)", action="append", metavar="TEXT"))
@@ -226,6 +227,9 @@ def validate(config: DeployConfig, world_size: int, cuda_available: bool) -> Non
         raise UsageError(f"--quant {config.quant} cannot be combined with --tp-size > 1: AutoTP slices weight "
                          "matrices and bitsandbytes' packed weights cannot be sliced that way; use --tp-size 1 "
                          "(a 4-bit 7B model fits one GPU) or --quant none.")
+    if config.compile and (config.do_sample or config.tp_size > 1):
+        raise UsageError("--compile is a greedy decode loop for one GPU; drop --do-sample and --tp-size, "
+                         "or drop --compile.")
     if config.plot and not config.compare:
         raise UsageError("--plot draws the --compare table; add --compare.")
     unknown = set((config.compare or "all").split(",")) - set(COMPARE_MODES) - {"all"}
@@ -342,12 +346,12 @@ def load_model(config: DeployConfig, quant: str, device: str):
     from transformers import AutoModelForCausalLM, LlamaConfig
     dtype = resolve_dtype(config, device)
     if config.model_name in PRESETS:
-        torch.manual_seed(config.seed)     # every rank builds the same random weights
+        from transformers.initialization import no_init_weights
         cfg = LlamaConfig(**PRESETS[config.model_name], bos_token_id=0, eos_token_id=1, pad_token_id=2)
         # tp > 1: build on the CPU and let DeepSpeed move only its shard to each GPU (no GPU holds a full copy).
-        build_on = "cpu" if config.tp_size > 1 else device
-        with torch.device(build_on):
+        with torch.device("cpu" if config.tp_size > 1 else device), no_init_weights():
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        random_weights(model, config.seed, device)
         if quant == "none":
             return model.eval()
         # bitsandbytes quantizes while loading from a folder, exactly as for a real checkpoint.
@@ -357,6 +361,20 @@ def load_model(config: DeployConfig, quant: str, device: str):
             free_memory()          # or the fp16 copy's cached blocks would show up as "reserved" memory
             return _from_pretrained(tmp, config, quant, dtype, device)
     return _from_pretrained(config.model_name, config, quant, dtype, device)
+
+
+def random_weights(model, seed: int, device: str) -> None:
+    """A preset's weights: every matrix ~ N(0, initializer_range), as transformers initializes Llama (norms stay 1).
+
+    Drawn on `device` one matrix at a time and copied into the model wherever it sits: a GPU draws 7B numbers in
+    a second, while drawing them on the CPU took 337 s on the 2-GPU host (32 cores, measured) — every tp rank
+    builds the model on the CPU. The same seed on any GPU (or on the CPU) gives every rank the same weights."""
+    import torch
+    gen = torch.Generator(device=device).manual_seed(seed)
+    std = model.config.initializer_range
+    for p in model.parameters():
+        if p.dim() >= 2:
+            p.data.copy_(torch.empty(p.shape, dtype=p.dtype, device=device).normal_(0, std, generator=gen))
 
 
 def _from_pretrained(source: str, config: DeployConfig, quant: str, dtype, device: str):
@@ -497,7 +515,7 @@ def init_engine(config: DeployConfig, record: dict | None = None):
             if check:
                 with timed(record, "verify"):
                     record["verify"] = verify(engine, verify_ids, ref, tolerance(config, dtype, inject),
-                                              **gen_options(config))
+                                              fast=config.compile)
                 if not record["verify"]["passed"]:
                     raise RunFailure("its output differs from the unwrapped model: " + record["verify"]["summary"])
             record["kernel_inject"] = inject
@@ -549,12 +567,6 @@ def import_deepspeed(config: DeployConfig, record: dict):
         return None
 
 
-def gen_options(config: DeployConfig) -> dict:
-    """generate() options of the fast path: a static KV cache, whose fixed shapes let transformers compile the
-    decode step (torch.compile, CUDA graphs) on a GPU; on a CPU the static cache runs eagerly."""
-    return {"cache_implementation": "static"} if config.compile else {}
-
-
 def pick_device(config: DeployConfig) -> str:
     import torch
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
@@ -582,15 +594,22 @@ def verify_batch(tokenizer, prompts: list[str], device: str):
     return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
-def greedy_with_logits(model, inputs, **options):
-    """Greedy tokens and every step's logits (prefill logits included) — what verification compares."""
+def greedy_with_logits(model, inputs, fast: bool = False):
+    """Greedy tokens and every step's logits (prefill logits included) — what verification compares.
+    fast: decode with fast_generate (--compile) instead of transformers' generate()."""
     import torch
     with torch.no_grad():
         prefill = model(**inputs).logits.float().cpu()
-        out = model.generate(**inputs, max_new_tokens=VERIFY_TOKENS, do_sample=False, min_new_tokens=VERIFY_TOKENS,
-                             output_logits=True, return_dict_in_generate=True, **options)
-    steps = torch.stack([s.float().cpu() for s in out.logits], dim=1)
-    return {"prefill": prefill, "steps": steps, "tokens": out.sequences[:, inputs["input_ids"].shape[1]:].cpu()}
+        if fast:
+            steps = []
+            tokens = fast_generate(getattr(model, "module", model), inputs, VERIFY_TOKENS, eos=eos_ids(None, model),
+                                   pad_id=0, min_new_tokens=VERIFY_TOKENS, step_logits=steps)
+            steps = torch.stack(steps, dim=1)
+        else:
+            out = model.generate(**inputs, max_new_tokens=VERIFY_TOKENS, do_sample=False,
+                                 min_new_tokens=VERIFY_TOKENS, output_logits=True, return_dict_in_generate=True)
+            tokens, steps = out.sequences, torch.stack([s.float().cpu() for s in out.logits], dim=1)
+    return {"prefill": prefill, "steps": steps, "tokens": tokens[:, inputs["input_ids"].shape[1]:].cpu()}
 
 
 def reference(model, inputs, config: DeployConfig) -> dict:
@@ -621,9 +640,9 @@ def reference(model, inputs, config: DeployConfig) -> dict:
     return ref[0]
 
 
-def verify(engine, inputs, ref: dict, tol: float, **options) -> dict:
+def verify(engine, inputs, ref: dict, tol: float, fast: bool = False) -> dict:
     """Compare the engine with the reference: logits error, top-1 agreement, greedy tokens (第七节)."""
-    out = greedy_with_logits(engine, inputs, **options)
+    out = greedy_with_logits(engine, inputs, fast)
     mask = inputs["attention_mask"].bool().cpu()
     same = (out["tokens"] == ref["tokens"]).all(dim=0).long()
     agree = int(same.cumprod(0).sum())            # steps until the first divergence in any sequence
@@ -678,22 +697,139 @@ def first_token_timer(module, device, on: bool = True):
             handle.remove()
 
 
+class GraphStep:
+    """A decode step captured once as a CUDA graph and then replayed: the very kernels of the eager step, launched
+    as one. For bitsandbytes models, which transformers does not let torch.compile rewrite: their numbers stay
+    exactly those of the eager model. One graph per KV cache (the graph holds its addresses)."""
+
+    def __init__(self, step):
+        self.step, self.graphs, self.failed = step, {}, None
+
+    def __call__(self, *args):                               # args: token, positions, slot, mask, cache
+        import torch
+        *inputs, cache = args
+        if self.failed:
+            return self.step(*args)
+        if id(cache) in self.graphs:
+            graph, static, out = self.graphs[id(cache)]
+            for buf, x in zip(static, inputs):
+                if buf is not None:
+                    buf.copy_(x)
+            graph.replay()
+            return out
+        # This step runs eagerly, on a side stream as capture needs (lazy cuBLAS/bnb setup happens there, not
+        # in the graph); then the next step's work is recorded, not run.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.step(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        static = [None if x is None else x.clone() for x in inputs]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                static_out = self.step(*static, cache)
+        except RuntimeError as e:      # e.g. LLM.int8's outlier search asks the host how many outliers it found
+            self.failed = _reason(e)
+            print0(f"[decode] the step cannot be captured as a CUDA graph, it runs eagerly ({self.failed})",
+                   file=sys.stderr)
+            return out
+        self.graphs[id(cache)] = (graph, static, static_out)
+        return out
+
+
+def decode_step(model, device) -> tuple:
+    """fast_generate's one-token forward and how it runs (`decode_step` in the report): "compiled" —
+    torch.compile, fused kernels in CUDA graphs — for a plain model on a GPU; "cuda-graph" (GraphStep) for a
+    bitsandbytes model on a GPU; "eager" on a CPU."""
+    import torch
+
+    def step(x, pos, slot, full_mask, cache):
+        return model(input_ids=x, position_ids=pos, cache_position=slot, attention_mask=full_mask,
+                     past_key_values=cache, use_cache=True).logits[:, -1]
+    if device.type != "cuda":
+        return step, "eager"
+    if getattr(model, "hf_quantizer", None) is not None:
+        return GraphStep(step), "cuda-graph"
+    return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False), "compiled"
+
+
+def decode_mode(model) -> str:
+    """How the decode step ran: "generate" (no --compile), or decode_step()'s answer, "eager" if capture failed."""
+    state = model.__dict__.get("_fast_decode", {})
+    return "eager" if getattr(state.get("step"), "failed", None) else state.get("mode", "generate")
+
+
+def fast_generate(model, enc, new_tokens: int, eos: set, pad_id: int, min_new_tokens: int = 0, step_logits=None):
+    """--compile (第八节): greedy decoding written out, as gpt-fast does it; returns prompt + new token ids.
+
+    A static KV cache gives every decode step the same shapes, so on a GPU the whole step becomes one CUDA graph
+    (decode_step): one launch a token instead of ~700 kernels issued from Python. Nothing else runs per step but
+    an argmax; the host waits for the GPU once every 16 steps (have all sequences ended?), where generate() waits
+    every step. transformers' own generate(cache_implementation="static") compiles the same forward, but its
+    per-step Python leaves the GPU idle ~30% of each step (measured, README 第八节).
+    step_logits (a list) receives each step's raw logits; min_new_tokens bans EOS as generate() does.
+    """
+    import torch
+    from transformers import StaticCache
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    (b, t), dev = ids.shape, ids.device
+    state = model.__dict__.setdefault("_fast_decode", {})     # the step and a KV cache per shape, kept
+    if "step" not in state:
+        state["step"], state["mode"] = decode_step(model, dev)
+    if (b, t + new_tokens) not in state:
+        state[b, t + new_tokens] = StaticCache(config=model.config, max_cache_len=t + new_tokens)
+    cache = state[b, t + new_tokens]
+    cache.reset()
+    # Left padding: a row's positions count its real tokens only; the mask spans the whole cache (fixed shape),
+    # and is left out when nothing is padded.
+    full_mask = None if bool(mask.all()) else torch.cat([mask, mask.new_ones(b, new_tokens)], dim=1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    eos_t = torch.tensor(sorted(eos - {None}), dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    out = []
+    logits = model(input_ids=ids, position_ids=pos, cache_position=torch.arange(t, device=dev),
+                   attention_mask=full_mask, past_key_values=cache, use_cache=True).logits[:, -1]
+    pos, slot = pos[:, -1:] + 1, torch.tensor([t], device=dev)       # where the first new token goes
+    for i in range(new_tokens):
+        logits = logits.float()
+        if step_logits is not None:
+            step_logits.append(logits.cpu())
+        if i < min_new_tokens:
+            logits = logits.index_fill(-1, eos_t, -math.inf)
+        token = torch.where(done, pad_id, logits.argmax(-1))
+        done |= torch.isin(token, eos_t)
+        out.append(token)
+        if i == new_tokens - 1 or (i % 16 == 15 and bool(done.all())):
+            break
+        if state["mode"] == "compiled":
+            torch.compiler.cudagraph_mark_step_begin()         # the last step's outputs are consumed: reuse them
+        logits = state["step"](token[:, None], pos, slot, full_mask, cache)
+        pos, slot = pos + 1, slot + 1
+    return torch.cat([ids, torch.stack(out, dim=1)], dim=1)
+
+
 def generate(engine, tokenizer, prompts: list[str], config: DeployConfig, ttft: bool = True) -> dict:
     """第五节: generate for one batch of prompts; returns texts, latency, TTFT, decode time, token counts.
 
     ttft=False leaves the first-token timer out (measure() uses it to show what the timer itself costs)."""
     import torch
     device = next(p.device for p in engine.parameters())
+    module = getattr(engine, "module", engine)
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
     sampling = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p) if config.do_sample \
         else dict(do_sample=False)
     torch.manual_seed(config.seed)                # same samples on every rank and every run
     _sync(device)
-    with first_token_timer(getattr(engine, "module", engine), device, on=ttft) as first, torch.no_grad():
+    with first_token_timer(module, device, on=ttft) as first, torch.no_grad():
         t0 = time.perf_counter()
-        out = engine.generate(**enc, max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              **sampling, **gen_options(config))
+        if config.compile:
+            out = fast_generate(module, enc, config.max_new_tokens, eos_ids(tokenizer, engine),
+                                tokenizer.pad_token_id)
+        else:
+            out = engine.generate(**enc, max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                  **sampling)
         _sync(device)
         latency = time.perf_counter() - t0
     new_ids = out[:, enc["input_ids"].shape[1]:].tolist()
@@ -708,7 +844,8 @@ def generate(engine, tokenizer, prompts: list[str], config: DeployConfig, ttft: 
 
 def eos_ids(tokenizer, model) -> set[int]:
     cfg = getattr(getattr(model, "module", model), "generation_config", None)   # a DeepSpeed engine wraps .module
-    ids = cfg.eos_token_id if cfg is not None and cfg.eos_token_id is not None else tokenizer.eos_token_id
+    ids = cfg.eos_token_id if cfg is not None and cfg.eos_token_id is not None else \
+        getattr(tokenizer, "eos_token_id", None)
     return set(ids) if isinstance(ids, (list, tuple)) else {ids}
 
 
@@ -860,7 +997,7 @@ def measure(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict
         "weight_gb": weight_bytes(module) / 1e9, "decode_read_gb": step_bytes / 1e9,
         "bandwidth_GBps": bandwidth, "mbu": mbu(step_bytes, step_s, bandwidth),
         "roofline_decode_tok_s": config.batch_size * bandwidth * 1e9 / step_bytes,
-        "compiled": hasattr(module, "_compiled_call"),
+        "decode_step": decode_mode(module),
         "timer_overhead": percentile(timed_first, 50) / percentile(untimed, 50) - 1}}
 
 
@@ -950,7 +1087,7 @@ def render(report: dict) -> str:
     if m["mbu"] is not None:
         lines.append(f"decode {m['decode_tok_s']:.1f} tok/s reads {m['decode_read_gb']:.3f} GB of weights per step: "
                      f"MBU {m['mbu']:.1%} of {m['bandwidth_GBps']:.0f} GB/s (measured copy bandwidth), roofline "
-                     f"{m['roofline_decode_tok_s']:.0f} tok/s" + (", decode compiled" if m["compiled"] else ""))
+                     f"{m['roofline_decode_tok_s']:.0f} tok/s, decode step: {m['decode_step']}")
     lines.append(f"the TTFT timer changed the batch latency by {m['timer_overhead']:+.1%} (p50 with vs without it, "
                  f"{lat['n'] // m['batches_per_iter']} runs each)")
     for rank, mem in enumerate(report["memory"]["per_rank"]):
@@ -1037,7 +1174,7 @@ def compare_row(name: str, returncode: int, stderr: str, path: str) -> dict:
     peaks = [r["peak_allocated"] for r in rep["memory"]["per_rank"] if r["peak_allocated"] is not None]
     return {"mode": name, "status": "ok", "card": rep["hardware"]["gpu"] or "cpu", "backend": e["backend"],
             "quant": e["quant"], "dtype": e["dtype"], "kernel_inject": e["kernel_inject"], "compile": e["compile"],
-            "compiled": m["compiled"], "batch_size": c["batch_size"],
+            "decode_step": m["decode_step"], "batch_size": c["batch_size"],
             "prompt_len": m["per_run"][0]["prompt_tokens"] / c["batch_size"], "new_tokens": c["max_new_tokens"],
             "decode_tok_s": m["decode_tok_s"], "tok_s": m["tokens_per_s_cluster"], "ttft_s": m["ttft_s"]["p50"],
             "p50_s": m["latency_s"]["p50"], "p95_s": m["latency_s"]["p95"],

@@ -1,27 +1,55 @@
 #!/usr/bin/env bash
-# Device run on 2 GPUs (kind nvidia-h100-x2): tensor parallel (AutoTP) on random:llama-2-7b, plus the 2-GPU test.
-# Prompt 32 tokens, 128 new tokens, greedy, fp16, no kernel injection (refused on this stack, README 第七节).
+# Device runs on the two-GPU host (kind nvidia-h100-x2), random:llama-2-7b, prompt 32 tokens, 128 new tokens, greedy.
+# PART=A: 1. tp 2 over both GPUs (AutoTP, fp16, no injection), every rank dumping its stack every 90 s;
+#         2. two jobs at a time, one per GPU: GPU 0 the tp 1 baseline, then the gpu-marked tests;
+#            GPU 1 `--compare hf-compile,hf` at batch 1 (with --plot).
+# PART=B: two jobs at a time: GPU 0 `--compare hf-4bit-compile,hf-8bit-compile` at batch 1;
+#         GPU 1 `--compare hf-compile,hf` at batch 16 (with --plot).
+# History: runs 1-3 of 2026-11-25 (earlier forms) saw tp 2 print nothing for 300-420 s; the diagnosis run
+# (h100x2_diag.sh, h100x2-2026-11-25-diag.log) found why: drawing the random weights on the host's CPU
+# (torch's CPU normal_ in fp16: 123 s for 3e9 numbers; the 7B preset 337 s per process). Weights are now drawn
+# on the GPU (random_weights), and the same seed gives tp 1 and tp 2 the same model.
 # Device command (repo root, carry [".whl"]):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-#     .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash benchmarks/h100x2_tp.sh
-# History: runs 1 and 2 of 2026-11-25 (h100x2-2026-11-25-tp.log, -tp2.log) used earlier forms of this file (run 1
-# also ran the tp 1 baseline on GPU 0, -tp1.json, and the other gpu tests on GPU 1); in both the 7B tp 2 run printed
-# nothing before its timeout (300 s, 420 s). This form writes the console to $OUT as it goes and has every Python
-# process dump its stack every 120 s (faulthandler), so a slow step shows where it is.
+#     .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PART=A bash benchmarks/h100x2_tp.sh
 set -u
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 export PATH="${PYTHONPATH:+$PYTHONPATH/bin:}$PATH"   # the launcher of a deepspeed installed with --target
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log-tp.txt") 2>&1
+exec > >(tee -a "$OUT/log-$PART.txt") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
 python3 -c "import torch, transformers, deepspeed, bitsandbytes as b; print(torch.__version__, transformers.__version__, deepspeed.__version__, b.__version__)" 2>/dev/null
-t0=$SECONDS; timeout -k 10 150 python3 -m pytest -q -m gpu -k tensor_parallel tests 2>&1 | tail -n 3
-echo "== gpu tp test wall $((SECONDS - t0)) s"
-mkdir -p /tmp/fh && echo 'import faulthandler; faulthandler.dump_traceback_later(120, repeat=True)' > /tmp/fh/sitecustomize.py
 PROMPT="Explain tensor parallelism now: "            # 32 bytes = 32 tokens with the preset's byte tokenizer
-t0=$SECONDS
-PYTHONPATH="/tmp/fh:${PYTHONPATH:-}" timeout -k 10 $((570 - SECONDS)) deepspeed --num_gpus=2 ds_bnb_infer.py --tp-size 2 \
-  --model random:llama-2-7b --max-new-tokens 128 --warmup 1 --iters 3 --prompt "$PROMPT" --no-kernel-inject \
-  --json "$OUT/tp2.json" 2>&1 | grep -v "^\[20" | cut -c1-300 > "$OUT/tp2-console.txt"
-echo "== tp2: rc=${PIPESTATUS[0]} wall $((SECONDS - t0)) s"
-grep -v "^  File.*/\(threading\|concurrent\|selectors\|subprocess\|queue\)" "$OUT/tp2-console.txt" | tail -n 60
+COMMON=(--model random:llama-2-7b --max-new-tokens 128 --warmup 1 --iters 3 --prompt "$PROMPT")
+LIMIT=${LIMIT:-555}                                  # seconds from the start for everything
+group() {  # gpu name batch modes [plot]
+  local t0=$SECONDS
+  CUDA_VISIBLE_DEVICES=$1 timeout -k 10 $((LIMIT - SECONDS)) python3 ds_bnb_infer.py "${COMMON[@]}" --batch-size "$3" \
+    --compare "$4" --json "$OUT/$2.json" ${5:+--plot "$OUT/$2.png"} > "$OUT/$2.txt" 2>&1
+  echo "== gpu$1 group $2: rc=$? wall $((SECONDS - t0)) s"
+}
+if [ "$PART" = A ]; then
+  mkdir -p /tmp/fh && echo 'import faulthandler; faulthandler.dump_traceback_later(90, repeat=True)' > /tmp/fh/sitecustomize.py
+  t0=$SECONDS
+  PYTHONPATH="/tmp/fh:${PYTHONPATH:-}" timeout -k 10 300 deepspeed --num_gpus=2 ds_bnb_infer.py --tp-size 2 \
+    "${COMMON[@]}" --no-kernel-inject --json "$OUT/tp2.json" > "$OUT/tp2-console.txt" 2>&1
+  echo "== tp2: rc=$? wall $((SECONDS - t0)) s"
+  grep -v "^\[20\|^  File.*/\(threading\|concurrent\|selectors\|subprocess\|queue\)" "$OUT/tp2-console.txt" | cut -c1-250 | tail -n 45
+  (
+    t0=$SECONDS; CUDA_VISIBLE_DEVICES=0 timeout -k 10 120 python3 ds_bnb_infer.py "${COMMON[@]}" --no-kernel-inject \
+      --json "$OUT/tp1.json" > "$OUT/tp1-console.txt" 2>&1
+    echo "== gpu0 tp1: rc=$? wall $((SECONDS - t0)) s"
+    t0=$SECONDS; CUDA_VISIBLE_DEVICES=0 timeout -k 10 $((LIMIT - SECONDS)) python3 -m pytest -q -m gpu tests \
+      > "$OUT/gpu-tests.txt" 2>&1
+    echo "== gpu0 gpu tests: rc=$? wall $((SECONDS - t0)) s"
+  ) &
+  group 1 compile-b1 1 hf-compile,hf plot &
+  wait
+  grep -v "^\[20" "$OUT/tp1-console.txt" | tail -n 14
+  tail -n 30 "$OUT/gpu-tests.txt"
+else
+  group 0 compile-b1-bnb 1 hf-4bit-compile,hf-8bit-compile &
+  group 1 compile-b16 16 hf-compile,hf plot &
+  wait
+fi
+for f in "$OUT"/compile-*.txt; do echo "--- $f"; grep -v "^\[20\|Warning\|warn" "$f" | tail -n 14; done

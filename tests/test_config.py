@@ -68,6 +68,8 @@ def cfg(**kw):
     (dict(json_path="/tmp"), 1, "is a folder"),
     (dict(compare="all"), 2, "without the deepspeed launcher"),
     (dict(plot="c.png"), 1, "add --compare"),
+    (dict(compile=True, do_sample=True), 1, "greedy decode loop"),
+    (dict(compile=True, tp_size=2), 2, "greedy decode loop"),
 ])
 def test_validate_rejects(kw, world, words):
     with pytest.raises(m.UsageError, match=words.replace("(", r"\(")):

@@ -48,6 +48,20 @@ def test_left_padding_batched_equals_one_by_one():
     assert batched == alone
 
 
+def test_compile_decode_loop_equals_generate_with_padding_and_eos():
+    """--compile's own decode loop (static cache, left padding, a row ending at EOS) gives generate()'s tokens."""
+    config = tiny_config(backend="hf", max_new_tokens=40)
+    engine, tok = m.init_engine(config)
+    prompts = ["a", "a much longer prompt than the first", "DeepSpeed is"]
+    first = tok.encode(m.generate(engine, tok, prompts[:1], config)["texts"][0])
+    engine.generation_config.eos_token_id = first[5]          # so that the first row ends early (EOS)
+    plain = m.generate(engine, tok, prompts, config)
+    fast = m.generate(engine, tok, prompts, m.DeployConfig(**{**config.__dict__, "compile": True}))
+    assert min(plain["new_tokens"]) < 40 == max(plain["new_tokens"])     # one row stops at EOS, one runs on
+    assert fast["texts"] == plain["texts"] and fast["new_tokens"] == plain["new_tokens"]
+    assert m.decode_mode(engine) == "eager"                   # on a CPU the loop runs without CUDA graphs
+
+
 def test_timing_fields_are_consistent():
     out, _, _ = greedy_tokens(tiny_config(backend="hf", max_new_tokens=12))
     assert 0 < out["ttft_s"] < out["latency_s"]

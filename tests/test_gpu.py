@@ -55,6 +55,38 @@ def test_gpu_hf_and_deepspeed_fp16_identical():
     assert record["verify"]["passed"] and record["verify"]["prefill_rel_error"] == 0.0
 
 
+def test_gpu_compile_runs_one_compiled_graph_per_step_and_is_verified(tmp_path):
+    """--compile on a GPU: the decode step is compiled (CUDA graphs), padded batches too, and it passes verify."""
+    r = run_cli("--model", "random:tiny", "--device", "cuda", "--backend", "hf", "--compile", "--max-new-tokens",
+                "24", "--iters", "2", "--batch-size", "2", "--prompt", "a", "--prompt", "a longer second prompt",
+                "--json", str(tmp_path / "r.json"), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["metrics"]["decode_step"] == "compiled" and report["engine"]["verify"]["passed"]
+    assert report["engine"]["verify"]["tolerance"] == m.KERNEL_TOL["fp16"]
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_gpu_quantized_decode_graph_keeps_the_eager_numbers(quant):
+    """--compile on a bitsandbytes model: the eager step replayed as a CUDA graph gives the eager step's logits
+    bit for bit (or, where capture is impossible, the step runs eagerly and says so)."""
+    config = cuda_config(backend="hf", quant=quant)
+    model = m.load_model(config, quant, "cuda:0")
+    enc = m.verify_batch(m.load_tokenizer(config), ["a", "a longer second prompt"], "cuda:0")
+    logits = {}
+    for run in ("eager", "capture", "replay"):
+        if run == "eager":
+            model._fast_decode = {"step": m.decode_step(model, torch.device("cpu"))[0], "mode": "eager"}
+        elif run == "capture":
+            del model._fast_decode
+        logits[run] = []
+        with torch.no_grad():
+            m.fast_generate(model, enc, 24, eos=set(), pad_id=0, step_logits=logits[run])
+    assert m.decode_mode(model) in ("cuda-graph", "eager")
+    for run in ("capture", "replay"):
+        assert all(torch.equal(a, b) for a, b in zip(logits["eager"], logits[run]))
+
+
 def test_gpu_memory_is_reported(tmp_path):
     r = run_cli("--model", "random:tiny", "--device", "cuda", "--backend", "hf", "--max-new-tokens", "8",
                 "--iters", "1", "--json", str(tmp_path / "r.json"))
