@@ -11,9 +11,9 @@ What generation costs (第八节). A request has two phases:
     decode faster on a GPU (fewer bytes), and why they often don't in practice (dequantisation kernels).
   TTFT (time to first token) ~ prefill; decode time per token ~ the rest. Throughput counts tokens actually
   generated: not the prompt, not padding, nothing after a sequence's EOS. MBU (model bandwidth utilisation) says
-  how close decode is to that bound. Measured on an H100 (README 第八节, benchmarks/h100-2026-11-25.json,
-  Llama-2-7B shape, batch 1, fp16): plain generate 26.9 tok/s = 12% MBU, Python and kernel launches dominate;
-  --compile (static KV cache, compiled decode) 113.9 tok/s = 53%; bitsandbytes 8-bit 7.5, 4-bit 18.6 tok/s.
+  how close decode is to that bound. Measured on an H100 (README 第八节, benchmarks/, Llama-2-7B shape, batch 1):
+  plain generate() fp16 27-31 tok/s = 12-15% MBU, Python and kernel launches dominate; --compile (this script's
+  greedy loop, each step one CUDA graph) 156.5 tok/s = 74%; bitsandbytes 8-bit 7.5, 4-bit 18.6, 4-bit --compile 129.5.
 
 What the libraries do today (README 第七节, 第十一节 FAQ) and what this script does about it:
   * `deepspeed.init_inference` always casts the module to its `dtype`. That re-rounds fp32 buffers transformers
@@ -31,6 +31,7 @@ Commands
   python ds_bnb_infer.py --model random:tiny                      # CPU, offline, seconds (random weights)
   python ds_bnb_infer.py --model random:tiny --quant 4bit --json - | tail -n 1 | jq .metrics
   python ds_bnb_infer.py --model random:llama-2-7b --quant 8bit   # Llama-2-7B shape, random weights, one GPU
+  python ds_bnb_infer.py --model random:llama-2-7b --quant 4bit --compile   # decode as CUDA graphs (第八节)
   deepspeed --num_gpus=2 ds_bnb_infer.py --tp-size 2 --model meta-llama/Llama-2-7b-chat-hf   # 第六节
   python ds_bnb_infer.py --model random:llama-2-7b --compare --plot compare.png      # every mode, one table
 The last stdout line is the JSON report when `--json -` is given.
@@ -109,7 +110,8 @@ class DeployConfig:
         "--kernel-inject", "replace layers with DeepSpeed's fused kernels (verified first, 第七节)"))
     max_new_tokens: int = field(default=64, metadata=_opt("--max-new-tokens", "new tokens per sequence"))
     compile: bool = field(default=False, metadata=_opt(
-        "--compile", "greedy decode with a static KV cache, each step one compiled CUDA graph (verified first)"))
+        "--compile", "this script's greedy decode loop: static KV cache, on a GPU each step one CUDA graph "
+        "(verified first)"))
     batch_size: int = field(default=1, metadata=_opt("--batch-size", "sequences per generate() call"))
     prompts: list = field(default_factory=lambda: ["DeepSpeed is"], metadata=_opt(
         "--prompt", "a prompt (repeat the flag for several)", action="append", metavar="TEXT"))
@@ -498,7 +500,7 @@ def init_engine(config: DeployConfig, record: dict | None = None):
         fall_back(config, record, "kernel_inject", "on", "off", why_not, usage=True)
         inject = False
     # Verify whatever replaces the model's computation: DeepSpeed's wrapper, fused kernels, tensor parallel, the
-    # compiled static-cache decode. Plain transformers is its own reference.
+    # --compile's decode loop. Plain transformers is its own reference.
     check = (deepspeed is not None and (config.verify or inject)) or config.compile
     verify_ids = verify_batch(tokenizer, load_prompts(config), device) if check else None
     # The reference comes first: injection rewrites the model's layers in place.
@@ -703,13 +705,11 @@ class GraphStep:
     exactly those of the eager model. One graph per KV cache (the graph holds its addresses)."""
 
     def __init__(self, step):
-        self.step, self.graphs, self.failed = step, {}, None
+        self.step, self.graphs = step, {}
 
     def __call__(self, *args):                               # args: token, positions, slot, mask, cache
         import torch
         *inputs, cache = args
-        if self.failed:
-            return self.step(*args)
         if id(cache) in self.graphs:
             graph, static, out = self.graphs[id(cache)]
             for buf, x in zip(static, inputs):
@@ -726,14 +726,8 @@ class GraphStep:
         torch.cuda.current_stream().wait_stream(side)
         static = [None if x is None else x.clone() for x in inputs]
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                static_out = self.step(*static, cache)
-        except RuntimeError as e:      # e.g. LLM.int8's outlier search asks the host how many outliers it found
-            self.failed = _reason(e)
-            print0(f"[decode] the step cannot be captured as a CUDA graph, it runs eagerly ({self.failed})",
-                   file=sys.stderr)
-            return out
+        with torch.cuda.graph(graph):
+            static_out = self.step(*static, cache)
         self.graphs[id(cache)] = (graph, static, static_out)
         return out
 
@@ -741,13 +735,14 @@ class GraphStep:
 def decode_step(model, device) -> tuple:
     """fast_generate's one-token forward and how it runs (`decode_step` in the report): "compiled" —
     torch.compile, fused kernels in CUDA graphs — for a plain model on a GPU; "cuda-graph" (GraphStep) for a
-    bitsandbytes model on a GPU; "eager" on a CPU."""
+    4-bit model on a GPU; "eager" on a CPU and for 8-bit: LLM.int8 asks the host how many outlier columns each
+    matmul has, which no CUDA graph can hold (capture fails, and leaves torch's CUDA RNG unusable: measured)."""
     import torch
 
     def step(x, pos, slot, full_mask, cache):
         return model(input_ids=x, position_ids=pos, cache_position=slot, attention_mask=full_mask,
                      past_key_values=cache, use_cache=True).logits[:, -1]
-    if device.type != "cuda":
+    if device.type != "cuda" or getattr(model, "is_loaded_in_8bit", False):
         return step, "eager"
     if getattr(model, "hf_quantizer", None) is not None:
         return GraphStep(step), "cuda-graph"
@@ -755,9 +750,8 @@ def decode_step(model, device) -> tuple:
 
 
 def decode_mode(model) -> str:
-    """How the decode step ran: "generate" (no --compile), or decode_step()'s answer, "eager" if capture failed."""
-    state = model.__dict__.get("_fast_decode", {})
-    return "eager" if getattr(state.get("step"), "failed", None) else state.get("mode", "generate")
+    """How fast_generate ran the decode step: decode_step()'s answer, or "generate" (no --compile)."""
+    return model.__dict__.get("_fast_decode", {}).get("mode", "generate")
 
 
 def fast_generate(model, enc, new_tokens: int, eos: set, pad_id: int, min_new_tokens: int = 0, step_logits=None):
@@ -1101,18 +1095,15 @@ def render(report: dict) -> str:
 
 
 def write_json(report: dict, path: str) -> None:
-    """Write the report atomically (a temporary file renamed into place): never a half-written file."""
+    """Write the report to a temporary file and rename it into place: never a half-written file."""
     text = json.dumps(_finite(report), ensure_ascii=False)
     if path == "-":
         print(text, flush=True)
         return
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)        # mkstemp makes it private; the report is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1247,6 +1238,8 @@ def run(config: DeployConfig) -> int:
     print0(render(report))
     if config.json_path and rank == 0:
         write_json(report, config.json_path)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()     # a clean exit (NCCL warns of leaked resources otherwise)
     return 0
 
 

@@ -12,6 +12,9 @@ tokens, greedy) runs one experiment and appends one JSON line to $OUT/profile.js
   bnb-compile Q  Q in 4bit, 8bit: transformers refuses to compile bitsandbytes models (hf_quantizer.is_compileable
                  is False); force it, check the logits against the same model eager, and time it.
   ds-cuda-graph  deepspeed.init_inference(enable_cuda_graph=True) without injection vs without the option.
+  graph [B...]   the script's fast_generate (--compile) on fp16, but with the step captured as a CUDA graph of
+                 the eager kernels (GraphStep, what --compile does for bitsandbytes) instead of torch.compile:
+                 verified against transformers' generate() like --compile, timed with the script's generate().
 
 Usage (device, repo root): python3 benchmarks/h100_profile.py profile fp16-compile
 """
@@ -193,8 +196,26 @@ def run_ds_cuda_graph():
         m.free_memory()
 
 
+def run_graph(batches=(1,)):
+    for batch in batches:
+        config, tok, model = setup(batch=batch, compile=True)
+        model._fast_decode = {"step": m.GraphStep(m.decode_step(model, torch.device("cpu"))[0]), "mode": "cuda-graph"}
+        inputs = m.verify_batch(tok, config.prompts, DEVICE)
+        ref = dict(m.greedy_with_logits(model, inputs), of="eager generate")
+        ver = m.verify(model, inputs, ref, m.KERNEL_TOL["fp16"], fast=True)
+        for _ in range(2):
+            m.generate(model, tok, config.prompts, config)
+        tps, step, _ = decode_tok_s(model, tok, config)
+        emit(experiment="graph", batch=batch, decode_tok_s=tps, decode_ms_per_step=step * 1e3,
+             mbu=m.mbu(m.decode_read_bytes(model), step, m.copy_bandwidth_gbps(DEVICE)), decode_mode=m.decode_mode(model),
+             verify=ver["summary"], verified=ver["passed"])
+        del model
+        m.free_memory()
+
+
 if __name__ == "__main__":
     m.quiet_libraries()
     what = sys.argv[1]
     {"profile": lambda: run_profile(sys.argv[2]), "loop": lambda: run_loop([int(b) for b in sys.argv[2:]] or (1, 16)),
-     "bnb-compile": lambda: run_bnb_compile(sys.argv[2]), "ds-cuda-graph": run_ds_cuda_graph}[what]()
+     "bnb-compile": lambda: run_bnb_compile(sys.argv[2]), "ds-cuda-graph": run_ds_cuda_graph,
+     "graph": lambda: run_graph([int(b) for b in sys.argv[2:]] or (1,))}[what]()

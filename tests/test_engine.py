@@ -62,6 +62,14 @@ def test_compile_decode_loop_equals_generate_with_padding_and_eos():
     assert m.decode_mode(engine) == "eager"                   # on a CPU the loop runs without CUDA graphs
 
 
+@pytest.mark.parametrize("quant, on_gpu", [("none", "compiled"), ("4bit", "cuda-graph"), ("8bit", "eager")])
+def test_decode_step_is_compiled_captured_or_eager_by_kind_of_model(quant, on_gpu):
+    """What --compile does with each kind of model on a GPU (the choice itself touches no GPU), and on a CPU."""
+    model = m.load_model(tiny_config(), quant, "cpu")
+    assert m.decode_step(model, torch.device("cuda"))[1] == on_gpu
+    assert m.decode_step(model, torch.device("cpu"))[1] == "eager"
+
+
 def test_timing_fields_are_consistent():
     out, _, _ = greedy_tokens(tiny_config(backend="hf", max_new_tokens=12))
     assert 0 < out["ttft_s"] < out["latency_s"]

@@ -66,10 +66,10 @@ def test_gpu_compile_runs_one_compiled_graph_per_step_and_is_verified(tmp_path):
     assert report["engine"]["verify"]["tolerance"] == m.KERNEL_TOL["fp16"]
 
 
-@pytest.mark.parametrize("quant", ["4bit", "8bit"])
-def test_gpu_quantized_decode_graph_keeps_the_eager_numbers(quant):
-    """--compile on a bitsandbytes model: the eager step replayed as a CUDA graph gives the eager step's logits
-    bit for bit (or, where capture is impossible, the step runs eagerly and says so)."""
+@pytest.mark.parametrize("quant, mode", [("4bit", "cuda-graph"), ("8bit", "eager")])
+def test_gpu_quantized_decode_graph_keeps_the_eager_numbers(quant, mode):
+    """--compile on a bitsandbytes model: 4-bit's eager step replayed as a CUDA graph gives the eager step's logits
+    bit for bit; 8-bit (LLM.int8 syncs with the host in every matmul) is not captured, and says so."""
     config = cuda_config(backend="hf", quant=quant)
     model = m.load_model(config, quant, "cuda:0")
     enc = m.verify_batch(m.load_tokenizer(config), ["a", "a longer second prompt"], "cuda:0")
@@ -82,7 +82,8 @@ def test_gpu_quantized_decode_graph_keeps_the_eager_numbers(quant):
         logits[run] = []
         with torch.no_grad():
             m.fast_generate(model, enc, 24, eos=set(), pad_id=0, step_logits=logits[run])
-    assert m.decode_mode(model) in ("cuda-graph", "eager")
+    assert m.decode_mode(model) == mode
+    torch.randint(0, 9, (4,), device="cuda")         # a failed capture would leave the CUDA RNG unusable
     for run in ("capture", "replay"):
         assert all(torch.equal(a, b) for a, b in zip(logits["eager"], logits[run]))
 
