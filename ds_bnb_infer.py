@@ -368,9 +368,10 @@ def load_model(config: DeployConfig, quant: str, device: str):
 def random_weights(model, seed: int, device: str) -> None:
     """A preset's weights: every matrix ~ N(0, initializer_range), as transformers initializes Llama (norms stay 1).
 
-    Drawn on `device` one matrix at a time and copied into the model wherever it sits: a GPU draws 7B numbers in
-    a second, while drawing them on the CPU took 337 s on the 2-GPU host (32 cores, measured) — every tp rank
-    builds the model on the CPU. The same seed on any GPU (or on the CPU) gives every rank the same weights."""
+    Drawn on `device` one matrix at a time and copied into the model wherever it sits. Every tp rank builds the
+    model on the CPU, and torch's CPU random numbers can be very slow: on the 2-GPU host, transformers' own init
+    took 337 s per rank, drawing on the GPU brought the whole tp 2 load to 24 s (measured, README 第八节).
+    The same seed on any GPU (or on the CPU) gives every rank, and tp 1, the same weights."""
     import torch
     gen = torch.Generator(device=device).manual_seed(seed)
     std = model.config.initializer_range
@@ -701,8 +702,8 @@ def first_token_timer(module, device, on: bool = True):
 
 class GraphStep:
     """A decode step captured once as a CUDA graph and then replayed: the very kernels of the eager step, launched
-    as one. For bitsandbytes models, which transformers does not let torch.compile rewrite: their numbers stay
-    exactly those of the eager model. One graph per KV cache (the graph holds its addresses)."""
+    as one. For 4-bit models, which transformers does not let torch.compile rewrite: their numbers stay exactly
+    those of the eager model. One graph per KV cache (the graph holds its addresses)."""
 
     def __init__(self, step):
         self.step, self.graphs = step, {}
