@@ -306,6 +306,18 @@ def test_tensor_parallel_half_precision_is_checked_against_fp32_on_rank_0(tmp_pa
 
 # --- weight bytes, bandwidth, --compare ----------------------------------------------------------------------------
 
+def test_preset_weights_are_the_same_for_every_rank_and_for_tp_1():
+    """random_weights: one seed, one model — built where tp 1 builds it and where a tp rank builds it (the CPU)."""
+    one = m.load_model(tiny_config(), "none", "cpu")
+    rank = m.load_model(tiny_config(tp_size=2), "none", "cpu")
+    other_seed = m.load_model(tiny_config(seed=1), "none", "cpu")
+    pairs = list(zip(one.state_dict().values(), rank.state_dict().values(), other_seed.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b, _ in pairs)
+    matrices = [(a, c) for a, _, c in pairs if a.dim() >= 2]
+    assert all(not torch.equal(a, c) for a, c in matrices)
+    assert all(abs(float(a.std()) - one.config.initializer_range) < 2e-3 for a, _ in matrices)
+
+
 def test_weight_bytes_count_the_real_storage():
     config = tiny_config()
     full = m.load_model(config, "none", "cpu")
