@@ -60,6 +60,15 @@ def test_compile_decode_loop_equals_generate_with_padding_and_eos():
     assert min(plain["new_tokens"]) < 40 == max(plain["new_tokens"])     # one row stops at EOS, one runs on
     assert fast["texts"] == plain["texts"] and fast["new_tokens"] == plain["new_tokens"]
     assert m.decode_mode(engine) == "eager"                   # on a CPU the loop runs without CUDA graphs
+    # Every row ends early: the loop notices at its next check (every 16 steps) and stops there.
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        firsts = engine.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id)[:, -1]
+    engine.generation_config.eos_token_id = sorted(set(firsts.tolist()))
+    plain = m.generate(engine, tok, prompts, config)
+    fast = m.generate(engine, tok, prompts, m.DeployConfig(**{**config.__dict__, "compile": True}))
+    assert plain["new_tokens"] == [1, 1, 1] and fast["steps"] == 16
+    assert fast["texts"] == plain["texts"] and fast["new_tokens"] == plain["new_tokens"]
 
 
 @pytest.mark.parametrize("quant, on_gpu", [("none", "compiled"), ("4bit", "cuda-graph"), ("8bit", "eager")])
