@@ -733,16 +733,19 @@ class GraphStep:
         return out
 
 
+def forward_last(model, ids, pos, slots, mask, cache):
+    """One forward on the static KV cache (prefill: the prompt; decode: one token a row): the last logits."""
+    return model(input_ids=ids, position_ids=pos, cache_position=slots, attention_mask=mask,
+                 past_key_values=cache, use_cache=True).logits[:, -1]
+
+
 def decode_step(model, device) -> tuple:
     """fast_generate's one-token forward and how it runs (`decode_step` in the report): "compiled" —
     torch.compile, fused kernels in CUDA graphs — for a plain model on a GPU; "cuda-graph" (GraphStep) for a
-    4-bit model on a GPU; "eager" on a CPU and for 8-bit: LLM.int8 asks the host how many outlier columns each
-    matmul has, which no CUDA graph can hold (capture fails, and leaves torch's CUDA RNG unusable: measured)."""
+    4-bit model on a GPU; "eager" on a CPU and for 8-bit: LLM.int8 asks the host whether each matmul has outlier
+    columns, which no CUDA graph can hold (on an H100 the capture failed, and torch's CUDA RNG failed after it)."""
     import torch
-
-    def step(x, pos, slot, full_mask, cache):
-        return model(input_ids=x, position_ids=pos, cache_position=slot, attention_mask=full_mask,
-                     past_key_values=cache, use_cache=True).logits[:, -1]
+    step = functools.partial(forward_last, model)
     if device.type != "cuda" or getattr(model, "is_loaded_in_8bit", False):
         return step, "eager"
     if getattr(model, "hf_quantizer", None) is not None:
@@ -783,8 +786,7 @@ def fast_generate(model, enc, new_tokens: int, eos: set, pad_id: int, min_new_to
     eos_t = torch.tensor(sorted(eos - {None}), dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     out = []
-    logits = model(input_ids=ids, position_ids=pos, cache_position=torch.arange(t, device=dev),
-                   attention_mask=full_mask, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = forward_last(model, ids, pos, torch.arange(t, device=dev), full_mask, cache)      # prefill
     pos, slot = pos[:, -1:] + 1, torch.tensor([t], device=dev)       # where the first new token goes
     for i in range(new_tokens):
         logits = logits.float()
