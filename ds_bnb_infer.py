@@ -31,7 +31,7 @@ Commands
   python ds_bnb_infer.py --model random:tiny                      # CPU, offline, seconds (random weights)
   python ds_bnb_infer.py --model random:tiny --quant 4bit --json - | tail -n 1 | jq .metrics
   python ds_bnb_infer.py --model random:llama-2-7b --quant 8bit   # Llama-2-7B shape, random weights, one GPU
-  python ds_bnb_infer.py --model random:llama-2-7b --quant 4bit --compile   # decode as CUDA graphs (第八节)
+  python ds_bnb_infer.py --model random:llama-2-7b --backend hf --quant 4bit --compile   # CUDA graphs (第八节)
   deepspeed --num_gpus=2 ds_bnb_infer.py --tp-size 2 --model meta-llama/Llama-2-7b-chat-hf   # 第六节
   python ds_bnb_infer.py --model random:llama-2-7b --compare --plot compare.png      # every mode, one table
 The last stdout line is the JSON report when `--json -` is given.
