@@ -81,6 +81,7 @@ COMPARE_MODES = {
     "ds-4bit": ["--backend", "deepspeed", "--quant", "4bit", "--no-kernel-inject"],
     "hf-compile": ["--backend", "hf", "--compile"],
     "hf-8bit-compile": ["--backend", "hf", "--quant", "8bit", "--compile"],
+    "hf-8bit-t0-compile": ["--backend", "hf", "--quant", "8bit", "--int8-threshold", "0", "--compile"],
     "hf-4bit-compile": ["--backend", "hf", "--quant", "4bit", "--compile"],
 }
 
@@ -101,6 +102,10 @@ class DeployConfig:
     quant: str = field(default="none", metadata=_opt(
         "--quant", "bitsandbytes weights: 8bit (LLM.int8) or 4bit (nf4 + double quant, bf16 compute)",
         choices=["none", "8bit", "4bit"]))
+    int8_threshold: float = field(default=6.0, metadata=_opt(
+        "--int8-threshold", "8bit: LLM.int8's outlier threshold (llm_int8_threshold, transformers' default 6.0); "
+        "0 = plain int8 with no outlier columns kept in fp16: another quantization, which --compile can capture "
+        "(第八节)"))
     dtype: str = field(default="auto", metadata=_opt(
         "--dtype", "dtype of the (non-quantized) weights; auto = fp16 on GPU, fp32 on CPU",
         choices=["auto", "fp16", "bf16", "fp32"]))
@@ -229,6 +234,11 @@ def validate(config: DeployConfig, world_size: int, cuda_available: bool) -> Non
         raise UsageError(f"--quant {config.quant} cannot be combined with --tp-size > 1: AutoTP slices weight "
                          "matrices and bitsandbytes' packed weights cannot be sliced that way; use --tp-size 1 "
                          "(a 4-bit 7B model fits one GPU) or --quant none.")
+    if config.int8_threshold < 0:
+        raise UsageError(f"--int8-threshold must be >= 0, got {config.int8_threshold}.")
+    if config.int8_threshold != DeployConfig.int8_threshold and (config.quant != "8bit" or config.compare):
+        raise UsageError("--int8-threshold applies to --quant 8bit only (with --compare, the mode "
+                         "hf-8bit-t0-compile sets it); add --quant 8bit or drop --int8-threshold.")
     if config.compile and (config.do_sample or config.tp_size > 1):
         raise UsageError("--compile is a greedy decode loop for one GPU; drop --do-sample and --tp-size, "
                          "or drop --compile.")
@@ -328,8 +338,11 @@ def _loading_errors(name: str):
                          f"{text.splitlines()[0][:160]}); give a local path or --model random:tiny.") from e
 
 
-def bnb_config(quant: str, dtype):
-    """第四节: the BitsAndBytesConfig of the doc — LLM.int8, or 4-bit nf4 with double quant and bf16 compute."""
+def bnb_config(quant: str, dtype, int8_threshold: float):
+    """第四节: the BitsAndBytesConfig of the doc — LLM.int8, or 4-bit nf4 with double quant and bf16 compute.
+
+    LLM.int8 keeps the input columns holding a value >= int8_threshold in fp16 (outlier features, which real
+    LLMs from ~6.7B parameters have); 0 turns that off: every column in int8."""
     import torch
     from transformers import BitsAndBytesConfig
     try:
@@ -337,7 +350,7 @@ def bnb_config(quant: str, dtype):
     except ImportError as e:
         raise ImportError("bitsandbytes is not installed (pip install bitsandbytes)") from e
     if quant == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=int8_threshold)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
@@ -384,7 +397,7 @@ def _from_pretrained(source: str, config: DeployConfig, quant: str, dtype, devic
     from transformers import AutoModelForCausalLM
     kw = dict(dtype=dtype, trust_remote_code=config.trust_remote_code)
     if quant != "none":
-        kw.update(quantization_config=bnb_config(quant, dtype), device_map={"": device})
+        kw.update(quantization_config=bnb_config(quant, dtype, config.int8_threshold), device_map={"": device})
     elif config.tp_size == 1:              # tp > 1: stay on the CPU, as for the presets in load_model()
         kw.update(device_map={"": device})
     with _loading_errors(config.model_name):
@@ -702,8 +715,8 @@ def first_token_timer(module, device, on: bool = True):
 
 class GraphStep:
     """A decode step captured once as a CUDA graph and then replayed: the very kernels of the eager step, launched
-    as one. For 4-bit models, which transformers does not let torch.compile rewrite: their numbers stay exactly
-    those of the eager model. One graph per KV cache (the graph holds its addresses)."""
+    as one. For bitsandbytes models, which transformers does not let torch.compile rewrite: their numbers stay
+    exactly those of the eager model. One graph per KV cache (the graph holds its addresses)."""
 
     def __init__(self, step):
         self.step, self.graphs = step, {}
@@ -742,13 +755,15 @@ def forward_last(model, ids, pos, slots, mask, cache):
 def decode_step(model, device) -> tuple:
     """fast_generate's one-token forward and how it runs (`decode_step` in the report): "compiled" —
     torch.compile, fused kernels in CUDA graphs — for a plain model on a GPU; "cuda-graph" (GraphStep) for a
-    4-bit model on a GPU; "eager" on a CPU and for 8-bit: LLM.int8 asks the host whether each matmul has outlier
-    columns, which no CUDA graph can hold (on an H100 the capture failed, and torch's CUDA RNG failed after it)."""
+    bitsandbytes model on a GPU; "eager" on a CPU and for LLM.int8 with outlier columns (threshold > 0): every
+    matmul asks the host whether the input has outliers, which no CUDA graph can hold (on an H100 the capture
+    failed, and torch's CUDA RNG failed after it)."""
     import torch
     step = functools.partial(forward_last, model)
-    if device.type != "cuda" or getattr(model, "is_loaded_in_8bit", False):
+    quant = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    if device.type != "cuda" or (quant and quant.load_in_8bit and quant.llm_int8_threshold > 0):
         return step, "eager"
-    if getattr(model, "hf_quantizer", None) is not None:
+    if quant is not None:
         return GraphStep(step), "cuda-graph"
     return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False), "compiled"
 
@@ -1058,8 +1073,9 @@ def render(report: dict) -> str:
     """Human-readable report: card, generated texts, metrics table, fallbacks."""
     c, e, m, h = report["config"], report["engine"], report["metrics"], report["hardware"]
     v = report["versions"]
+    int8 = f" (int8 threshold {c['int8_threshold']:g})" if e["quant"] == "8bit" else ""
     lines = [f"model    {c['model_name']}" + ("   (random weights: the text is meaningless)" if report["note"] else ""),
-             f"engine   backend={e['backend']} quant={e['quant']} kernel_inject={e['kernel_inject']} "
+             f"engine   backend={e['backend']} quant={e['quant']}{int8} kernel_inject={e['kernel_inject']} "
              f"dtype={e['dtype']}{' (4-bit matmuls in bfloat16)' if e.get('compute_dtype') else ''} "
              f"tp={c['tp_size']}",
              f"hardware {h['gpu'] or h['device']} x{h['world_size']} rank(s)",
@@ -1167,7 +1183,8 @@ def compare_row(name: str, returncode: int, stderr: str, path: str) -> dict:
     e, m, c = rep["engine"], rep["metrics"], rep["config"]
     peaks = [r["peak_allocated"] for r in rep["memory"]["per_rank"] if r["peak_allocated"] is not None]
     return {"mode": name, "status": "ok", "card": rep["hardware"]["gpu"] or "cpu", "backend": e["backend"],
-            "quant": e["quant"], "dtype": e["dtype"], "kernel_inject": e["kernel_inject"], "compile": e["compile"],
+            "quant": e["quant"], "int8_threshold": c["int8_threshold"] if e["quant"] == "8bit" else None,
+            "dtype": e["dtype"], "kernel_inject": e["kernel_inject"], "compile": e["compile"],
             "decode_step": m["decode_step"], "batch_size": c["batch_size"],
             "prompt_len": m["per_run"][0]["prompt_tokens"] / c["batch_size"], "new_tokens": c["max_new_tokens"],
             "decode_tok_s": m["decode_tok_s"], "tok_s": m["tokens_per_s_cluster"], "ttft_s": m["ttft_s"]["p50"],
@@ -1181,17 +1198,17 @@ def compare_row(name: str, returncode: int, stderr: str, path: str) -> dict:
 
 
 def render_compare(result: dict) -> str:
-    head = f"{'mode':<16}{'quant':>6}{'batch':>6}{'TTFT s':>8}{'p50 s':>8}{'p95 s':>8}{'decode tok/s':>13}" \
+    head = f"{'mode':<20}{'quant':>6}{'batch':>6}{'TTFT s':>8}{'p50 s':>8}{'p95 s':>8}{'decode tok/s':>13}" \
            f"{'MBU':>6}{'peak GB':>9}  verified"
     lines = [f"compare on {result['card']} ({result['bandwidth_GBps'] or 0:.0f} GB/s measured copy bandwidth), "
              f"{result['date']}", head]
     for r in result["rows"]:
         if r["status"] != "ok":
-            lines.append(f"{r['mode']:<16} FAILED: {r['reason']}")
+            lines.append(f"{r['mode']:<20} FAILED: {r['reason']}")
             continue
         mbu_txt = f"{r['mbu']:.0%}" if r["mbu"] is not None else "-"
         peak = f"{r['peak_alloc_gb']:.2f}" if r["peak_alloc_gb"] is not None else "-"
-        lines.append(f"{r['mode']:<16}{r['quant']:>6}{r['batch_size']:>6}{r['ttft_s']:>8.3f}{r['p50_s']:>8.3f}"
+        lines.append(f"{r['mode']:<20}{r['quant']:>6}{r['batch_size']:>6}{r['ttft_s']:>8.3f}{r['p50_s']:>8.3f}"
                      f"{r['p95_s']:>8.3f}{r['decode_tok_s'] or 0:>13.1f}{mbu_txt:>6}{peak:>9}  {r['verified']}")
     lines.append("decode tok/s = batch / decode time per step (p50); MBU = weight bytes per step x steps/s / "
                  "bandwidth; peak GB = peak allocated GPU memory (1e9 bytes)")

@@ -9,14 +9,20 @@ tokens, greedy) runs one experiment and appends one JSON line to $OUT/profile.js
   loop [B...]    fp16 greedy decode written out by hand: static KV cache, one torch.compile'd decode step
                  (fullgraph, CUDA graphs), no per-step work in Python beyond argmax — the gpt-fast recipe. Tokens
                  and logits checked against transformers' generate() on the same model.
-  bnb-compile Q  Q in 4bit, 8bit: transformers refuses to compile bitsandbytes models (hf_quantizer.is_compileable
-                 is False); force it, check the logits against the same model eager, and time it.
-  ds-cuda-graph  deepspeed.init_inference(enable_cuda_graph=True) without injection vs without the option.
+  int8-error     quantization error against the fp16 model (same seed, same weights) of LLM.int8 (threshold 6),
+                 plain int8 (--int8-threshold 0) and nf4: prefill and decode logits, greedy tokens; and how many
+                 input columns of the 8-bit matmuls held a value >= 6 (the outliers LLM.int8 keeps in fp16).
+  ds-cuda-graph  deepspeed.init_inference(enable_cuda_graph=True) without injection vs without the option: does
+                 generate() use the graph, and what does engine(...) give for a second input of the same shape
+                 and for one of another shape (checked against the unwrapped model)?
   graph [B...]   the script's fast_generate (--compile) on fp16, but with the step captured as a CUDA graph of
                  the eager kernels (GraphStep, what --compile does for bitsandbytes) instead of torch.compile:
                  verified against transformers' generate() like --compile, timed with the script's generate().
 
 Usage (device, repo root): python3 benchmarks/h100_profile.py profile fp16-compile
+Run 3 (h100x2-2026-11-25-profile.jsonl) also ran `bnb-compile Q` (force torch.compile on a bitsandbytes model
+through transformers' generate(cache_implementation="static"), the script's --compile of that time); it is in this
+file at commit 39210bb and was dropped when --compile became the script's own loop.
 """
 import json
 import os
@@ -48,8 +54,8 @@ def emit(**row):
         f.write(json.dumps(row) + "\n")
 
 
-def setup(quant="none", compile=False, batch=1, backend="hf"):
-    config = m.DeployConfig(model_name=MODEL, backend=backend, quant=quant, compile=compile,
+def setup(quant="none", compile=False, batch=1, backend="hf", int8_threshold=6.0):
+    config = m.DeployConfig(model_name=MODEL, backend=backend, quant=quant, compile=compile, int8_threshold=int8_threshold,
                             device=DEVICE.split(":")[0], max_new_tokens=NEW, prompts=[PROMPT] * batch, batch_size=batch,
                             kernel_inject=False)
     tok = m.load_tokenizer(config)
@@ -157,41 +163,66 @@ def run_loop(batches=(1, 16)):
         m.free_memory()
 
 
-def run_bnb_compile(quant):
-    config, tok, model = setup(quant=quant, compile=True)
-    ids = tok(config.prompts, return_tensors="pt")["input_ids"].to(DEVICE)
-    eager = m.greedy_with_logits(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    type(model.hf_quantizer).is_compileable = property(lambda self: True)     # the experiment: compile anyway
-    row = {"experiment": "bnb-compile", "quant": quant, "batch": 1}
-    try:
-        t0 = time.perf_counter()
-        for _ in range(3):
-            m.generate(model, tok, config.prompts, config)
-        row["warmup_s"] = time.perf_counter() - t0
-        ver = m.verify(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, dict(eager, of="eager"),
-                       m.KERNEL_TOL["bf16"], **m.gen_options(config))
-        tps, step, _ = decode_tok_s(model, tok, config)
-        row.update(decode_tok_s=tps, decode_ms_per_step=step * 1e3, compiled=hasattr(model, "_compiled_call"),
-                   verify=ver["summary"], verified=ver["passed"],
-                   mbu=m.mbu(m.decode_read_bytes(model), step, m.copy_bandwidth_gbps(DEVICE)))
-        row.update(profile_generate(model, tok, config))
-    except Exception as e:                         # the finding may be that it does not compile
-        row["error"] = m._reason(e)
-    emit(**row)
+PROMPTS = [PROMPT, "Quantization trades memory for: ", "The capital of France is Paris. ", "def square(x): return x * x  #  "]
+
+
+def run_int8_error():
+    config, tok, model = setup(batch=4)
+    inputs = m.verify_batch(tok, PROMPTS, DEVICE)
+    ref = dict(m.greedy_with_logits(model, inputs), of="the fp16 model")
+    del model
+    m.free_memory()
+    for quant, threshold in (("8bit", 6.0), ("8bit", 0.0), ("4bit", 6.0)):
+        config, tok, model = setup(quant=quant, int8_threshold=threshold, batch=4)
+        seen = []                                  # per 8-bit matmul call: input columns holding |x| >= 6
+
+        def count(mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            seen.append((x.abs() >= 6).any(0).sum())
+        hooks = [mod.register_forward_pre_hook(count) for mod in model.modules()
+                 if type(mod).__name__ == "Linear8bitLt"]
+        ver = m.verify(model, inputs, ref, m.KERNEL_TOL["fp16"])
+        for h in hooks:
+            h.remove()
+        cols = torch.stack(seen).float().cpu() if seen else torch.zeros(0)
+        emit(experiment="int8-error", quant=quant, int8_threshold=threshold if quant == "8bit" else None,
+             batch=4, prompt_tokens=int(inputs["attention_mask"].sum()), reference="the unquantized model, same weights",
+             prefill_rel_error=ver["prefill_rel_error"], decode_rel_error=ver["decode_rel_error"],
+             top1_agreement=ver["top1_agreement"], greedy_tokens_matching=ver["greedy_tokens_matching"],
+             greedy_tokens_checked=ver["greedy_tokens_checked"], matmul_calls=len(seen),
+             matmuls_with_outlier_columns=int((cols > 0).sum()),
+             outlier_columns_mean=float(cols.mean()) if len(cols) else None)
+        del model
+        m.free_memory()
 
 
 def run_ds_cuda_graph():
     import deepspeed
+    a_text, b_text = PROMPTS[0], PROMPTS[1]                       # both 32 tokens
     for graph in (False, True):
         config, tok, model = setup(backend="deepspeed")
+        a, b = (tok([t], return_tensors="pt")["input_ids"].to(DEVICE) for t in (a_text, b_text))
+        probes = {"first_input": a, "second_input_same_shape": b, "one_token_input": a[:, :1]}
+        with torch.no_grad():
+            refs = {k: model(input_ids=x, use_cache=False).logits.float() for k, x in probes.items()}
         with m.keep_model_as_loaded():
             engine = deepspeed.init_inference(model, dtype=model.dtype, replace_with_kernel_inject=False,
                                               enable_cuda_graph=graph)
         m.generate(engine, tok, config.prompts, config)
         tps, step, r = decode_tok_s(engine, tok, config)
-        emit(experiment="ds-cuda-graph", enable_cuda_graph=graph, batch=1, decode_tok_s=tps,
-             decode_ms_per_step=step * 1e3, text=r["texts"][0][:40],
-             cuda_graph_created=getattr(engine, "cuda_graph_created", None))
+        row = dict(experiment="ds-cuda-graph", enable_cuda_graph=graph, batch=1, decode_tok_s=tps,
+                   decode_ms_per_step=step * 1e3, graph_created_during_generate=engine.cuda_graph_created)
+        for k, x in probes.items():                                 # engine(...): the path the graph is on
+            try:
+                with torch.no_grad():
+                    out = engine(input_ids=x, use_cache=False).logits.float()
+                same = out.shape == refs[k].shape
+                row[k] = {"out_shape": list(out.shape), "ref_shape": list(refs[k].shape),
+                          "rel_error": m.rel_error(out, refs[k]) if same else None}
+            except Exception as e:
+                row[k] = {"error": m._reason(e)}
+        row["graph_created_after_forward"] = engine.cuda_graph_created
+        emit(**row)
         del engine, model
         m.free_memory()
 
@@ -217,5 +248,5 @@ if __name__ == "__main__":
     m.quiet_libraries()
     what = sys.argv[1]
     {"profile": lambda: run_profile(sys.argv[2]), "loop": lambda: run_loop([int(b) for b in sys.argv[2:]] or (1, 16)),
-     "bnb-compile": lambda: run_bnb_compile(sys.argv[2]), "ds-cuda-graph": run_ds_cuda_graph,
+     "int8-error": run_int8_error, "ds-cuda-graph": run_ds_cuda_graph,
      "graph": lambda: run_graph([int(b) for b in sys.argv[2:]] or (1,))}[what]()

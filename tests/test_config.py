@@ -68,6 +68,10 @@ def cfg(**kw):
     (dict(json_path="/tmp"), 1, "is a folder"),
     (dict(compare="all"), 2, "without the deepspeed launcher"),
     (dict(plot="c.png"), 1, "add --compare"),
+    (dict(int8_threshold=-1.0, quant="8bit"), 1, "--int8-threshold must be >= 0"),
+    (dict(int8_threshold=0.0), 1, "applies to --quant 8bit only"),
+    (dict(int8_threshold=0.0, quant="4bit"), 1, "applies to --quant 8bit only"),
+    (dict(int8_threshold=0.0, quant="8bit", compare="all"), 1, "hf-8bit-t0-compile sets it"),
     (dict(compile=True, do_sample=True), 1, "greedy decode loop"),
     (dict(compile=True, tp_size=2), 2, "greedy decode loop"),
 ])

@@ -71,10 +71,12 @@ def test_compile_decode_loop_equals_generate_with_padding_and_eos():
     assert fast["texts"] == plain["texts"] and fast["new_tokens"] == plain["new_tokens"]
 
 
-@pytest.mark.parametrize("quant, on_gpu", [("none", "compiled"), ("4bit", "cuda-graph"), ("8bit", "eager")])
-def test_decode_step_is_compiled_captured_or_eager_by_kind_of_model(quant, on_gpu):
-    """What --compile does with each kind of model on a GPU (the choice itself touches no GPU), and on a CPU."""
-    model = m.load_model(tiny_config(), quant, "cpu")
+@pytest.mark.parametrize("quant, threshold, on_gpu", [("none", 6.0, "compiled"), ("4bit", 6.0, "cuda-graph"),
+                                                     ("8bit", 6.0, "eager"), ("8bit", 0.0, "cuda-graph")])
+def test_decode_step_is_compiled_captured_or_eager_by_kind_of_model(quant, threshold, on_gpu):
+    """What --compile does with each kind of model on a GPU (the choice itself touches no GPU), and on a CPU:
+    LLM.int8 with outlier columns is not captured, plain int8 (--int8-threshold 0) is."""
+    model = m.load_model(tiny_config(quant=quant, int8_threshold=threshold), quant, "cpu")
     assert m.decode_step(model, torch.device("cuda"))[1] == on_gpu
     assert m.decode_step(model, torch.device("cpu"))[1] == "eager"
 
@@ -130,6 +132,15 @@ def test_quantized_load_and_generate_on_cpu(quant, layer):
     out, record, engine = greedy_tokens(tiny_config(quant=quant, kernel_inject=False))
     assert record["quant"] == quant and record["fallbacks"] == []
     assert any(type(mod).__name__ == layer for mod in engine.module.modules())
+    assert out["new_tokens"] == [8]
+
+
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_int8_threshold_reaches_every_8bit_layer(threshold):
+    """--int8-threshold is BitsAndBytesConfig's llm_int8_threshold: 0 = no outlier columns kept in fp16."""
+    out, record, engine = greedy_tokens(tiny_config(quant="8bit", int8_threshold=threshold, kernel_inject=False))
+    layers = [mod for mod in engine.module.modules() if type(mod).__name__ == "Linear8bitLt"]
+    assert layers and {mod.state.threshold for mod in layers} == {threshold}
     assert out["new_tokens"] == [8]
 
 
