@@ -13,7 +13,9 @@ What generation costs (第八节). A request has two phases:
   generated: not the prompt, not padding, nothing after a sequence's EOS. MBU (model bandwidth utilisation) says
   how close decode is to that bound. Measured on an H100 (README 第八节, benchmarks/, Llama-2-7B shape, batch 1):
   plain generate() fp16 27-31 tok/s = 12-15% MBU, Python and kernel launches dominate; --compile (this script's
-  greedy loop, each step one CUDA graph) 156.5 tok/s = 74%; bitsandbytes 8-bit 7.5, 4-bit 18.6, 4-bit --compile 129.5.
+  greedy loop, each step one CUDA graph) 156.5 tok/s = 74%; bitsandbytes 4-bit 18.6, 4-bit --compile 129.5;
+  8-bit (LLM.int8) 11-13 with or without --compile: each matmul makes the host wait for "any outlier columns?",
+  so the step cannot be captured; --int8-threshold 0 (plain int8, another quantization) is captured: 128.8.
 
 What the libraries do today (README 第七节, 第十一节 FAQ) and what this script does about it:
   * `deepspeed.init_inference` always casts the module to its `dtype`. That re-rounds fp32 buffers transformers
@@ -866,11 +868,7 @@ def eos_ids(tokenizer, model) -> set[int]:
 
 def count_new_tokens(new_ids: list[list[int]], eos: set[int]) -> list[int]:
     """Tokens each sequence actually generated: up to and including its first EOS; padding after it excluded."""
-    counts = []
-    for ids in new_ids:
-        n = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
-        counts.append(n)
-    return counts
+    return [next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids)) for ids in new_ids]
 
 
 def decode_time_per_token(latency_s: float, ttft_s: float, steps: int) -> float | None:

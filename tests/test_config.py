@@ -19,7 +19,7 @@ def test_parser_defaults_are_the_dataclass_defaults():
 
 
 NON_DEFAULT = {"model_name": "random:tiny", "backend": "hf", "quant": "4bit", "dtype": "bf16", "tp_size": 2,
-               "pp_size": 2, "kernel_inject": False, "max_new_tokens": 7, "compile": True, "batch_size": 3,
+               "pp_size": 2, "int8_threshold": 0.0, "kernel_inject": False, "max_new_tokens": 7, "compile": True, "batch_size": 3,
                "prompts": ["a", "b"], "prompts_file": "p.txt", "warmup": 0, "iters": 5, "do_sample": True,
                "temperature": 0.5, "top_p": 0.9, "seed": 3, "device": "cpu", "fallback": False, "verify": False,
                "json_path": "-", "compare": "hf,ds", "plot": "c.png", "trust_remote_code": True, "debug": True,
