@@ -236,7 +236,7 @@ def validate(config: DeployConfig, world_size: int, cuda_available: bool) -> Non
         raise UsageError(f"--quant {config.quant} cannot be combined with --tp-size > 1: AutoTP slices weight "
                          "matrices and bitsandbytes' packed weights cannot be sliced that way; use --tp-size 1 "
                          "(a 4-bit 7B model fits one GPU) or --quant none.")
-    if config.int8_threshold < 0:
+    if not config.int8_threshold >= 0:                       # (NaN too)
         raise UsageError(f"--int8-threshold must be >= 0, got {config.int8_threshold}.")
     if config.int8_threshold != DeployConfig.int8_threshold and (config.quant != "8bit" or config.compare):
         raise UsageError("--int8-threshold applies to --quant 8bit only (with --compare, the mode "

@@ -69,6 +69,7 @@ def cfg(**kw):
     (dict(compare="all"), 2, "without the deepspeed launcher"),
     (dict(plot="c.png"), 1, "add --compare"),
     (dict(int8_threshold=-1.0, quant="8bit"), 1, "--int8-threshold must be >= 0"),
+    (dict(int8_threshold=float("nan"), quant="8bit"), 1, "--int8-threshold must be >= 0"),
     (dict(int8_threshold=0.0), 1, "applies to --quant 8bit only"),
     (dict(int8_threshold=0.0, quant="4bit"), 1, "applies to --quant 8bit only"),
     (dict(int8_threshold=0.0, quant="8bit", compare="all"), 1, "hf-8bit-t0-compile sets it"),

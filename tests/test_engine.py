@@ -363,17 +363,20 @@ def test_copy_bandwidth_is_measured():
 
 def test_compare_runs_each_mode_and_reports_failures(tmp_path):
     r = run_cli("--model", "random:tiny", "--max-new-tokens", "8", "--iters", "2", "--warmup", "0",
-                "--compare", "hf,ds-4bit,ds-inject,hf-compile", "--json", str(tmp_path / "c.json"),
+                "--compare", "hf,ds-4bit,ds-inject,hf-compile,hf-8bit-t0-compile", "--json", str(tmp_path / "c.json"),
                 "--plot", str(tmp_path / "c.png"), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "c.json").read_text())
     assert {"card", "date", "versions", "bandwidth_GBps", "rows"} <= set(result)
     rows = {row["mode"]: row for row in result["rows"]}
-    assert list(rows) == ["hf", "ds-4bit", "ds-inject", "hf-compile"]
+    assert list(rows) == ["hf", "ds-4bit", "ds-inject", "hf-compile", "hf-8bit-t0-compile"]
     assert rows["ds-inject"]["status"] == "failed" and "do not work with transformers" in rows["ds-inject"]["reason"]
     assert rows["hf"]["verified"] == "reference" and rows["ds-4bit"]["verified"] is True
     assert rows["hf-compile"]["compile"] is True and rows["hf-compile"]["verified"] is True
     assert rows["ds-4bit"]["quant"] == "4bit" and rows["ds-4bit"]["weight_gb"] < rows["hf"]["weight_gb"]
+    t0 = rows["hf-8bit-t0-compile"]                          # plain int8: the mode passes --int8-threshold 0 on
+    assert (t0["quant"], t0["int8_threshold"], t0["verified"]) == ("8bit", 0.0, True)
+    assert rows["ds-4bit"]["int8_threshold"] is None
     for row in (rows["hf"], rows["ds-4bit"], rows["hf-compile"]):
         for key in ("backend", "quant", "kernel_inject", "compile", "batch_size", "prompt_len", "new_tokens",
                     "decode_tok_s", "ttft_s", "p50_s", "p95_s", "peak_alloc_gb", "mbu", "verified"):
