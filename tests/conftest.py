@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run the real torch / transformers / deepspeed / bitsandbytes on the CPU with the
-`random:tiny` preset; tests marked `gpu` need a CUDA GPU and run on the device machine (see README 第十一节)."""
+`random:tiny` preset; tests marked `gpu` need a CUDA GPU and run on the device machine (README 第九节)."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,23 +28,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; CI deselects these with -m 'not gpu'"))
 
 
-def run_cli(*args, env=None, prelude="", timeout=300):
-    """Run the script in a fresh interpreter; `prelude` is Python run first (e.g. to hide a package)."""
-    code = f"{prelude}\nimport sys, runpy\nsys.argv = ['ds_bnb_infer.py'] + {list(args)!r}\n" \
-           f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
-    full_env = {**os.environ, **(env or {})}
+def run_cli(*args, env=None, prelude="", timeout=300, script=SCRIPT):
+    """Run a script in a fresh interpreter; `prelude` is Python run first (e.g. to hide a package)."""
+    code = f"{prelude}\nimport sys, runpy\nsys.argv = [{str(script)!r}] + {list(args)!r}\n" \
+           f"runpy.run_path({str(script)!r}, run_name='__main__')"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=ROOT)
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def launch_cmd(*args, ranks=2):
+    """The deepspeed launcher's command line for the lesson on `ranks` ranks (CPU ranks here, GPUs on a GPU host)."""
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    return [launcher, "--num_gpus", str(ranks), "ds_bnb_infer.py", "--tp-size", str(ranks), *args]
+
+
+def launch(*args, ranks=2, timeout=600):
+    return subprocess.run(launch_cmd(*args, ranks=ranks), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 # Hide an installed package as if it were not installed: import fails, and so does asking for its version.
 HIDE = ("import sys, importlib.metadata as md; sys.modules[{name!r}] = None  # import {name} raises ImportError\n"
-        "_version = md.version\n"
+        "_version, _dists = md.version, md.distributions\n"
         "def _hidden(dist):\n"
         "    if dist == {name!r}:\n"
         "        raise md.PackageNotFoundError(dist)\n"
         "    return _version(dist)\n"
-        "md.version = _hidden")
+        "md.version = _hidden\n"
+        "md.distributions = lambda **kw: [d for d in _dists(**kw) if d.metadata['Name'].lower() != {name!r}]")
 
 
 @pytest.fixture(scope="session")

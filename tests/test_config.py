@@ -1,47 +1,53 @@
-"""DeployConfig ↔ CLI, validation of bad input, and the pure metric functions (no model needed)."""
+"""DeployConfig <-> command line, refusals of bad input, and the pure metric functions (no model needed)."""
 import dataclasses
 import json
 import math
+import time
 
 import numpy as np
 import pytest
 
 import ds_bnb_infer as m
-from conftest import run_cli
+from conftest import HIDE, run_cli
 
 
 # --- config and parser ------------------------------------------------------------------------------------------
 
 def test_parser_defaults_are_the_dataclass_defaults():
     assert m.config_from_args([]) == m.DeployConfig()
-    assert m.DeployConfig().model_name == "meta-llama/Llama-2-7b-chat-hf"
-    assert m.DeployConfig().max_new_tokens == 64
+    c = m.DeployConfig()
+    assert (c.model_name, c.tp_size, c.pp_size, c.max_new_tokens) == ("meta-llama/Llama-2-7b-chat-hf", 1, 1, 64)
+    assert [f.name for f in dataclasses.fields(m.DeployConfig)][:4] == ["model_name", "tp_size", "pp_size",
+                                                                        "max_new_tokens"]   # the tutorial's four
 
 
-NON_DEFAULT = {"model_name": "random:tiny", "backend": "hf", "quant": "4bit", "dtype": "bf16", "tp_size": 2,
-               "pp_size": 2, "int8_threshold": 0.0, "kernel_inject": False, "max_new_tokens": 7, "compile": True, "batch_size": 3,
-               "prompts": ["a", "b"], "prompts_file": "p.txt", "warmup": 0, "iters": 5, "do_sample": True,
-               "temperature": 0.5, "top_p": 0.9, "seed": 3, "device": "cpu", "fallback": False, "verify": False,
-               "json_path": "-", "compare": "hf,ds", "plot": "c.png", "trust_remote_code": True, "debug": True,
-               "local_rank": 1}
+ARGV = ["--model", "random:tiny", "--tp-size", "2", "--pp-size", "2", "--max-new-tokens", "7", "--backend", "hf",
+        "--quant", "4bit", "--int8-threshold", "0", "--dtype", "bf16", "--no-kernel-inject", "--device", "cpu",
+        "--no-fallback", "--no-verify", "--trust-remote-code", "--prompt", "a", "--prompt", "b", "--prompts-file",
+        "p.txt", "--batch-size", "3", "--warmup", "0", "--iters", "5", "--do-sample", "--temperature", "0.5",
+        "--top-p", "0.9", "--seed", "3", "--json", "-", "--debug", "--local_rank", "1"]
 
 
 def test_every_field_has_a_flag_that_sets_it():
-    assert set(NON_DEFAULT) == {f.name for f in dataclasses.fields(m.DeployConfig)}
-    config = m.DeployConfig(**NON_DEFAULT)
-    argv = m.to_argv(config)
-    assert len(argv) >= len(NON_DEFAULT)
-    assert m.config_from_args(argv) == config
-    assert m.to_argv(m.DeployConfig()) == []
-
-
-def test_compare_without_modes_means_all():
-    assert m.config_from_args(["--compare"]).compare == "all"
+    config = m.config_from_args(ARGV)
+    changed = {f.name for f in dataclasses.fields(m.DeployConfig)
+               if getattr(config, f.name) != getattr(m.DeployConfig(), f.name)}
+    assert changed == {f.name for f in dataclasses.fields(m.DeployConfig)}
+    assert config.prompts == ["a", "b"] and config.kernel_inject is False and config.int8_threshold == 0.0
 
 
 def test_doc_flag_spellings():
-    c = m.config_from_args(["--no-kernel-inject", "--no-fallback", "--do-sample", "--local-rank", "2"])
-    assert (c.kernel_inject, c.fallback, c.do_sample, c.local_rank) == (False, False, True, 2)
+    c = m.config_from_args(["--kernel-inject", "--no-fallback", "--do-sample", "--local-rank", "2"])
+    assert (c.kernel_inject, c.fallback, c.do_sample, c.local_rank) == (True, False, True, 2)
+    assert m.DeployConfig().kernel_inject is None        # on unless the installed versions are known broken
+
+
+def test_help_shows_each_default_once_and_the_choices():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    assert "(default: deepspeed)" in r.stdout and "{none,8bit,4bit}" in r.stdout
+    assert "(default: None)" not in r.stdout and r.stdout.count("(default: 64)") == 1
+    assert "extensions/compare.py" in r.stdout
 
 
 # --- bad input: one sentence, exit 2, no traceback ---------------------------------------------------------------
@@ -63,18 +69,13 @@ def cfg(**kw):
     (dict(pp_size=2), 1, "no pipeline engine"),
     (dict(dtype="fp16"), 1, "CPU accelerator has no fp16"),
     (dict(prompts=["x"], prompts_file="p.txt"), 1, "not both"),
-    (dict(json_path="/no/such/dir/r.json"), 1, "does not exist"),
-    (dict(compare="hf,turbo"), 1, "unknown --compare mode"),
+    (dict(json_path="/no/such/dir/r.json"), 1, "its folder does not exist"),
     (dict(json_path="/tmp"), 1, "is a folder"),
-    (dict(compare="all"), 2, "without the deepspeed launcher"),
-    (dict(plot="c.png"), 1, "add --compare"),
+    (dict(json_path="/proc/r.json"), 1, "cannot write --json /proc/r.json"),
     (dict(int8_threshold=-1.0, quant="8bit"), 1, "--int8-threshold must be >= 0"),
     (dict(int8_threshold=float("nan"), quant="8bit"), 1, "--int8-threshold must be >= 0"),
     (dict(int8_threshold=0.0), 1, "applies to --quant 8bit only"),
     (dict(int8_threshold=0.0, quant="4bit"), 1, "applies to --quant 8bit only"),
-    (dict(int8_threshold=0.0, quant="8bit", compare="all"), 1, "hf-8bit-t0-compile sets it"),
-    (dict(compile=True, do_sample=True), 1, "greedy decode loop"),
-    (dict(compile=True, tp_size=2), 2, "greedy decode loop"),
 ])
 def test_validate_rejects(kw, world, words):
     with pytest.raises(m.UsageError, match=words.replace("(", r"\(")):
@@ -95,15 +96,22 @@ def test_prompts_file(tmp_path):
         m.load_prompts(cfg(prompts_file=str(f)))
     with pytest.raises(m.UsageError, match="cannot read --prompts-file"):
         m.load_prompts(cfg(prompts_file=str(tmp_path / "missing.txt")))
+    f.write_bytes(b"caf\xe9 latin-1, not UTF-8\n")
+    with pytest.raises(m.UsageError, match="is not UTF-8 text"):
+        m.load_prompts(cfg(prompts_file=str(f)))
+    with pytest.raises(m.UsageError, match="is empty"):
+        m.load_prompts(cfg(prompts=["fine", ""]))
 
 
 @pytest.mark.parametrize("args, words", [
     (["--model", "random:tiny", "--tp-size", "3"], "needs 3 ranks"),
     (["--model", "./no/such/model"], "model path ./no/such/model does not exist"),
+    (["--model", "tests"], "tests is a folder but not a model (no config.json)"),
     (["--model", "random:tiny", "--prompts-file", "/no/such/prompts.txt"], "cannot read --prompts-file"),
+    (["--model", "random:tiny", "--prompt", ""], "--prompt is empty"),
     (["--model", "random:tiny", "--device", "cuda"], "no CUDA GPU is visible"),
     (["--model", "random:tiny", "--max-new-tokens", "5000"], "at most 2048 positions"),
-    (["--model", "random:tiny", "--compare", "hf", "--plot", "/no/such/dir/c.png"], "folder for --plot"),
+    (["--model", "random:tiny", "--json", "/proc/report.json"], "cannot write --json /proc/report.json"),
     # The doc's default model is on the hub; offline (as in CI) that must be one sentence, not a traceback.
     ([], "cannot load meta-llama/Llama-2-7b-chat-hf"),
 ])
@@ -112,18 +120,35 @@ def test_cli_bad_input_exits_2_with_one_sentence(args, words):
     assert r.returncode == 2, r.stderr
     assert words in r.stderr
     assert "Traceback" not in r.stderr
-    assert "tok/s" not in r.stdout and "{" not in r.stdout           # no report, not even part of one
+    assert r.stdout == ""                                          # no report, not even part of one
     assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+    assert "[load]" not in r.stderr                                # refused before any weight was loaded
+
+
+def test_prompts_file_that_is_not_utf8_is_one_sentence(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"\xff\xfe\x00b\x00a\x00d")
+    r = run_cli("--model", "random:tiny", "--prompts-file", str(f))
+    assert r.returncode == 2 and "is not UTF-8 text" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_default_hub_model_fails_fast_without_a_network():
+    """No HF_HUB_OFFLINE here: the script itself must notice that the hub cannot be reached, within seconds
+    (huggingface_hub's own retries take most of a minute)."""
+    t0 = time.time()
+    r = run_cli(env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"})   # a port where nothing listens
+    assert r.returncode == 2 and time.time() - t0 < 20, r.stderr
+    assert "cannot load meta-llama/Llama-2-7b-chat-hf: it is not in the local cache" in r.stderr
+    assert "Retrying" not in r.stderr and "Traceback" not in r.stderr
 
 
 def test_argparse_errors_exit_2():
-    for args in (["--quant", "3bit"], ["--no-such-flag"], ["--batch-size", "two"]):
+    for args in (["--quant", "3bit"], ["--no-such-flag"], ["--batch-size", "two"], ["--compare"]):
         r = run_cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and "usage:" in r.stderr
 
 
 def test_tensor_parallel_without_deepspeed_is_one_sentence():
-    from conftest import HIDE
     r = run_cli("--model", "random:tiny", "--tp-size", "2", env={"WORLD_SIZE": "2", "RANK": "0"},
                 prelude=HIDE.format(name="deepspeed"))
     assert r.returncode == 2 and "needs deepspeed" in r.stderr and "Traceback" not in r.stderr
@@ -152,12 +177,11 @@ def test_percentile_matches_numpy(values, q):
     assert m.percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
-def test_summarize_and_rates():
+def test_summarize_and_decode_time():
     s = m.summarize([1.0, 2.0, 3.0, 4.0])
     assert s == {"mean": 2.5, "p50": 2.5, "p95": pytest.approx(3.85), "n": 4}
     assert m.decode_time_per_token(latency_s=1.1, ttft_s=0.1, steps=11) == pytest.approx(0.1)
     assert m.decode_time_per_token(1.0, 1.0, 1) is None
-    assert m.throughput(100, 2.0) == 50.0 and math.isnan(m.throughput(5, 0.0))
 
 
 def test_batches_of():
@@ -166,12 +190,20 @@ def test_batches_of():
     assert m.batches_of(["a", "b", "c", "d"], 2) == [["a", "b"], ["c", "d"]]
 
 
-def test_report_json_is_valid_with_non_finite_numbers(tmp_path):
+def test_report_json_is_valid_with_non_finite_numbers(tmp_path, capsys):
     path = tmp_path / "r.json"
     m.write_json({"x": math.nan, "y": [math.inf, 1.5], "z": {"w": 2}}, str(path))
     assert json.loads(path.read_text()) == {"x": None, "y": [None, 1.5], "z": {"w": 2}}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]       # no temporary file left behind
     assert path.stat().st_mode & 0o044                               # readable by others, like any file
+    assert f"report written to {path}" in capsys.readouterr().err   # the user is told where it went
+
+
+def test_a_report_that_cannot_be_written_names_the_path_not_a_temporary_file(tmp_path):
+    target = tmp_path / "gone" / "r.json"                            # its folder vanished during the run
+    with pytest.raises(m.RunFailure, match=f"cannot write the JSON report to {target} ") as e:
+        m.write_json({"x": 1}, str(target))
+    assert ".tmp" not in str(e.value)
 
 
 def test_gpu_mem_gb_is_none_on_cpu():
@@ -181,17 +213,11 @@ def test_gpu_mem_gb_is_none_on_cpu():
     assert m.gpu_mem_gb() == {"allocated": None, "reserved": None, "peak_allocated": None, "peak_reserved": None}
 
 
-def test_mbu():
-    # 13.5 GB per step at 30 ms/step on a 3000 GB/s device: 450 GB/s achieved = 15%
-    assert m.mbu(13_500_000_000, 0.030, 3000.0) == pytest.approx(0.15)
-    assert m.mbu(1, None, 1.0) is None
-
-
 @pytest.mark.parametrize("text, words", [
     ("You are trying to access a gated repo. Make sure to have access to it.", "gated model"),
     ("We couldn't connect to the hub to load the files", "cannot load org/model"),
 ])
 def test_hub_errors_become_one_sentence(text, words):
     with pytest.raises(m.UsageError, match=words):
-        with m._loading_errors("org/model"):
+        with m.loading_errors("org/model"):
             raise OSError(text)

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""extensions/fast_decode.py — 第十节 KV Cache: a static KV cache and one CUDA graph per decode step.
+
+The lesson (ds_bnb_infer.py) decodes with transformers' generate(): at batch 1 on a GPU each step launches hundreds
+of small kernels from Python and waits for the GPU, so decode runs far below the memory-bandwidth bound (README
+第八节). This file is the same run with another decode loop passed into the lesson's init_engine(): the KV cache is
+allocated once at its full length (StaticCache), so every decode step has the same shapes and can be captured as
+one CUDA graph. Everything else, verification included, is the lesson's:
+
+  python extensions/fast_decode.py --model random:tiny --backend hf                 # CPU: the same loop, eager
+  python extensions/fast_decode.py --model random:llama-2-7b --backend hf           # one GPU, fp16: compiled
+  python extensions/fast_decode.py --model random:llama-2-7b --backend hf --quant 4bit   # cuda-graph
+
+The output is checked against the unwrapped model like any engine (rounding tolerance: a compiled step fuses
+kernels). Measured speeds, with card and date: benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ds_bnb_infer as lesson  # noqa: E402
+
+def forward_last(model, ids, pos, slots, mask, cache):
+    """One forward on the static KV cache (prefill: the prompt; decode: one token a row): the last logits."""
+    return model(input_ids=ids, position_ids=pos, cache_position=slots, attention_mask=mask,
+                 past_key_values=cache, use_cache=True).logits[:, -1]
+
+class GraphStep:
+    """A decode step captured once as a CUDA graph, then replayed: the eager step's very kernels, launched as one,
+    so a bitsandbytes model (which transformers keeps torch.compile from rewriting) gives exactly its eager numbers.
+    One graph per KV cache: a graph holds the addresses it was captured with."""
+
+    def __init__(self, step):
+        self.step, self.graphs = step, {}
+
+    def __call__(self, *args):                               # args: token, positions, slot, mask, cache
+        import torch
+        *inputs, cache = args
+        if id(cache) in self.graphs:
+            graph, static, out = self.graphs[id(cache)]
+            for buf, x in zip(static, inputs):
+                if buf is not None:
+                    buf.copy_(x)
+            graph.replay()
+            return out
+        # Run the step eagerly on a side stream, as capture needs (lazy cuBLAS and bitsandbytes setup happens then,
+        # not in the graph); then record the same step.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.step(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        static = [None if x is None else x.clone() for x in inputs]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.step(*static, cache)
+        self.graphs[id(cache)] = (graph, static, static_out)
+        return out
+
+def decode_step(model, device, mode: str | None = None) -> tuple:
+    """(step, mode): the one-token forward and how it runs. "compiled" (torch.compile: fused kernels in
+    CUDA graphs) for a plain model on a GPU; "cuda-graph" (GraphStep) for bitsandbytes on a GPU; "eager" on a CPU
+    and for LLM.int8 with outliers (threshold > 0): each of its matmuls waits for the host, which no graph holds."""
+    import torch
+    step = functools.partial(forward_last, model)
+    quant = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    if mode is None:
+        mode = "eager" if device.type != "cuda" or (quant and quant.load_in_8bit and quant.llm_int8_threshold > 0) \
+            else "cuda-graph" if quant is not None else "compiled"
+    if mode == "cuda-graph":
+        return GraphStep(step), mode
+    if mode == "compiled":
+        return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False), mode
+    return step, mode
+
+class FastGreedy:
+    """Greedy decoding written out (gpt-fast's recipe) behind transformers' generate() interface.
+
+    A static KV cache (one per batch shape, kept) gives every decode step the same shapes, so on a GPU a step is one
+    CUDA graph (decode_step): one launch a token instead of hundreds of kernels issued from Python. Per step only an
+    argmax runs in Python, and the host asks "has every row ended?" once every 16 steps, where generate() waits
+    every step. Left padding, positions, EOS and padding follow generate() (tests compare the two)."""
+
+    warmup_runs = 2          # the lesson's measure() warms up at least this often: the first two calls compile
+
+    def __init__(self, engine, mode: str | None = None):
+        self.module = getattr(engine, "module", engine)        # a DeepSpeed engine wraps the model in .module
+        self.step, self.mode = decode_step(self.module, next(self.module.parameters()).device, mode)
+        self.caches = {}
+
+    @staticmethod
+    def validate(config) -> None:
+        """Refuse what this loop cannot do, before anything is loaded (the lesson calls it after its validate())."""
+        if config.do_sample or config.tp_size > 1:
+            raise lesson.UsageError("fast_decode.py is a greedy decode loop for one GPU; drop --do-sample and "
+                                    "--tp-size, or run ds_bnb_infer.py.")
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def generate(self, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int = 0, do_sample=False,
+                 min_new_tokens: int = 0, output_logits=False, return_dict_in_generate=False):
+        import torch
+        from transformers import StaticCache
+        assert not do_sample, "greedy only: FastGreedy.validate() refuses --do-sample"
+        (b, t), dev, mask = input_ids.shape, input_ids.device, attention_mask
+        # 1) The static KV cache of this shape, emptied.
+        if (b, t + max_new_tokens) not in self.caches:
+            self.caches[b, t + max_new_tokens] = StaticCache(self.module.config, max_cache_len=t + max_new_tokens)
+        cache = self.caches[b, t + max_new_tokens]
+        cache.reset()
+        # 2) Left padding: a row's positions count its real tokens; the mask spans the whole cache (one shape for
+        #    every step) and is left out when nothing is padded.
+        full_mask = None if bool(mask.all()) else torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        eos = torch.tensor(sorted(lesson.eos_ids(self.module) - {None}), dtype=torch.long, device=dev)
+        done, tokens, step_logits = torch.zeros(b, dtype=torch.bool, device=dev), [], []
+        # 3) Prefill: the whole prompt in one forward.
+        logits = forward_last(self.module, input_ids, pos, torch.arange(t, device=dev), full_mask, cache)
+        pos, slot = pos[:, -1:] + 1, torch.tensor([t], device=dev)       # where the first new token goes
+        # 4) Decode: argmax, then one step (one CUDA graph on a GPU) per token.
+        for i in range(max_new_tokens):
+            logits = logits.float()
+            if output_logits:
+                step_logits.append(logits.cpu())
+            if i < min_new_tokens:
+                logits = logits.index_fill(-1, eos, -math.inf)             # EOS banned, as generate() does
+            token = torch.where(done, pad_token_id, logits.argmax(-1))
+            done |= torch.isin(token, eos)
+            tokens.append(token)
+            if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):
+                break
+            if self.mode == "compiled":
+                torch.compiler.cudagraph_mark_step_begin()    # the last step's outputs are consumed: reuse them
+            logits = self.step(token[:, None], pos, slot, full_mask, cache)
+            pos, slot = pos + 1, slot + 1
+        sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+        return argparse.Namespace(sequences=sequences, logits=step_logits) if return_dict_in_generate else sequences
+
+def main(argv=None) -> int:
+    return lesson.main(argv, decoder=FastGreedy, prog="extensions/fast_decode.py")
+
+if __name__ == "__main__":
+    sys.exit(main())
