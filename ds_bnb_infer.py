@@ -448,7 +448,8 @@ def import_deepspeed(config: DeployConfig) -> tuple:
             raise UsageError("--tp-size > 1 needs deepspeed; pip install deepspeed==0.19.8.") from e
         return None, [fall_back(config, "backend", "deepspeed", "hf", "deepspeed is not installed", usage=True)]
     for handler in logging.getLogger("DeepSpeed").handlers:    # it logs to stdout, which holds the report
-        handler.setStream(sys.stderr)
+        if type(handler) is logging.StreamHandler:
+            handler.setStream(sys.__stderr__)
     return deepspeed, []
 
 def greedy_with_logits(model, inputs) -> dict:
@@ -798,8 +799,8 @@ def render(report: dict) -> str:
                  f"{m['tokens_per_s_per_gpu']:.1f} tok/s per rank")
     if m["achieved_gb_s"] is not None:
         lines.append(f"decode {m['decode_tokens_per_s']:.1f} tok/s; each step reads {m['decode_read_gb']:.3f} GB of "
-                     f"weights: {m['achieved_gb_s']:.{0 if m['achieved_gb_s'] >= 10 else 2}f} GB/s achieved (the memory's "
-                     "bandwidth bounds it)")
+                     f"weights: {m['achieved_gb_s']:.{0 if m['achieved_gb_s'] >= 10 else 2}f} GB/s achieved (the memory "
+                     "bandwidth is its ceiling)")
     lines += [f"rank {rank} GPU memory: peak allocated {mem['peak_allocated']:.2f} GiB, peak reserved "
               f"{mem['peak_reserved']:.2f} GiB (timed runs); peak allocated {mem['loading_peak_allocated']:.2f} GiB "
               "while loading and verifying" for rank, mem in enumerate(report["memory"]["per_rank"])
