@@ -141,9 +141,7 @@ def dist_env(config: DeployConfig) -> tuple[int, int, int]:
 def print0(text: str, file=None) -> None:
     """Print on rank 0 only (every rank runs this file), in one write so that no other rank's line lands inside."""
     if int(os.environ.get("RANK", "0")) == 0:
-        file = file or sys.stdout
-        file.write(text + "\n")
-        file.flush()
+        print(text + "\n", end="", file=file or sys.stdout, flush=True)
 
 def log(text: str) -> None:
     print0(text, file=sys.stderr)         # progress and notes: stdout holds the report alone
@@ -317,6 +315,12 @@ def bnb_config(quant: str, int8_threshold: float):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
+def free_memory() -> None:
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
 def random_weights(model, seed: int, device: str) -> None:
     """A preset's weights: each matrix ~ N(0, initializer_range), as transformers initializes Llama (norms stay 1).
     Drawn on `device` a matrix at a time (tp ranks build on the CPU, where drawing billions of numbers is slow) and
@@ -358,12 +362,6 @@ def load_model(config: DeployConfig, quant: str, device: str):
         del model
         free_memory()              # or the full-precision copy's cached blocks would count as "reserved"
         return from_pretrained(tmp)
-
-def free_memory() -> None:
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 def fall_back(config: DeployConfig, what: str, frm, to, reason: str, usage: bool = False) -> dict:
     """A fallback (第九节), said on stderr and returned for the report; an error instead under --no-fallback."""
@@ -628,6 +626,14 @@ def first_token_timer(module, device):
     finally:
         handle.remove()
 
+def count_new_tokens(new_ids: list[list[int]], eos: set[int]) -> list[int]:
+    """Tokens each sequence actually generated: up to and including its first EOS, the padding after it excluded."""
+    return [next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids)) for ids in new_ids]
+
+def decode_time_per_token(latency_s: float, ttft_s: float, steps: int) -> float | None:
+    """Seconds per decode step: the time after the first token over the steps after it (None for one step)."""
+    return (latency_s - ttft_s) / (steps - 1) if steps > 1 else None
+
 def generate(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict:
     """第五节: one batch of prompts through engine.generate(): texts, latency, TTFT, decode time, token counts.
     Each sequence counts its tokens up to its first EOS, not max_new_tokens (the tutorial's 可替换/增强)."""
@@ -656,14 +662,6 @@ def generate(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dic
 
 # ----------------------------------------------------------------------------------------------------------------
 # 第八节 性能度量与显存统计: pure functions of numbers (tested without a model), then measure().
-
-def count_new_tokens(new_ids: list[list[int]], eos: set[int]) -> list[int]:
-    """Tokens each sequence actually generated: up to and including its first EOS, the padding after it excluded."""
-    return [next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids)) for ids in new_ids]
-
-def decode_time_per_token(latency_s: float, ttft_s: float, steps: int) -> float | None:
-    """Seconds per decode step: the time after the first token over the steps after it (None for one step)."""
-    return (latency_s - ttft_s) / (steps - 1) if steps > 1 else None
 
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile, interpolating linearly between order statistics (numpy's default)."""
