@@ -7,18 +7,17 @@ bitsandbytes → 五 init_engine (deepspeed.init_inference), checked against the
 八 latency, throughput, GPU memory → the report → main(), also under the deepspeed launcher (六). README.md is the
 tutorial made true for today's libraries, extensions/ its 第十节; benchmarks/README.md holds measured results.
 
-What generation costs (第八节). A request has two phases:
-  * prefill: the prompt goes through the model in one pass, many tokens per weight read: compute-bound;
-  * decode: one new token per sequence per step, and every weight is read once per step, so at small batch a step
-    takes at least weight bytes / memory bandwidth. Fewer bytes (8-bit, 4-bit) lower that bound; whether decode
-    gets near it depends on the dequantisation kernels, and on Python launching hundreds of kernels per step.
+What generation costs (第八节). Prefill: the prompt goes through the model in one pass, many tokens per weight
+read (compute-bound). Decode: one new token per sequence per step, every weight read once per step, so at small
+batch a step takes at least weight bytes / memory bandwidth. Fewer bytes (8-bit, 4-bit) lower that bound; the
+dequantisation kernels, and Python launching hundreds of kernels a step, decide how near decode gets to it.
 TTFT (time to first token) is about the prefill; decode time per token is the rest over the steps after it.
 Throughput counts the tokens actually generated: not the prompt, not padding, nothing after a sequence's EOS.
 Achieved bandwidth = weight bytes read per step x steps per second; over the card's bandwidth it is the MBU.
 
 Commands (random:* presets have random weights built in code: no download, meaningless text, real time and memory):
+  python ds_bnb_infer.py --model real:smollm2-135m     # a trained chat model (extensions/real_model.py converts it)
   python ds_bnb_infer.py --model random:tiny                              # CPU, offline, seconds
-  python ds_bnb_infer.py --model random:tiny --quant 4bit --json - | tail -n 1 | jq .metrics
   python ds_bnb_infer.py --model random:llama-2-7b --quant 8bit           # one GPU, the Llama-2-7B shape
   deepspeed --num_gpus=2 ds_bnb_infer.py --tp-size 2 --model random:llama-2-7b   # tensor parallel (第六节)
   python extensions/fast_decode.py --model random:llama-2-7b --backend hf # static KV cache + CUDA graphs (第十节)
@@ -44,8 +43,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-# torch and transformers are imported inside the functions that use them, so that `--help` and bad flags answer at
-# once and `import ds_bnb_infer` does no work; deepspeed and bitsandbytes are optional and imported where used.
+# torch, transformers, deepspeed and bitsandbytes are imported where used: --help and bad flags answer at once.
 
 # ----------------------------------------------------------------------------------------------------------------
 # 第四节 DeployConfig: every setting of a run, each default written once; the command line is derived from it.
@@ -60,13 +58,13 @@ PRESETS = {
                               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                               max_position_embeddings=4096, rms_norm_eps=1e-5),
 }
+REAL_MODELS = {"real:smollm2-135m": "SmolLM2-135M-Instruct"}   # trained, offline: extensions/real_model.py
 
 @dataclass
 class DeployConfig:
-    """第四节: every setting of a run. Each line is a field's type, its --help text and its default: the command line
-    is derived from them (build_parser), so a default is written once."""
+    """第四节: every setting of a run; each line is a field's type, --help text and default (build_parser reads them)."""
     # The tutorial's four fields.
-    model_name: Annotated[str, "hub id, local folder, or a preset: " + ", ".join(PRESETS)] = \
+    model_name: Annotated[str, "hub id, local folder, or a preset: " + ", ".join([*PRESETS, *REAL_MODELS])] = \
         "meta-llama/Llama-2-7b-chat-hf"
     tp_size: Annotated[int, "tensor-parallel ranks (DeepSpeed AutoTP); start them with deepspeed --num_gpus=N"] = 1
     pp_size: Annotated[int, "pipeline stages; refused above 1: DeepSpeed Inference has none (第六节)"] = 1
@@ -74,11 +72,9 @@ class DeployConfig:
     # How the model is loaded and wrapped (第五节, 第七节).
     backend: Annotated[Literal["deepspeed", "hf"], "deepspeed.init_inference, or plain transformers"] = "deepspeed"
     quant: Annotated[Literal["none", "8bit", "4bit"], "bitsandbytes: 8bit LLM.int8, 4bit nf4 + double quant"] = "none"
-    int8_threshold: Annotated[float, "with --quant 8bit: LLM.int8's outlier threshold (llm_int8_threshold); "
-                              "0 = plain int8, another quantization"] = 6.0
+    int8_threshold: Annotated[float, "8bit: LLM.int8's outlier threshold; 0 = plain int8 (another format)"] = 6.0
     dtype: Annotated[Literal["auto", "fp16", "bf16", "fp32"], "unquantized weights; auto: GPU fp16, CPU fp32"] = "auto"
-    kernel_inject: Annotated[bool | None, "DeepSpeed's fused kernels, verified before use (default: on, unless "
-                             "the installed deepspeed and transformers are known not to work together)"] = None
+    kernel_inject: Annotated[bool | None, "DeepSpeed's fused kernels, verified (default: on unless broken)"] = None
     device: Annotated[Literal["auto", "cuda", "cpu"], "auto = cuda when a GPU is visible"] = "auto"
     fallback: Annotated[bool, "on failure fall back: 4bit -> 8bit -> none, injection -> none, deepspeed -> hf"] = True
     verify: Annotated[bool, "check the engine's logits and greedy tokens against the unwrapped model"] = True
@@ -208,8 +204,7 @@ def load_prompts(config: DeployConfig) -> list[str]:
     return prompts
 
 def batches_of(prompts: list[str], batch_size: int) -> list[list[str]]:
-    """Prompts in batches of exactly batch_size (第八节 批量): prompts repeat to fill the last batch, so that every
-    timed batch does the same work."""
+    """Batches of exactly batch_size (第八节 批量); prompts repeat to fill the last, so every batch does equal work."""
     n = -(-len(prompts) // batch_size) * batch_size
     filled = [prompts[i % len(prompts)] for i in range(n)]
     return [filled[i:i + batch_size] for i in range(0, n, batch_size)]
@@ -231,9 +226,18 @@ def byte_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
+def model_source(name: str, converted: bool = True) -> str:
+    """Where a model loads from: the hub id or folder given, or the folder a REAL_MODELS preset is converted into."""
+    if name not in REAL_MODELS:
+        return name
+    folder = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ds_bnb_infer",
+                          REAL_MODELS[name])
+    if converted and not os.path.isfile(os.path.join(folder, "config.json")):
+        raise UsageError(f"{name} is not converted yet; run python extensions/real_model.py once (README 二).")
+    return folder
+
 def check_model_source(name: str) -> None:
-    """A folder must hold a model; a hub id must be cached, or the hub must answer within 3 s (huggingface_hub
-    itself retries five times per file, which offline takes most of a minute)."""
+    """A folder must hold a model; a hub id must be cached or the hub answer in 3 s (its own retries take a minute)."""
     folder, fix = os.path.expanduser(name), f"give a local model folder, a hub id, or a preset ({', '.join(PRESETS)})"
     if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
         raise UsageError(f"{name} is a folder but not a model (no config.json); {fix}.")
@@ -269,10 +273,11 @@ def load_tokenizer(config: DeployConfig):
     if config.model_name in PRESETS:
         tok = byte_tokenizer(PRESETS[config.model_name]["vocab_size"])
     else:
-        check_model_source(config.model_name)
+        check_model_source(model_source(config.model_name))
         from transformers import AutoTokenizer
         with loading_errors(config.model_name):
-            tok = AutoTokenizer.from_pretrained(config.model_name, trust_remote_code=config.trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(model_source(config.model_name),
+                                                trust_remote_code=config.trust_remote_code)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token      # Llama has no pad token; padded positions are masked anyway
@@ -284,12 +289,17 @@ def model_config(config: DeployConfig):
     if config.model_name in PRESETS:
         return LlamaConfig(**PRESETS[config.model_name], bos_token_id=0, eos_token_id=1, pad_token_id=2)
     with loading_errors(config.model_name):
-        return AutoConfig.from_pretrained(config.model_name, trust_remote_code=config.trust_remote_code)
+        return AutoConfig.from_pretrained(model_source(config.model_name), trust_remote_code=config.trust_remote_code)
+
+def as_chat(tokenizer, prompts: list[str]) -> list[str]:
+    """A chat model (one whose tokenizer has a chat template) answers a conversation: each prompt as a user turn."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts] if getattr(tokenizer, "chat_template", None) else prompts
 
 def check_positions(config: DeployConfig, tokenizer, prompts: list[str]) -> int:
     """The longest prompt plus --max-new-tokens must fit the model's positions; returns that limit."""
     limit = getattr(model_config(config), "max_position_embeddings", None) or 2 ** 31
-    longest = max(len(tokenizer(p)["input_ids"]) for p in prompts) + config.max_new_tokens
+    longest = max(len(tokenizer(p)["input_ids"]) for p in as_chat(tokenizer, prompts)) + config.max_new_tokens
     if longest > limit:
         raise UsageError(f"the longest prompt plus --max-new-tokens is {longest} tokens but the model takes at most "
                          f"{limit} positions; shorten the prompt or lower --max-new-tokens.")
@@ -318,13 +328,11 @@ def bnb_config(quant: str, int8_threshold: float):
 def free_memory() -> None:
     import torch
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()              # (does nothing without a GPU)
 
 def random_weights(model, seed: int, device: str) -> None:
-    """A preset's weights: each matrix ~ N(0, initializer_range), as transformers initializes Llama (norms stay 1).
-    Drawn on `device` a matrix at a time (tp ranks build on the CPU, where drawing billions of numbers is slow) and
-    copied into the model: one seed gives tp 1 and every rank the same model."""
+    """A preset's weights, each matrix ~ N(0, initializer_range) as transformers draws them, drawn on `device` a
+    matrix at a time (tp ranks build on the CPU, slow at billions of draws): one seed, one model on every rank."""
     import torch
     gen = torch.Generator(device=device).manual_seed(seed)
     for p in model.parameters():
@@ -350,7 +358,7 @@ def load_model(config: DeployConfig, quant: str, device: str):
             return AutoModelForCausalLM.from_pretrained(source, **kw).eval()
 
     if config.model_name not in PRESETS:
-        return from_pretrained(config.model_name)
+        return from_pretrained(model_source(config.model_name))
     from transformers.initialization import no_init_weights
     with torch.device("cpu" if config.tp_size > 1 else device), no_init_weights():
         model = AutoModelForCausalLM.from_config(model_config(config), dtype=dtype)
@@ -423,10 +431,9 @@ def injection_known_broken() -> str | None:
 
 @contextlib.contextmanager
 def keep_model_as_loaded():
-    """Stop InferenceEngine from casting the module to its dtype (.half() / .bfloat16() / .float()). The model is
-    in that dtype already, so the cast can only harm: it re-rounds fp32 buffers transformers keeps on purpose
-    (Llama's rotary inv_freq), and on a bitsandbytes model it raises (fp16, fp32) or silently re-rounds the
-    quantization state (bf16). Tests prove the logits stay bit-identical."""
+    """Stop InferenceEngine casting the module to its dtype (.half(), .bfloat16()): the model is in that dtype
+    already, and the cast re-rounds fp32 buffers transformers keeps on purpose (Llama's rotary inv_freq) and, on a
+    bitsandbytes model, raises (fp16, fp32) or silently re-rounds it (bf16). Tests prove the logits bit-identical."""
     from deepspeed.inference.engine import InferenceEngine
     original = InferenceEngine._convert_to_dtype
     InferenceEngine._convert_to_dtype = lambda self, config: None
@@ -498,7 +505,8 @@ def verify(engine, inputs, ref: dict, tol: float) -> dict:
     top1 = float((out["prefill"][mask].argmax(-1) == ref["prefill"][mask].argmax(-1)).float().mean())
     passed = prefill_err <= tol and decode_err <= tol and (tol != EXACT_TOL or agree == VERIFY_TOKENS)
     return {"passed": passed, "reference": ref["of"], "tolerance": tol, "prefill_rel_error": prefill_err,
-            "decode_rel_error": decode_err, "top1_agreement": top1, "greedy_tokens_matching": agree, "summary": f"rel. error prefill {prefill_err:.2e} / decode {decode_err:.2e} (tolerance {tol:g}), "
+            "decode_rel_error": decode_err, "top1_agreement": top1, "greedy_tokens_matching": agree,
+            "summary": f"rel. error prefill {prefill_err:.2e} / decode {decode_err:.2e} (tolerance {tol:g}), "
                        f"top-1 {top1:.1%}, greedy tokens {agree}/{VERIFY_TOKENS} equal"}
 
 @dataclass
@@ -525,9 +533,8 @@ def step_timer(seconds: dict, step: str, doing: str):
     log(f"[{step}] done in {seconds[step]:.1f} s")
 
 def init_engine(config: DeployConfig, decoder=None) -> tuple:
-    """第五节: (engine, tokenizer, info): the model object loaded first (第七节: init_inference takes a module, not
-    the tutorial's model name), wrapped by deepspeed.init_inference and verified; `info` says what was used.
-    `decoder` (第十节, e.g. extensions/fast_decode.py) wraps the engine in another decode loop, verified too."""
+    """第五节: (engine, tokenizer, info): the model object loaded first (第七节: init_inference takes a module, not the
+    tutorial's name), wrapped, verified; `decoder` (第十节 fast_decode.py) wraps the engine in its own decode loop."""
     import torch
     on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     device, seconds, fallbacks, notes = f"cuda:{dist_env(config)[1]}" if on_gpu else "cpu", {}, [], []
@@ -563,7 +570,7 @@ def init_engine(config: DeployConfig, decoder=None) -> tuple:
     #    model's computation is checked: DeepSpeed's wrapper, its kernels, tensor parallel, a decoder passed in.
     check = (deepspeed is not None and (config.verify or inject)) or decoder is not None
     if check:
-        enc = tokenizer(prompts[:4], return_tensors="pt", padding=True)
+        enc = tokenizer(as_chat(tokenizer, prompts[:4]), return_tensors="pt", padding=True)
         verify_ids = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
         with step_timer(seconds, "reference", "greedy tokens and logits of the unwrapped model"):
             ref = reference(model, verify_ids, config.tp_size)
@@ -639,7 +646,7 @@ def generate(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dic
     Each sequence counts its tokens up to its first EOS, not max_new_tokens (the tutorial's 可替换/增强)."""
     import torch
     device = next(engine.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    enc = tokenizer(as_chat(tokenizer, prompts), return_tensors="pt", padding=True)
     enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
     sampling = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p) if config.do_sample \
         else dict(do_sample=False)
@@ -678,12 +685,9 @@ def gpu_mem_gb(device=None) -> dict:
     """第八节: this process's GPU memory in GiB (2**30 bytes), now and at the peak; None on a CPU. Allocated =
     tensors alive; reserved = what PyTorch's allocator holds. (mem_get_info() would count every process's.)"""
     import torch
-    if not torch.cuda.is_available():
-        return {"allocated": None, "reserved": None, "peak_allocated": None, "peak_reserved": None}
-    return {"allocated": torch.cuda.memory_allocated(device) / 2 ** 30,
-            "reserved": torch.cuda.memory_reserved(device) / 2 ** 30,
-            "peak_allocated": torch.cuda.max_memory_allocated(device) / 2 ** 30,
-            "peak_reserved": torch.cuda.max_memory_reserved(device) / 2 ** 30}
+    stats = {"allocated": torch.cuda.memory_allocated, "reserved": torch.cuda.memory_reserved,
+             "peak_allocated": torch.cuda.max_memory_allocated, "peak_reserved": torch.cuda.max_memory_reserved}
+    return {k: f(device) / 2 ** 30 if torch.cuda.is_available() else None for k, f in stats.items()}
 
 def weight_bytes(model) -> int:
     """Bytes of weight storage, counted from the real tensors: parameters and buffers (packed int8 / 4-bit data as
@@ -702,8 +706,7 @@ def weight_bytes(model) -> int:
     return total
 
 def decode_read_bytes(model) -> int:
-    """Weight bytes one decode step reads: all but the input embedding table, of which a step reads one row per
-    sequence (unless it is tied to the output layer, which reads all of it)."""
+    """Weight bytes a decode step reads: all but the input embeddings (a row a sequence), unless tied to the output."""
     emb, out = model.get_input_embeddings().weight, model.get_output_embeddings()
     tied = out is not None and out.weight.data_ptr() == emb.data_ptr()
     return weight_bytes(model) - (0 if tied else emb.numel() * emb.element_size())
@@ -796,9 +799,9 @@ def render(report: dict) -> str:
                  f"of {m['batch_size']}: {m['tokens_per_s_cluster']:.1f} tok/s (cluster), "
                  f"{m['tokens_per_s_per_gpu']:.1f} tok/s per rank")
     if m["achieved_gb_s"] is not None:
+        gb_s = m["achieved_gb_s"]
         lines.append(f"decode {m['decode_tokens_per_s']:.1f} tok/s; each step reads {m['decode_read_gb']:.3f} GB of "
-                     f"weights: {m['achieved_gb_s']:.{0 if m['achieved_gb_s'] >= 10 else 2}f} GB/s achieved (the memory "
-                     "bandwidth is its ceiling)")
+                     f"weights: {gb_s:.{0 if gb_s >= 10 else 2}f} GB/s achieved (memory bandwidth is the ceiling)")
     lines += [f"rank {rank} GPU memory: peak allocated {mem['peak_allocated']:.2f} GiB, peak reserved "
               f"{mem['peak_reserved']:.2f} GiB (timed runs); peak allocated {mem['loading_peak_allocated']:.2f} GiB "
               "while loading and verifying" for rank, mem in enumerate(report["memory"]["per_rank"])
@@ -868,9 +871,8 @@ def quiet_libraries(debug: bool = False) -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name, level in [("bitsandbytes", logging.ERROR), ("DeepSpeed", logging.WARNING),
-                        ("huggingface_hub", logging.ERROR)]:
-        logging.getLogger(name).setLevel(level)
+    for name in ("bitsandbytes", "DeepSpeed", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 def main(argv=None, decoder=None, prog="ds_bnb_infer.py") -> int:
     """The command line: parse, run, and turn every failure into one sentence and an exit code."""
