@@ -1,5 +1,8 @@
 """第十节 扩展建议: each file imports the lesson (ds_bnb_infer.py) and adds one thing to it.
 
-fast_decode.py  KV cache: a static KV cache and one CUDA graph per decode step, verified like any engine.
+real_model.py   a trained model offline: converts the lesson's REAL_MODELS presets once into a model folder.
+quality.py      what 8-bit and 4-bit cost in perplexity on that model, DeepSpeed-wrapped logits bit-identical.
+kv_cache.py     KV cache on and off: the same greedy tokens, and what each step costs along the sequence.
+fast_decode.py  a static KV cache and one CUDA graph per decode step, verified like any engine.
 compare.py      every mode in one table, JSON and chart (each mode in its own process).
 """

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     except (lesson.UsageError, lesson.RunFailure) as e:
         lesson.log(f"error: {e}")
         return 2 if isinstance(e, lesson.UsageError) else 1
-    (on, on_s), (off, off_s) = runs["on"], runs["off"]
+    (on, on_s), (off, _) = runs["on"], runs["off"]
     agree = next((i for i, (a, b) in enumerate(zip(on, off)) if a != b), len(on))
     quarter = max(1, len(on_s) // 4)
     rows = {name: {"total_s": sum(s), "tokens_per_s": len(s) / sum(s), "first_quarter_step_ms":
