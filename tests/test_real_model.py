@@ -34,6 +34,12 @@ def test_fast_decode_and_tensor_parallel_give_every_token_of_generate(converted,
     answer = plain["outputs"][0]
     assert answer["text"].startswith("Tensor parallelism is") and answer["new_tokens"] < 48     # ended at its EOS
     assert plain["engine"]["verify"]["passed"] and plain["note"] is None                         # real weights
+    from transformers import AutoTokenizer
+    import ds_bnb_infer as m
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    templated = m.as_chat(tokenizer, [PROMPT])[0]
+    assert templated != PROMPT and PROMPT in templated                           # the prompt became a user turn
+    assert plain["metrics"]["per_run"][0]["prompt_tokens"] == len(tokenizer(templated)["input_ids"])   # and was sent
     fast = report(run_cli(*RUN, "--backend", "hf", "--json", str(tmp_path / "fast.json"),
                           script=ROOT / "extensions" / "fast_decode.py"), tmp_path / "fast.json")
     tp2 = report(launch(*RUN, "--json", str(tmp_path / "tp2.json")), tmp_path / "tp2.json")
