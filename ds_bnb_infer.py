@@ -166,8 +166,7 @@ def validate(config: DeployConfig, world_size: int, cuda_available: bool) -> Non
         (not c.int8_threshold >= 0, f"--int8-threshold must be >= 0, got {c.int8_threshold}."),        # NaN too
         (c.int8_threshold != DeployConfig.int8_threshold and c.quant != "8bit",
          "--int8-threshold applies to --quant 8bit only; add --quant 8bit or drop --int8-threshold."),
-        (c.prompts_file is not None and c.prompts != DeployConfig().prompts,
-         "give prompts either with --prompt or with --prompts-file, not both."),
+        (c.prompts_file and c.prompts != DeployConfig().prompts, "give --prompt or --prompts-file, not both."),
     ]
     for refused, message in refusals:
         if refused:
@@ -844,8 +843,7 @@ def run(config: DeployConfig, decoder=None) -> int:
     import torch
     rank, _, world_size = dist_env(config)
     validate(config, world_size, torch.cuda.is_available())
-    if decoder is not None:                  # a decoder refuses what it cannot do, as validate() does
-        decoder.validate(config)
+    getattr(decoder, "validate", lambda config: None)(config)   # a decoder refuses what it cannot do, as validate()
     prompts = load_prompts(config)
     engine, tokenizer, info = init_engine(config, decoder)
     loading_peak = gpu_mem_gb()["peak_allocated"]    # loading, wrapping, verifying (measure() resets the peak)
@@ -857,6 +855,7 @@ def run(config: DeployConfig, decoder=None) -> int:
     print0(render(report))
     if config.json_path and rank == 0:
         write_json(report, config.json_path)
+    getattr(engine, "close", lambda: None)()   # a decoder frees its CUDA graphs (NCCL's teardown waits for those)
     if world_size > 1:
         torch.distributed.destroy_process_group()      # a clean exit (NCCL warns of leaked resources otherwise)
     return 0
@@ -874,12 +873,13 @@ def quiet_libraries(debug: bool = False) -> None:
     for name in ("bitsandbytes", "DeepSpeed", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
-def main(argv=None, decoder=None, prog="ds_bnb_infer.py") -> int:
-    """The command line: parse, run, and turn every failure into one sentence and an exit code."""
-    config = config_from_args(argv, prog)
+def main(argv=None, decoder=None, prog="ds_bnb_infer.py", job=run) -> int:
+    """The command line: parse (or take a DeployConfig), run `job` (a server passes its own), and turn every failure
+    into one sentence and an exit code."""
+    config = argv if isinstance(argv, DeployConfig) else config_from_args(argv, prog)
     quiet_libraries(config.debug)
     try:
-        return run(config, decoder)
+        return job(config, decoder)
     except (KeyboardInterrupt, Exception) as e:
         if config.debug:
             raise

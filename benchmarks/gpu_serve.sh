@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Device run (one GPU): extensions/serve.py under load against the offline decode of the same card.
+# random:llama-2-7b fp16, prompts of 32 tokens, 128-token answers, greedy. Start with the pip prefix of the README
+# (第九节; .whl also holds requirements-serve.txt's wheels), carry [".whl"], then:
+#   PART=serve bash benchmarks/gpu_serve.sh     # the server, 16 rows x 256 positions, queue 32; bench at 1, 16, 64
+#   PART=offline bash benchmarks/gpu_serve.sh   # extensions/fast_decode.py batch 1 and 16: the baseline
+set -uo pipefail
+export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
+PROMPT="Serve the model over HTTP now:  "        # 32 characters: 32 tokens with the byte-level preset
+{ date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } > "$OUT/env-$PART.log" 2>&1
+if [ "$PART" = offline ]; then
+  for b in 1 16; do
+    timeout -k 10 200 python3 extensions/fast_decode.py --model random:llama-2-7b --backend hf --max-new-tokens 128 \
+      --prompt "$PROMPT" --batch-size "$b" --iters 3 --json "$OUT/offline-b$b.json" > "$OUT/offline-b$b.log" 2>&1
+    echo "offline b$b exit $?" >> "$OUT/env-$PART.log"
+  done
+else
+  python3 extensions/serve.py --model random:llama-2-7b --backend hf --max-num-seqs 16 --max-model-len 256 \
+    --max-queue 32 --port 8000 > "$OUT/server.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 300); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
+  echo "server up after ${SECONDS}s" >> "$OUT/env-$PART.log"
+  timeout -k 10 240 python3 extensions/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1 16 64 \
+    --requests 8 64 128 --max-tokens 128 --prompt-len 32 --distinct 8 --json "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+  echo "bench exit $?" >> "$OUT/env-$PART.log"
+  curl -s localhost:8000/metrics > "$OUT/metrics.txt"
+  kill -TERM "$pid"; timeout 60 tail --pid="$pid" -f /dev/null
+  wait "$pid"; echo "server exit $?" >> "$OUT/env-$PART.log"
+fi
+cat "$OUT/env-$PART.log"; tail -n 5 "$OUT"/*.log

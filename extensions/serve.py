@@ -1,0 +1,643 @@
+#!/usr/bin/env python3
+"""extensions/serve.py — 第十节 服务化: the deployed engine behind an OpenAI-compatible HTTP API, with a request queue
+and continuous (iteration-level) batching.
+
+  python extensions/serve.py --model random:tiny --port 8000                       # CPU, the tiny preset
+  python extensions/serve.py --model random:llama-2-7b --backend hf --max-model-len 1024     # one GPU
+  deepspeed --num_gpus=2 extensions/serve.py --model random:llama-2-7b --tp-size 2           # rank 0 serves HTTP
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"prompt": "DeepSpeed is", "max_tokens": 32, "temperature": 0}'
+
+The engine is the lesson's: init_engine() loads, wraps and verifies it, with this file's decode loop (SlotBatch)
+passed in as the decoder, so the loop that serves is the loop that was verified. How it batches:
+  - One static KV cache of --max-num-seqs rows × --max-model-len positions. Every row writes its next token at the
+    same cache position (one write pointer), so a decode step has one shape and runs as one CUDA graph on a GPU
+    (extensions/fast_decode.py's decode_step). A row's own tokens sit just before the pointer; the attention mask
+    hides everything else in its row, and its positions count its own tokens only.
+  - A request joins at the next step: its prompt runs as its own prefill (with any others admitted at that step)
+    and its keys and values are copied in, ending at the pointer. A finished row is free at the next step.
+  - When the pointer reaches the end, the cache moves left by the oldest live row's start (rare: the cost is one
+    copy of the cache); a prompt longer than the room before the pointer moves it right.
+The cost: attention reads all --max-model-len positions of every row each step (masked ones too), so pick
+--max-model-len to fit your longest request. Measured figures, with card and date: benchmarks/README.md.
+"""
+import argparse
+import asyncio
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ds_bnb_infer as lesson  # noqa: E402
+from extensions.fast_decode import decode_step, forward_last  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model side: rows of one static KV cache, a request per row, stepped together (the same on every rank).
+
+class SlotBatch:
+    """--max-num-seqs rows over one static KV cache with one write pointer (`slot`); see the module docstring.
+    admit() prefills new rows, step() decodes one token in every row. Under tensor parallel every rank makes the
+    same calls in the same order (rank 0 decides, the others follow: Worker.follow)."""
+
+    def __init__(self, engine, rows: int, max_len: int, mode: str | None = None):
+        import torch
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+        self.module = getattr(engine, "module", engine)          # a DeepSpeed engine wraps the model in .module
+        self.device = next(self.module.parameters()).device
+        self.rows, self.max_len = rows, max_len
+        self.cache = StaticCache(self.module.config, max_cache_len=max_len)
+        if any(type(layer) is not StaticLayer for layer in self.cache.layers):
+            raise lesson.UsageError("serve.py batches models whose every layer attends to all positions (Llama "
+                                    "and the like); this model has sliding-window layers.")
+        self.mask = torch.zeros(rows, max_len, dtype=torch.long, device=self.device)
+        self.start = torch.zeros(rows, dtype=torch.long, device=self.device)   # where each row's tokens begin
+        self.slot, self.slot_t = 0, torch.zeros(1, dtype=torch.long, device=self.device)
+        # The first step allocates the cache (its sizes come from the model, sharded under tensor parallel); then the
+        # step is compiled / captured / eager as fast_decode.py chooses, and run once more so that happens now.
+        with torch.no_grad():
+            forward_last(self.module, *self.step_inputs(torch.zeros(rows, dtype=torch.long, device=self.device)))
+        self.slot = 0
+        self.seek()
+        self.step_fn, self.mode = decode_step(self.module, self.device, mode)
+        self.step(torch.zeros(rows, dtype=torch.long, device=self.device))
+        self.step(torch.zeros(rows, dtype=torch.long, device=self.device))
+        self.mask.zero_()
+        self.slot = 0
+        self.seek()
+
+    def seek(self) -> None:
+        """Point every layer's write position (StaticLayer.cumulative_length) at `slot`; a step advances them by 1."""
+        import torch
+        counters = [layer.cumulative_length for layer in self.cache.layers]
+        torch._foreach_mul_(counters, 0)
+        torch._foreach_add_(counters, self.slot)
+        self.slot_t.fill_(self.slot)
+
+    def move(self, shift: int) -> None:
+        """Move every row's keys, values and mask by `shift` positions (negative: left), in place: a captured step
+        holds the cache's addresses. What wraps around is outside every live row, so masked."""
+        for layer in self.cache.layers:
+            for t in (layer.keys, layer.values):
+                t.copy_(t.roll(shift, dims=2))
+        self.mask.copy_(self.mask.roll(shift, dims=1))
+        self.start += shift
+        self.slot += shift
+        self.seek()
+
+    def admit(self, rows: list[int], prompts: list[list[int]]):
+        """Prefill `prompts` into `rows` (left-padded together, in their own KV cache), copy their keys and values in
+        to end at the pointer, and return the logits of each one's first new token."""
+        import torch
+        longest = max(map(len, prompts))
+        if self.slot < longest:                        # not enough room before the pointer: move everything right
+            self.move(longest - self.slot)
+        ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        with torch.no_grad():
+            out = self.module(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                              use_cache=True, logits_to_keep=1)
+        index = torch.tensor(rows, device=self.device)
+        for layer, new in zip(self.cache.layers, out.past_key_values.layers):
+            layer.keys[index, :, self.slot - longest:self.slot] = new.keys
+            layer.values[index, :, self.slot - longest:self.slot] = new.values
+        self.mask[index] = 0
+        self.mask[index, self.slot - longest:self.slot] = mask      # padding stays masked
+        self.start[index] = torch.tensor([self.slot - len(p) for p in prompts], device=self.device)
+        return out.logits[:, -1]
+
+    def step_inputs(self, tokens):
+        """The decode step's inputs: one token a row, its position (its own tokens so far), the pointer, the mask."""
+        self.mask[:, self.slot] = 1                    # each row sees its own new token (an idle row: only that)
+        return tokens[:, None], (self.slot_t - self.start)[:, None], self.slot_t, self.mask, self.cache
+
+    def step(self, tokens, live: list[int] = ()):
+        """One decode step of every row; returns the next logits (rows × vocab). `live`: rows still decoding,
+        whose starts bound how far the cache can move left when the pointer is at the end."""
+        import torch
+        if self.slot == self.max_len:                  # Worker checks prompt + max_tokens <= max_len, so room exists
+            self.move(-min((int(self.start[r]) for r in live), default=self.slot))
+        inputs = self.step_inputs(tokens)
+        if self.mode == "compiled":
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.no_grad():
+            logits = self.step_fn(*inputs)
+        self.slot += 1
+        self.slot_t += 1
+        return logits
+
+    # The lesson's verification calls the decoder as it calls a model: a forward, and generate().
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def generate(self, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int = 0, do_sample=False,
+                 min_new_tokens: int = 0, output_logits=False, return_dict_in_generate=False):
+        """generate()'s greedy contract on this batch's machinery (rows admitted together, stepped), so that the
+        lesson verifies exactly what serves. One batch at a time, at most --max-num-seqs rows."""
+        import torch
+        assert not do_sample and input_ids.shape[1] + max_new_tokens <= self.max_len
+        if len(input_ids) > self.rows:             # more prompts than rows: one batch of rows after another
+            parts = [self.generate(input_ids[i:i + self.rows], attention_mask[i:i + self.rows], max_new_tokens,
+                                   pad_token_id, False, min_new_tokens, output_logits, True)
+                     for i in range(0, len(input_ids), self.rows)]
+            width = max(p.sequences.shape[1] for p in parts)
+            sequences = torch.cat([torch.nn.functional.pad(p.sequences, (0, width - p.sequences.shape[1]),
+                                                           value=pad_token_id) for p in parts])
+            steps = max(len(p.logits) for p in parts)
+            logits = [torch.cat([p.logits[i] if i < len(p.logits) else torch.zeros_like(p.logits[0])
+                                 for p in parts]) for i in range(steps)] if output_logits else []
+            return argparse.Namespace(sequences=sequences, logits=logits) if return_dict_in_generate else sequences
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
+        rows = list(range(len(prompts)))
+        eos = torch.tensor(sorted(lesson.eos_ids(self.module) - {None}), dtype=torch.long, device=self.device)
+        logits = self.admit(rows, prompts)
+        tokens, step_logits, done = [], [], torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        for i in range(max_new_tokens):
+            logits = logits.float()
+            if output_logits:
+                step_logits.append(logits.cpu())
+            if i < min_new_tokens:
+                logits = logits.index_fill(-1, eos, -math.inf)
+            token = torch.where(done, pad_token_id, logits.argmax(-1))
+            done |= torch.isin(token, eos)
+            tokens.append(token)
+            if i == max_new_tokens - 1 or bool(done.all()):
+                break
+            full = torch.full((self.rows,), pad_token_id, dtype=torch.long, device=self.device)
+            full[:len(rows)] = token
+            logits = self.step(full, rows)[:len(rows)].clone()
+        sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+        return argparse.Namespace(sequences=sequences, logits=step_logits) if return_dict_in_generate else sequences
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scheduler: requests in a bounded queue; one thread owns the model and decodes every live request each step.
+
+@dataclasses.dataclass
+class Request:
+    prompt_ids: list
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list = dataclasses.field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+    emit: object = None              # called from the worker thread with each event (a dict)
+    cancelled: bool = False          # the client went away: the row is freed at the next step
+    # Filled by the worker:
+    ids: list = dataclasses.field(default_factory=list)
+    sent: int = 0                    # characters of the text already sent
+    arrived: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    generator: object = None
+
+
+class Metrics:
+    """Prometheus text for GET /metrics: gauges, counters and two histograms (TTFT, time per output token)."""
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self):
+        self.counts = {"requests_finished_total": 0, "requests_rejected_total": 0, "generation_tokens_total": 0,
+                       "prompt_tokens_total": 0}
+        self.hist = {name: [0] * (len(self.BUCKETS) + 1) + [0.0] for name in ("ttft_seconds", "tpot_seconds")}
+
+    def observe(self, name: str, seconds: float) -> None:
+        h = self.hist[name]
+        h[next((i for i, b in enumerate(self.BUCKETS) if seconds <= b), len(self.BUCKETS))] += 1
+        h[-1] += seconds
+
+    def render(self, running: int, waiting: int) -> str:
+        lines = []
+        for name, kind, value in [("requests_running", "gauge", running), ("requests_waiting", "gauge", waiting),
+                                  *[(n, "counter", v) for n, v in self.counts.items()]]:
+            lines += [f"# TYPE ds_bnb_{name} {kind}", f"ds_bnb_{name} {value}"]
+        for name, h in self.hist.items():
+            lines.append(f"# TYPE ds_bnb_{name} histogram")
+            total = 0
+            for b, n in zip([*map(str, self.BUCKETS), "+Inf"], h[:-1]):
+                total += n
+                lines.append(f'ds_bnb_{name}_bucket{{le="{b}"}} {total}')
+            lines += [f"ds_bnb_{name}_sum {h[-1]:.6f}", f"ds_bnb_{name}_count {total}"]
+        return "\n".join(lines) + "\n"
+
+
+class Worker:
+    """Owns the model. Each iteration: free the rows of finished or abandoned requests, admit waiting requests into
+    free rows (one prefill), then one decode step of all rows, and hand each request its new text."""
+
+    def __init__(self, batch: SlotBatch, tokenizer, max_queue: int, world_size: int):
+        self.batch, self.tok, self.world_size = batch, tokenizer, world_size
+        self.waiting, self.max_queue = queue.Queue(), max_queue
+        self.live: dict[int, Request] = {}              # row -> request
+        self.metrics, self.error, self.stopping = Metrics(), None, threading.Event()
+        self.eos = lesson.eos_ids(batch.module, tokenizer) - {None}
+        self.thread = threading.Thread(target=self.lead, name="model-worker", daemon=True)
+
+    def submit(self, req: Request) -> None:
+        """Queue a request, or raise queue.Full (the server answers 429) when every row is taken and --max-queue
+        requests already wait for one."""
+        if self.waiting.qsize() + len(self.live) >= self.batch.rows + self.max_queue:
+            raise queue.Full
+        self.waiting.put_nowait(req)
+
+    # Under tensor parallel rank 0 says what every rank does next; the others do the same (follow).
+    def tell(self, op: tuple) -> tuple:
+        if self.world_size > 1:
+            import torch.distributed as tdist
+            box = [op]
+            tdist.broadcast_object_list(box, src=0)
+            op = box[0]
+        return op
+
+    def follow(self) -> None:
+        """Ranks other than 0: run the steps rank 0 runs, until it says stop."""
+        import torch
+        while True:
+            op = self.tell(None)
+            if op[0] == "admit":
+                self.batch.admit(op[1], op[2])
+            elif op[0] == "step":
+                self.batch.step(torch.tensor(op[1], device=self.batch.device), op[2])
+            elif op[0] == "stop":
+                return
+
+    def lead(self) -> None:
+        try:
+            while True:
+                self.iteration()
+                if self.stopping.is_set() and not self.live and self.waiting.empty():
+                    break
+        except BaseException as e:     # fail what is in flight, then stop the server: serve() exits 1
+            self.error = e
+            for req in [*self.live.values(), *self.drain()]:
+                req.emit({"error": f"the model worker failed: {lesson.reason_of(e)}"})
+            signal.raise_signal(signal.SIGTERM)     # uvicorn's graceful shutdown
+            return
+        self.tell(("stop",))
+
+    def drain(self) -> list:
+        out = []
+        while not self.waiting.empty():
+            out.append(self.waiting.get_nowait())
+        return out
+
+    def iteration(self) -> None:
+        import torch
+        for row in [r for r, req in self.live.items() if req.cancelled]:
+            del self.live[row]
+        free = [r for r in range(self.batch.rows) if r not in self.live]
+        new = []
+        while free and len(new) < len(free):
+            try:     # block only when nothing is decoding (1 s at most: tensor parallel ranks hear from us)
+                req = self.waiting.get(timeout=1.0) if not self.live and not new else self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if not req.cancelled:
+                new.append(req)
+        if new:
+            rows = free[:len(new)]
+            self.tell(("admit", rows, [r.prompt_ids for r in new]))
+            logits = self.batch.admit(rows, [r.prompt_ids for r in new])
+            for row, req, tokens in zip(rows, new, self.sample(logits, new)):
+                self.live[row] = req
+                req.first_token_at = time.perf_counter()
+                self.metrics.observe("ttft_seconds", req.first_token_at - req.arrived)
+                self.metrics.counts["prompt_tokens_total"] += len(req.prompt_ids)
+                self.advance(row, req, tokens)
+        elif not self.live:
+            self.tell(("idle",))
+            return
+        if not self.live:
+            return
+        rows = sorted(self.live)
+        tokens = torch.zeros(self.batch.rows, dtype=torch.long)
+        for row in rows:
+            tokens[row] = self.live[row].ids[-1]
+        self.tell(("step", tokens.tolist(), rows))
+        logits = self.batch.step(tokens.to(self.batch.device), rows)
+        reqs = [self.live[r] for r in rows]
+        for row, req, token in zip(rows, reqs, self.sample(logits[torch.tensor(rows, device=logits.device)], reqs)):
+            self.advance(row, req, token)
+
+    def sample(self, logits, reqs: list[Request]) -> list[int]:
+        """Greedy for temperature 0, else temperature and top-p (nucleus) sampling with the request's own seed."""
+        import torch
+        logits = logits.float()
+        tokens = logits.argmax(-1).tolist()
+        for i, req in enumerate(reqs):
+            if req.temperature > 0:
+                probs = torch.softmax(logits[i] / req.temperature, -1)
+                if req.top_p < 1:
+                    p, idx = probs.sort(descending=True)
+                    p[(p.cumsum(-1) - p) >= req.top_p] = 0            # keep the smallest set reaching top_p
+                    probs = torch.zeros_like(probs).scatter_(0, idx, p)
+                if req.generator is None:
+                    req.generator = torch.Generator(logits.device)
+                    req.generator.manual_seed(req.seed if req.seed is not None else
+                                              int.from_bytes(os.urandom(8), "little") >> 1)
+                tokens[i] = int(torch.multinomial(probs, 1, generator=req.generator))
+        return tokens
+
+    def advance(self, row: int, req: Request, token: int) -> None:
+        """Append a row's new token; send the text that is final; end the request on EOS, a stop string or length."""
+        reason = None
+        if token in self.eos and not req.ignore_eos:
+            reason = "stop"
+        else:
+            req.ids.append(token)
+            self.metrics.counts["generation_tokens_total"] += 1
+        text = self.tok.decode(req.ids, skip_special_tokens=True)
+        hit = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            text, reason = text[:hit], "stop"
+        elif reason is None and len(req.ids) >= req.max_tokens:
+            reason = "length"
+        # Hold back what may still change: an unfinished UTF-8 character, or the start of a stop string.
+        final = len(text) if reason else len(text.rstrip("\ufffd")) - max((len(s) - 1 for s in req.stop), default=0)
+        if final > req.sent:
+            req.emit({"text": text[req.sent:final]})
+            req.sent = final
+        if reason:
+            del self.live[row]
+            n = len(req.ids)
+            if n > 1:
+                self.metrics.observe("tpot_seconds", (time.perf_counter() - req.first_token_at) / (n - 1))
+            self.metrics.counts["requests_finished_total"] += 1
+            req.emit({"finish_reason": reason, "usage": {"prompt_tokens": len(req.prompt_ids),
+                                                         "completion_tokens": n,
+                                                         "total_tokens": len(req.prompt_ids) + n}})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The HTTP API (OpenAI's shapes): FastAPI on rank 0.
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def event(obj: dict) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_max_tokens: int, about: dict):
+    """The FastAPI app; `about` (the engine, card and versions) is what GET /health says besides "ok"."""
+    from typing import Literal
+
+    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from pydantic import BaseModel, Field
+
+    class Sampling(BaseModel):
+        model: str | None = None
+        max_tokens: int | None = Field(None, gt=0)
+        max_completion_tokens: int | None = Field(None, gt=0)
+        temperature: float = Field(1.0, ge=0, le=2)
+        top_p: float = Field(1.0, gt=0, le=1)
+        stop: str | list[str] | None = None
+        seed: int | None = None
+        n: int = Field(1, ge=1, le=1)
+        stream: bool = False
+        stream_options: dict | None = None
+        ignore_eos: bool = False          # an extension (vLLM has it too): benchmarks want full-length answers
+
+    class Completion(Sampling):
+        prompt: str
+
+    class Message(BaseModel):
+        role: Literal["system", "user", "assistant"]
+        content: str
+
+    class Chat(Sampling):
+        messages: list[Message] = Field(min_length=1)
+
+    app = FastAPI(title="ds_bnb_infer serve")
+
+    def fail(status: int, message: str, param=None, kind="invalid_request_error", headers=None):
+        return JSONResponse(error_body(message, param, kind), status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, exc):
+        e = exc.errors()[0]
+        where = ".".join(str(x) for x in e["loc"] if x != "body")
+        if e["type"] == "json_invalid":
+            return fail(400, f"the request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])}).")
+        return fail(400, f"{where or 'body'}: {e['msg']}", where or None)
+
+    @app.exception_handler(Exception)
+    async def crashed(_, exc):
+        return fail(500, f"internal error: {lesson.reason_of(exc)}", kind="server_error")
+
+    @app.get("/health")
+    async def health():
+        if worker.error is not None or not worker.thread.is_alive():
+            return fail(503, "the model worker has stopped.", kind="server_error")
+        return {"status": "ok", **about}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "ds_bnb_infer"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(worker.metrics.render(len(worker.live), worker.waiting.qsize()),
+                                 media_type="text/plain; version=0.0.4")
+
+    async def answer(body: Sampling, prompt: str, http: HttpRequest, chat: bool):
+        if worker.error is not None:
+            return fail(503, "the model worker has stopped.", kind="server_error")
+        if not prompt:
+            return fail(400, "prompt is empty; give it some text.", "prompt")
+        ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+        max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
+        if len(ids) + max_tokens > max_len:
+            return fail(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) is beyond the server's "
+                             f"{max_len} positions (--max-model-len); shorten the prompt or lower max_tokens.",
+                        "max_tokens")
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        req = Request(ids, max_tokens, body.temperature, body.top_p,
+                      [body.stop] if isinstance(body.stop, str) else list(body.stop or []), body.seed,
+                      body.ignore_eos, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        try:
+            worker.submit(req)
+        except queue.Full:
+            worker.metrics.counts["requests_rejected_total"] += 1
+            return fail(429, f"the server is busy: {worker.max_queue} requests are already waiting; retry "
+                             "shortly.", kind="rate_limit_error", headers={"Retry-After": "1"})
+        rid, created = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time())
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": model_name}
+
+        def choice(text, reason, delta=False):
+            if not chat:
+                return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            msg = {"content": text} if delta else {"role": "assistant", "content": text}
+            return {"index": 0, ("delta" if delta else "message"): msg, "finish_reason": reason}
+
+        if body.stream:
+            async def sse():
+                chunk = dict(head, object="chat.completion.chunk" if chat else "text_completion")
+                try:
+                    if chat:                             # OpenAI's first chat chunk names the role
+                        yield event(dict(chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                          "finish_reason": None}]))
+                    while True:
+                        ev = await events.get()
+                        if "error" in ev:
+                            yield event(error_body(ev["error"], kind="server_error"))
+                            break
+                        yield event(dict(chunk, choices=[choice(ev.get("text", ""), ev.get("finish_reason"), True)]))
+                        if "finish_reason" in ev:
+                            if (body.stream_options or {}).get("include_usage"):
+                                yield event(dict(chunk, choices=[], usage=ev["usage"]))
+                            break
+                    yield "data: [DONE]\n\n"
+                finally:                                 # the client went away (or the answer ended): free the row
+                    req.cancelled = True
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        text = []
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return fail(499, "the client closed the request.")
+                    continue
+                if "error" in ev:
+                    return fail(500, ev["error"], kind="server_error")
+                text.append(ev.get("text", ""))
+                if "finish_reason" in ev:
+                    return dict(head, choices=[choice("".join(text), ev["finish_reason"])], usage=ev["usage"])
+        finally:
+            req.cancelled = True
+
+    @app.post("/v1/completions")
+    async def completions(body: Completion, http: HttpRequest):
+        return await answer(body, body.prompt, http, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: Chat, http: HttpRequest):
+        if not getattr(tokenizer, "chat_template", None):
+            return fail(400, f"messages: {model_name} has no chat template; send a prompt to /v1/completions.",
+                        "messages")
+        prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+                                               add_generation_prompt=True)
+        return await answer(body, prompt, http, chat=True)
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: the lesson's flags (the engine) plus the server's; the lesson's main() handles every failure.
+
+OFFLINE_ONLY = ["batch_size", "warmup", "iters", "do_sample", "temperature", "top_p", "json_path", "prompts_file"]
+
+def build_parser(prog: str = "extensions/serve.py") -> argparse.ArgumentParser:
+    parser = lesson.build_parser(prog)
+    parser.description = __doc__.split("\n")[0]
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    server.add_argument("--max-num-seqs", type=int, default=16,
+                        help="rows decoded together: requests in flight at once (default: 16)")
+    server.add_argument("--max-model-len", type=int, default=None,
+                        help="positions per row: prompt + max_tokens (default: the model's, at most 2048)")
+    server.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting for a row; beyond it the answer is 429 (default: 64)")
+    server.add_argument("--decode", choices=["auto", "compiled", "cuda-graph", "eager"], default="auto",
+                        help="how a decode step runs (extensions/fast_decode.py decode_step; default: auto)")
+    return parser
+
+def check_port(host: str, port: int) -> None:
+    """Bind the port now: a server that loads a model for minutes must not then find its port taken."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise lesson.UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port.") from None
+
+def serve(args, config: lesson.DeployConfig, _decoder=None) -> int:
+    import torch
+    rank, _, world_size = lesson.dist_env(config)
+    lesson.validate(config, world_size, torch.cuda.is_available())
+    for name, low in [("port", 0), ("max_num_seqs", 1), ("max_queue", 1), ("max_model_len", 2)]:
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise lesson.UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}.")
+    if rank == 0:
+        missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise lesson.UsageError(f"the server needs {' and '.join(missing)}: pip install -r requirements-serve.txt")
+        check_port(args.host, args.port)
+    positions = lesson.model_config(config).max_position_embeddings
+    max_len = args.max_model_len or min(positions, 2048)
+    if max_len > positions:
+        raise lesson.UsageError(f"--max-model-len {max_len} is beyond the model's {positions} positions.")
+    if config.max_new_tokens >= max_len:
+        raise lesson.UsageError(f"--max-new-tokens {config.max_new_tokens} (a request's default max_tokens) must "
+                                f"be below --max-model-len {max_len}.")
+    decoder = functools.partial(SlotBatch, rows=args.max_num_seqs, max_len=max_len,
+                                mode=None if args.decode == "auto" else args.decode)
+    engine, tokenizer, info = lesson.init_engine(config, decoder)
+    lesson.log(f"[serve] verified: {info.verify['summary']}; decode {engine.mode}, {args.max_num_seqs} rows x "
+               f"{max_len} positions" if info.verify else f"[serve] decode {engine.mode}")
+    worker = Worker(engine, tokenizer, args.max_queue, world_size)
+    if rank != 0:
+        worker.follow()
+    else:
+        import uvicorn
+        about = {"model": config.model_name, "max_num_seqs": args.max_num_seqs, "max_model_len": max_len,
+                 "world_size": world_size, "engine": dataclasses.asdict(info), "versions": lesson.versions(),
+                 "gpu": torch.cuda.get_device_name(info.device) if info.device.startswith("cuda") else None}
+        app = build_app(worker, tokenizer, config.model_name, max_len, config.max_new_tokens, lesson.finite(about))
+        worker.thread.start()
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                super().handle_exit(sig, frame)
+                if sig == signal.SIGTERM:      # a stop asked for and done (in-flight answers finished): exit 0,
+                    self._captured_signals.remove(sig)     # where uvicorn would re-raise it and die of it (143)
+        server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                               timeout_graceful_shutdown=600))
+        lesson.log(f"[serve] listening on http://{args.host}:{args.port} (OpenAI API: /v1/completions, "
+                   "/v1/chat/completions; /health, /metrics)")
+        server.run()                 # SIGTERM / Ctrl-C: stop taking requests, finish those in flight, return
+        worker.stopping.set()
+        worker.thread.join()
+        if worker.error is not None:
+            raise lesson.RunFailure(f"the model worker failed: {lesson.reason_of(worker.error)}")
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    lesson.log("[serve] stopped")
+    return 0
+
+def main(argv=None) -> int:
+    prog = "extensions/serve.py"
+    ns = vars(build_parser(prog).parse_args(argv))
+    given = [f for f in OFFLINE_ONLY if f in ns]
+    server = argparse.Namespace(**{k: ns.pop(k) for k in ("host", "port", "max_num_seqs", "max_model_len",
+                                                         "max_queue", "decode")})
+    if given:
+        flag = lesson.FLAG_NAMES.get(given[0], "--" + given[0].replace("_", "-"))
+        print(f"error: {flag} is a setting of the offline measurement (ds_bnb_infer.py); a server takes sampling "
+              "settings per request and rows with --max-num-seqs.", file=sys.stderr)
+        return 2
+    return lesson.main(lesson.DeployConfig(**ns), prog=prog, job=functools.partial(serve, server))
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""extensions/serve.py (第十节 服务化): a real server on 127.0.0.1 with random:tiny, called with the openai client and
+raw HTTP. Its answers equal the lesson's own generate() and, under load, each prompt's answer alone; bad requests
+are 400 naming the field, a full queue 429; a client that leaves frees its row; SIGTERM finishes what is in flight
+and exits 0; two CPU ranks serve under the deepspeed launcher. Every server started here is stopped."""
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from openai import OpenAI
+
+import ds_bnb_infer as m
+from conftest import HIDE, ROOT, run_cli
+from extensions.serve import SlotBatch
+
+SERVE = ROOT / "extensions" / "serve.py"
+TINY = ["--model", "random:tiny", "--max-num-seqs", "4", "--max-queue", "4"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process (or the deepspeed launcher with its ranks), ready when /health answers."""
+
+    def __init__(self, *args, ranks=1):
+        self.port = free_port()
+        cmd = [sys.executable, str(SERVE)] if ranks == 1 else \
+            [shutil.which("deepspeed", path=str(Path(sys.executable).parent)), "--num_gpus", str(ranks),
+             "--master_port", str(free_port()), str(SERVE), "--tp-size", str(ranks)]
+        self.proc = subprocess.Popen([*cmd, *args, "--port", str(self.port)], cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("the server exited: " + self.proc.stderr.read()[-3000:])
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        self.kill()
+        raise AssertionError("the server did not come up in 300 s")
+
+    def pid(self, rank=0) -> int:
+        """The process of `rank` (under the launcher: the child whose command line has --local_rank=<rank>)."""
+        if self.proc.args[0] == sys.executable:
+            return self.proc.pid
+        out = subprocess.run(["pgrep", "-f", f"local_rank={rank} .*--port {self.port}"], capture_output=True,
+                             text=True).stdout.split()
+        return int(out[0])
+
+    def stop(self) -> int:
+        """SIGTERM (to rank 0 under the launcher), then the exit code; killed if it does not end in 120 s."""
+        import os
+        os.kill(self.pid(), signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=120)
+        finally:
+            self.kill()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr = self.proc.stderr.read()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server(*TINY)
+    yield s
+    assert s.stop() == 0, s.stderr[-2000:]
+    assert "[serve] stopped" in s.stderr
+
+
+def complete(url, timeout=120, **body):
+    return httpx.post(url + "/v1/completions", json={"temperature": 0, **body}, timeout=timeout)
+
+
+def offline_text(prompt: str, n: int) -> str:
+    """The lesson's own generate() on the same preset (greedy): what the server must answer."""
+    config = m.DeployConfig(model_name="random:tiny", backend="hf", device="cpu", max_new_tokens=n)
+    model, tok, _ = m.init_engine(config)
+    return m.generate(model, tok, [prompt], config)["texts"][0]
+
+
+def test_openai_client_gets_the_lessons_answer_streamed_or_not(server):
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    r = client.completions.create(model="random:tiny", prompt="DeepSpeed is", max_tokens=12, temperature=0)
+    assert r.choices[0].text == offline_text("DeepSpeed is", 12)
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model="random:tiny", prompt="DeepSpeed is", max_tokens=12,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    raw = httpx.post(server.url + "/v1/completions", json={"prompt": "DeepSpeed is", "max_tokens": 3,
+                                                          "temperature": 0, "stream": True}, timeout=60)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+    assert [x.id for x in client.models.list()] == ["random:tiny"]
+
+
+def test_health_and_prometheus_metrics(server):
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["engine"]["verify"]["passed"] and health["max_num_seqs"] == 4
+    before = httpx.get(server.url + "/metrics").text
+    complete(server.url, prompt="metrics", max_tokens=5, ignore_eos=True)
+    after = httpx.get(server.url + "/metrics").text
+
+    def value(text, name):
+        return float(next(l.split()[-1] for l in text.splitlines() if l.startswith(name + " ")))
+    assert value(after, "ds_bnb_generation_tokens_total") - value(before, "ds_bnb_generation_tokens_total") == 5
+    assert value(after, "ds_bnb_ttft_seconds_count") == value(before, "ds_bnb_ttft_seconds_count") + 1
+    assert "# TYPE ds_bnb_requests_waiting gauge" in after and 'ds_bnb_tpot_seconds_bucket{le="+Inf"}' in after
+
+
+def test_concurrent_requests_each_get_their_own_answer(server):
+    """8 prompts with different lengths and max_tokens: rows finish at different steps and waiting requests take
+    them (4 rows, 4 waiting); every answer equals the same prompt sent alone, none is another's."""
+    prompts = [f"prompt {i}: " + "x" * (3 * i) for i in range(8)]
+    sizes = [5 + 7 * i for i in range(8)]
+    alone = [complete(server.url, prompt=p, max_tokens=n).json()["choices"][0]["text"] for p, n in zip(prompts, sizes)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda pn: complete(server.url, prompt=pn[0], max_tokens=pn[1]), zip(prompts, sizes)))
+    assert [r.status_code for r in together] == [200] * 8
+    assert [r.json()["choices"][0]["text"] for r in together] == alone
+    assert len(set(alone)) == 8
+
+
+def test_sampling_seed_top_p_and_stop(server):
+    a, b, c = (complete(server.url, prompt="DeepSpeed is", max_tokens=16, temperature=1.0, seed=s).json()
+               for s in (7, 7, 8))
+    assert a["choices"][0]["text"] == b["choices"][0]["text"] != c["choices"][0]["text"]     # the seed decides
+    greedy = complete(server.url, prompt="DeepSpeed is", max_tokens=16).json()["choices"][0]["text"]
+    nucleus = complete(server.url, prompt="DeepSpeed is", max_tokens=16, temperature=1.0, top_p=1e-6)
+    assert nucleus.json()["choices"][0]["text"] == greedy                # top_p that small keeps the top token
+    stop = greedy[5:8]
+    r = complete(server.url, prompt="DeepSpeed is", max_tokens=16, stop=[stop]).json()["choices"][0]
+    assert r["text"] == greedy[:greedy.find(stop)] and r["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/completions", b'{"prompt": ', None),                                    # malformed JSON
+    ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 5000}, "max_tokens"),           # beyond the positions
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+    ("/v1/completions", {"max_tokens": 4}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "messages"),   # no chat template
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+])
+def test_bad_requests_are_400_in_openai_shape(server, path, body, field):
+    r = httpx.post(server.url + path, timeout=30, **({"content": body, "headers": {"Content-Type": "application/json"}}
+                                                     if isinstance(body, bytes) else {"json": body}))
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == field
+    assert (field or "JSON") in error["message"]
+
+
+def test_a_full_queue_is_429_and_the_rest_complete(server):
+    """12 long requests at once: 4 rows and 4 waiting places take 8; the others are refused with Retry-After."""
+    with ThreadPoolExecutor(12) as pool:
+        rs = list(pool.map(lambda i: complete(server.url, prompt=f"busy {i}", max_tokens=400, ignore_eos=True),
+                           range(12)))
+    codes = sorted(r.status_code for r in rs)
+    assert set(codes) == {200, 429} and codes.count(200) >= 8
+    refused = next(r for r in rs if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_error"
+    assert all(r.json()["usage"]["completion_tokens"] == 400 for r in rs if r.status_code == 200)
+
+
+def test_a_client_that_leaves_frees_its_row(server):
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"prompt": "leave", "max_tokens": 1500, "ignore_eos": True, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(l for l in lines if l.startswith("data:"))
+    for _ in range(100):                              # the row is freed at the worker's next step
+        if "ds_bnb_requests_running 0" in httpx.get(server.url + "/metrics").text:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the abandoned request still holds its row")
+    assert complete(server.url, prompt="DeepSpeed is", max_tokens=4).status_code == 200
+
+
+def test_sigterm_finishes_the_answer_in_flight_then_exits_0():
+    s = Server(*TINY)
+    try:
+        got = {}
+
+        def stream():
+            with httpx.stream("POST", s.url + "/v1/completions", timeout=120,
+                              json={"prompt": "x", "max_tokens": 600, "ignore_eos": True, "stream": True}) as r:
+                got["lines"] = [l for l in r.iter_lines() if l.startswith("data:")]
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(1.0)
+        code = s.stop()
+        t.join(timeout=60)
+    finally:
+        s.kill()
+    assert code == 0, s.stderr[-2000:]
+    assert got["lines"][-1] == "data: [DONE]"
+    assert json.loads(got["lines"][-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_two_cpu_ranks_serve_under_the_launcher():
+    """Tensor parallel: rank 0 serves HTTP and tells rank 1 every step; the answer is the single-process one;
+    SIGTERM to rank 0 stops both ranks and the launcher exits 0."""
+    s = Server(*TINY, "--dtype", "fp32", ranks=2)
+    try:
+        texts = [complete(s.url, prompt=p, max_tokens=10).json()["choices"][0]["text"] for p in ("DeepSpeed is", "a")]
+        code = s.stop()
+    finally:
+        s.kill()
+    assert texts[0] == offline_text("DeepSpeed is", 10) and code == 0, s.stderr[-3000:]
+
+
+def test_slot_batch_moves_rows_and_keeps_each_ones_tokens():
+    """The batching itself, without HTTP: a request joins while another decodes, a long prompt moves the cache
+    right, the end of the cache moves it left; each row's greedy tokens equal generate() run alone."""
+    config = m.DeployConfig(model_name="random:tiny", backend="hf", device="cpu")
+    model, _, _ = m.init_engine(config)
+    batch = SlotBatch(model, rows=2, max_len=40)
+
+    def alone(prompt, n):
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+    a, b = [5, 6, 7], list(range(10, 32))                       # b (22 tokens) arrives when the pointer is at 8
+    got = {0: [int(batch.admit([0], [a])[0].argmax())], 1: []}
+    for step in range(45):
+        live = [r for r in (0, 1) if (r == 0 and len(got[0]) < 30) or (r == 1 and 0 < len(got[1]) < 15)]
+        if step == 5:
+            got[1].append(int(batch.admit([1], [b])[0].argmax()))
+            live = [0, 1]
+        if not live:
+            break
+        tokens = torch.tensor([got[0][-1], got[1][-1] if got[1] else 0])
+        logits = batch.step(tokens, live)
+        for r in live:
+            got[r].append(int(logits[r].argmax()))
+    assert got[0][:30] == alone(a, 30) and got[1][:15] == alone(b, 15)
+
+
+def test_cli_refusals_are_one_sentence(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cases = [(["--iters", "2"], "offline measurement"),
+             (["--port", str(busy.getsockname()[1])], "pick another --port"),
+             (["--max-model-len", "99999"], "beyond the model's 2048 positions"),
+             (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1")]
+    for args, words in cases:
+        r = run_cli("--model", "random:tiny", *args, script=SERVE)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-800:])
+    busy.close()
+    r = run_cli("--model", "random:tiny", script=SERVE, prelude=HIDE.format(name="fastapi"))
+    assert r.returncode == 2 and "pip install -r requirements-serve.txt" in r.stderr
