@@ -53,10 +53,11 @@ PRESETS = {
     # bitsandbytes' 4-bit kernel packs weights in blocks of 32 output rows.
     "random:tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=4, vocab_size=320, max_position_embeddings=2048),
-    # The Llama-2-7B architecture: random weights cost exactly what the real ones cost in time and memory.
-    "random:llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                              max_position_embeddings=4096, rms_norm_eps=1e-5),
+    # The Llama-2 architectures (70B: 8 KV heads): random weights cost exactly what real ones cost in time and memory.
+    **{f"random:llama-2-{size}": dict(hidden_size=h, intermediate_size=ffn, num_hidden_layers=n, num_attention_heads=a,
+                                      num_key_value_heads=kv, vocab_size=32000, max_position_embeddings=4096,
+                                      rms_norm_eps=1e-5) for size, h, ffn, n, a, kv in [("7b", 4096, 11008, 32, 32, 32),
+                                      ("13b", 5120, 13824, 40, 40, 40), ("70b", 8192, 28672, 80, 64, 8)]},
 }
 REAL_MODELS = {"real:smollm2-135m": "SmolLM2-135M-Instruct"}   # trained, offline: extensions/real_model.py
 
@@ -671,8 +672,7 @@ def generate(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dic
 
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile, interpolating linearly between order statistics (numpy's default)."""
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
+    xs, pos = sorted(values), (len(values) - 1) * q / 100
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 

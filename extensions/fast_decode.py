@@ -10,6 +10,11 @@ one CUDA graph. Everything else, verification included, is the lesson's:
   python extensions/fast_decode.py --model random:tiny --backend hf                 # CPU: the same loop, eager
   python extensions/fast_decode.py --model random:llama-2-7b --backend hf           # one GPU, fp16: compiled
   python extensions/fast_decode.py --model random:llama-2-7b --backend hf --quant 4bit   # cuda-graph
+  deepspeed --num_gpus=2 extensions/fast_decode.py --tp-size 2 --model random:llama-2-7b   # AutoTP shards, compiled
+
+Under tensor parallel (第六节) the step is the same one over each rank's shard: AutoTP's all-reduces (two a layer, one
+for lm_head) are traced into the compiled step, or captured in the CUDA graph (NCCL supports both), and every rank
+runs the same steps. FAST_DECODE_MODE=compiled|cuda-graph|eager overrides the choice (to measure one against another).
 
 The output is checked against the unwrapped model like any engine (rounding tolerance: a compiled step fuses
 kernels). Measured speeds, with card and date: benchmarks/README.md.
@@ -24,6 +29,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
+
+MODES = ("compiled", "cuda-graph", "eager")             # how a decode step runs (decode_step)
 
 def forward_last(model, ids, pos, slots, mask, cache):
     """One forward on the static KV cache (prefill: the prompt; decode: one token a row): the last logits."""
@@ -62,6 +69,14 @@ class GraphStep:
         self.graphs[id(cache)] = (graph, static, static_out)
         return out
 
+    def release(self):
+        """Free the captured graphs. A graph that captured NCCL calls holds the communicator: NCCL's teardown
+        waits for every such graph to be gone, so a process that destroys its process group first hangs there
+        (pytorch/pytorch#115388)."""
+        for graph, _, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+
 def decode_step(model, device, mode: str | None = None) -> tuple:
     """(step, mode): the one-token forward and how it runs. "compiled" (torch.compile: fused kernels in
     CUDA graphs) for a plain model on a GPU; "cuda-graph" (GraphStep) for bitsandbytes on a GPU; "eager" on a CPU
@@ -89,16 +104,45 @@ class FastGreedy:
     warmup_runs = 2          # the lesson's measure() warms up at least this often: the first two calls compile
 
     def __init__(self, engine, mode: str | None = None):
+        import torch
         self.module = getattr(engine, "module", engine)        # a DeepSpeed engine wraps the model in .module
-        self.step, self.mode = decode_step(self.module, next(self.module.parameters()).device, mode)
+        self.step, self.mode = decode_step(self.module, next(self.module.parameters()).device,
+                                           mode or os.environ.get("FAST_DECODE_MODE") or None)
         self.caches = {}
+        # Tensor parallel: the ranks, which must all run the same number of steps (each step all-reduces).
+        dist = torch.distributed
+        self.ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     @staticmethod
     def validate(config) -> None:
         """Refuse what this loop cannot do, before anything is loaded (the lesson calls it after its validate())."""
-        if config.do_sample or config.tp_size > 1:
-            raise lesson.UsageError("fast_decode.py is a greedy decode loop for one GPU; drop --do-sample and "
-                                    "--tp-size, or run ds_bnb_infer.py.")
+        if config.do_sample:
+            raise lesson.UsageError("fast_decode.py is a greedy decode loop; drop --do-sample, or run ds_bnb_infer.py.")
+        if os.environ.get("FAST_DECODE_MODE", "") not in ("", *MODES):
+            raise lesson.UsageError(f"FAST_DECODE_MODE={os.environ['FAST_DECODE_MODE']} is not one of "
+                                    f"{', '.join(MODES)}; unset it to let fast_decode.py choose.")
+
+    def all_ended(self, done) -> bool:
+        """Has every row ended? Under tensor parallel every rank computes the same logits (the all-reduce hands each
+        rank the same sum), so the same answer; a MIN over the ranks makes sure, as one rank stopping alone would
+        leave the others waiting in their next all-reduce forever."""
+        import torch
+        ended = done.all().int()
+        if self.ranks > 1:
+            torch.distributed.all_reduce(ended, op=torch.distributed.ReduceOp.MIN)
+        return bool(ended)
+
+    def close(self) -> None:
+        """Free the CUDA graphs and caches before the ranks leave (the lesson calls this before it destroys the
+        process group): graphs that captured NCCL calls keep NCCL's teardown waiting forever (GraphStep.release)."""
+        import torch
+        if isinstance(self.step, GraphStep):
+            self.step.release()
+        elif self.mode == "compiled":
+            torch._dynamo.reset()                 # drops the compiled step and its CUDA graphs (cudagraph trees)
+        self.caches.clear()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
     def __call__(self, **inputs):
         return self.module(**inputs)
@@ -136,7 +180,7 @@ class FastGreedy:
             token = torch.where(done, pad_token_id, logits.argmax(-1))
             done |= torch.isin(token, eos)
             tokens.append(token)
-            if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):
+            if i == max_new_tokens - 1 or (i % 16 == 15 and self.all_ended(done)):
                 break
             if self.mode == "compiled":
                 torch.compiler.cudagraph_mark_step_begin()    # the last step's outputs are consumed: reuse them

@@ -36,14 +36,16 @@ def run_cli(*args, env=None, prelude="", timeout=300, script=SCRIPT):
                           env={**os.environ, **(env or {})}, cwd=ROOT)
 
 
-def launch_cmd(*args, ranks=2):
-    """The deepspeed launcher's command line for the lesson on `ranks` ranks (CPU ranks here, GPUs on a GPU host)."""
+def launch_cmd(*args, ranks=2, script=SCRIPT):
+    """The deepspeed launcher's command line for a script (the lesson unless told) on `ranks` ranks (CPU ranks here,
+    GPUs on a GPU host)."""
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [launcher, "--num_gpus", str(ranks), "ds_bnb_infer.py", "--tp-size", str(ranks), *args]
+    return [launcher, "--num_gpus", str(ranks), str(Path(script).relative_to(ROOT)), "--tp-size", str(ranks), *args]
 
 
-def launch(*args, ranks=2, timeout=600):
-    return subprocess.run(launch_cmd(*args, ranks=ranks), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def launch(*args, ranks=2, timeout=600, script=SCRIPT):
+    return subprocess.run(launch_cmd(*args, ranks=ranks, script=script), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
 
 
 # Hide an installed package as if it were not installed: import fails, and so does asking for its version.

@@ -50,6 +50,20 @@ def test_help_shows_each_default_once_and_the_choices():
     assert "extensions/compare.py" in r.stdout
 
 
+def test_llama_2_presets_have_the_published_shapes():
+    """random:llama-2-{7b,13b,70b} build the Llama-2 architectures: their parameter counts (on the meta device, no
+    memory), and 70B's grouped-query attention (8 KV heads for 64 query heads)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    billions = {}
+    for size in ("7b", "13b", "70b"):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(m.model_config(m.DeployConfig(model_name=f"random:llama-2-{size}")))
+        billions[size] = round(sum(p.numel() for p in model.parameters()) / 1e9, 2)
+    assert billions == {"7b": 6.74, "13b": 13.02, "70b": 68.98}
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (8 * 128, 8192)
+
+
 # --- bad input: one sentence, exit 2, no traceback ---------------------------------------------------------------
 
 def cfg(**kw):

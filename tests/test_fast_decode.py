@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ds_bnb_infer as m
-from conftest import ROOT, run_cli
+from conftest import ROOT, launch, run_cli
 from extensions.fast_decode import FastGreedy, decode_step
 
 FAST = ROOT / "extensions" / "fast_decode.py"
@@ -55,7 +55,7 @@ def test_cli_runs_the_lesson_with_the_loop_and_verifies_it(tmp_path):
     assert "[warmup] 2 untimed run(s)" in r.stderr and "decode=eager" in r.stdout
 
 
-@pytest.mark.parametrize("args, words", [(["--do-sample"], "greedy decode loop for one GPU"),
+@pytest.mark.parametrize("args, words", [(["--do-sample"], "greedy decode loop; drop --do-sample"),
                                          (["--quant", "3bit"], "invalid choice"),
                                          (["--prompt", ""], "--prompt is empty")])
 def test_cli_bad_input_is_one_sentence(args, words):
@@ -64,6 +64,76 @@ def test_cli_bad_input_is_one_sentence(args, words):
     assert "usage: extensions/fast_decode.py" in r.stderr or r.stderr.startswith("error:")
 
 
-def test_validate_refuses_tensor_parallel():
-    with pytest.raises(m.UsageError, match="for one GPU"):
-        FastGreedy.validate(dataclasses.replace(m.DeployConfig(), tp_size=2))
+def test_validate_takes_tensor_parallel_and_refuses_sampling_and_unknown_modes(monkeypatch):
+    FastGreedy.validate(dataclasses.replace(m.DeployConfig(), tp_size=2))           # AutoTP shards: the same loop
+    with pytest.raises(m.UsageError, match="greedy decode loop"):
+        FastGreedy.validate(dataclasses.replace(m.DeployConfig(), do_sample=True))
+    monkeypatch.setenv("FAST_DECODE_MODE", "graph")
+    with pytest.raises(m.UsageError, match="compiled, cuda-graph, eager"):
+        FastGreedy.validate(m.DeployConfig())
+
+
+def test_the_lesson_closes_the_loop_before_the_ranks_leave():
+    """run() calls the decoder's close() at the end (before destroy_process_group under tp): it frees the CUDA graphs,
+    which on GPUs hold NCCL's communicator; NCCL's teardown would wait for them forever."""
+    class Closing(FastGreedy):
+        seen = []
+
+        def close(self):
+            Closing.seen.append(len(self.caches))          # the loop has run: its static caches exist
+            super().close()
+            Closing.seen.append(len(self.caches))
+    config = m.DeployConfig(model_name="random:tiny", backend="hf", max_new_tokens=4, iters=1, warmup=0, device="cpu")
+    assert m.run(config, decoder=Closing) == 0
+    assert Closing.seen[0] > 0 and Closing.seen[1:] == [0]
+
+
+def _rows_ended_on_rank(rank, init_file, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    loop = object.__new__(FastGreedy)                    # the stop check alone, without a model
+    loop.ranks = 2
+    answers = [loop.all_ended(torch.tensor([True, rank == 0])),      # rank 0: every row ended; rank 1: one runs on
+               loop.all_ended(torch.tensor([True, True]))]
+    (out_dir / f"{rank}.json").write_text(json.dumps(answers))
+    torch.distributed.destroy_process_group()
+
+
+def test_every_rank_stops_at_the_same_step(tmp_path):
+    """Under tp each step all-reduces: a rank that stopped alone would leave the others waiting forever. The loop's
+    "has every row ended?" is a MIN over the ranks, so all ranks give the same answer even if their tokens differed."""
+    torch.multiprocessing.spawn(_rows_ended_on_rank, args=(str(tmp_path / "init"), tmp_path), nprocs=2)
+    assert [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)] == [[False, True], [False, True]]
+
+
+def test_tensor_parallel_2_cpu_ranks_verified_and_equal_to_tp_1(tmp_path):
+    """deepspeed --num_gpus=2 extensions/fast_decode.py --tp-size 2: AutoTP shards the model over two CPU ranks (gloo),
+    each runs the loop over its shard, the lesson verifies it against rank 0's reference, the texts (left-padded
+    batch of two) are tp 1's, and every rank exits."""
+    common = ["--model", "random:tiny", "--backend", "deepspeed", "--dtype", "fp32", "--max-new-tokens", "24",
+              "--iters", "1", "--prompt", "tensor parallel", "--prompt", "two ranks, one loop", "--batch-size", "2"]
+    r1 = run_cli(*common, "--json", str(tmp_path / "tp1.json"), script=FAST)
+    assert r1.returncode == 0, r1.stderr
+    r2 = launch(*common, "--json", str(tmp_path / "tp2.json"), script=FAST, timeout=400)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    tp1, tp2 = (json.loads((tmp_path / f).read_text()) for f in ("tp1.json", "tp2.json"))
+    assert tp2["hardware"]["world_size"] == 2 and tp2["config"]["tp_size"] == 2 and "AutoTP" in r2.stderr
+    assert tp2["engine"]["decode"] == "eager" and tp2["engine"]["verify"]["passed"]
+    assert tp2["engine"]["verify"]["reference"] == "the unwrapped model in fp32 on the CPU (rank 0)"
+    assert [o["text"] for o in tp2["outputs"]] == [o["text"] for o in tp1["outputs"]]
+    assert (r2.stdout + r2.stderr).count("exits successfully") == 2    # the launcher saw both ranks leave
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (device kind nvidia-h100-x2)")
+@pytest.mark.parametrize("mode", ["compiled", "cuda-graph"])
+def test_gpu_tensor_parallel_2_gpus_compiled_or_captured_is_verified_and_exits(mode, tmp_path, monkeypatch):
+    """On two GPUs the step holds NCCL all-reduces (traced into the compiled step, or captured in the CUDA graph);
+    verified against rank 0's fp32 reference, and both ranks leave: the graphs are freed before the process group is
+    destroyed (pytorch/pytorch#115388: a hang until killed otherwise, so the time limit fails the test)."""
+    monkeypatch.setenv("FAST_DECODE_MODE", mode)
+    r = launch("--model", "random:tiny", "--device", "cuda", "--dtype", "fp32", "--max-new-tokens", "24", "--iters", "1",
+               "--json", str(tmp_path / "tp2.json"), script=FAST, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    engine = json.loads((tmp_path / "tp2.json").read_text())["engine"]
+    assert engine["decode"] == mode and engine["verify"]["passed"]
+    assert (r.stdout + r.stderr).count("exits successfully") == 2
