@@ -4,6 +4,7 @@
 # (第九节; .whl also holds requirements-serve.txt's wheels), carry [".whl"], then:
 #   PART=serve bash benchmarks/gpu_serve.sh     # the server, 16 rows x 256 positions, queue 32; bench at 1, 16, 64
 #   PART=offline bash benchmarks/gpu_serve.sh   # extensions/fast_decode.py batch 1 and 16: the baseline
+#   PART=tp2 bash benchmarks/gpu_serve.sh       # two GPUs: the 2-GPU tests, then the server under the launcher
 set -uo pipefail
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
 PROMPT="Serve the model over HTTP now:  "        # 32 characters: 32 tokens with the byte-level preset
@@ -14,6 +15,18 @@ if [ "$PART" = offline ]; then
       --prompt "$PROMPT" --batch-size "$b" --iters 3 --json "$OUT/offline-b$b.json" > "$OUT/offline-b$b.log" 2>&1
     echo "offline b$b exit $?" >> "$OUT/env-$PART.log"
   done
+elif [ "$PART" = tp2 ]; then
+  timeout -k 10 300 python3 -m pytest -q -m gpu tests/test_fast_decode.py -k 2_gpus > "$OUT/tp2-gpu-tests.log" 2>&1
+  echo "2-GPU tests exit $?" >> "$OUT/env-$PART.log"
+  deepspeed --num_gpus=2 extensions/serve.py --tp-size 2 --model random:llama-2-7b --max-num-seqs 16 \
+    --max-model-len 256 --max-queue 32 --port 8000 > "$OUT/tp2-server.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 300); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
+  timeout -k 10 200 python3 extensions/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1 16 \
+    --requests 8 64 --max-tokens 128 --prompt-len 32 --distinct 8 --json "$OUT/tp2-serve.json" > "$OUT/tp2-bench.log" 2>&1
+  echo "bench exit $?" >> "$OUT/env-$PART.log"
+  kill -TERM "$(pgrep -f 'serve.py --local_rank=0')"; timeout 90 tail --pid="$pid" -f /dev/null
+  wait "$pid"; echo "launcher exit $?" >> "$OUT/env-$PART.log"
 else
   python3 extensions/serve.py --model random:llama-2-7b --backend hf --max-num-seqs 16 --max-model-len 256 \
     --max-queue 32 --port 8000 > "$OUT/server.log" 2>&1 &
@@ -28,3 +41,7 @@ else
   wait "$pid"; echo "server exit $?" >> "$OUT/env-$PART.log"
 fi
 cat "$OUT/env-$PART.log"; tail -n 5 "$OUT"/*.log
+# At most 8 files come back from a device call: when there are more, pack them.
+if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+  tar czf "/tmp/$PART.tgz" -C "$OUT" . && find "$OUT" -type f -delete && mv "/tmp/$PART.tgz" "$OUT/"
+fi

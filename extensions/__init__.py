@@ -5,4 +5,6 @@ quality.py      what 8-bit and 4-bit cost in perplexity on that model, DeepSpeed
 kv_cache.py     KV cache on and off: the same greedy tokens, and what each step costs along the sequence.
 fast_decode.py  a static KV cache and one CUDA graph per decode step, verified like any engine.
 compare.py      every mode in one table, JSON and chart (each mode in its own process).
+serve.py        an OpenAI-compatible HTTP server: a request queue and continuous batching over one static KV cache.
+bench_serve.py  a load generator for it: concurrency levels or Poisson arrivals; TTFT, time per token, tok/s.
 """

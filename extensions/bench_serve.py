@@ -8,8 +8,10 @@ Each level sends --requests streaming completions with at most --concurrency in 
 arrivals (--rate, requests/s), greedy (temperature 0) and full length (ignore_eos), and reports what a user of the
 server sees: request throughput, output tokens/s, TTFT, time per output token (after the first) and inter-token
 latency at p50/p95/p99, and how many requests were refused (429) or failed. The answers are checked: the prompts
-are --distinct texts, each first sent alone; an answer under load must equal its prompt's answer alone (a row's
-arithmetic does not depend on its neighbours in the batch), and one equal to another prompt's answer is a mix-up.
+are --distinct texts, each first sent alone. In fp32 an answer under load equals its prompt's answer alone; in
+half precision a row's place in the cache changes the rounding, and random weights have near-tied tokens, so
+answers part after a common start (reported). An answer that starts more like another prompt's answer than its
+own counts as mixed up, and must never happen.
 """
 import argparse
 import asyncio
@@ -56,6 +58,10 @@ async def one(client, url: str, prompt: str, max_tokens: int, seed: int) -> dict
             "ttft_s": times[0] if times else None, "gaps_s": [b - a for a, b in zip(times, times[1:])]}
 
 
+def common_prefix(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def stats(values: list) -> dict:
     values = [v for v in values if v is not None]
     return {f"p{q}": lesson.percentile(values, q) for q in (50, 95, 99)} if values else {}
@@ -76,9 +82,10 @@ async def level(client, args, texts: list[str], alone: dict, concurrency: int, r
     results = await asyncio.gather(*tasks)
     duration = time.perf_counter() - t0
     ok = [(i, r) for i, r in enumerate(results) if r["status"] == 200]
+    own = [common_prefix(r["text"], alone[texts[i % len(texts)]]) for i, r in ok]
     equal = sum(r["text"] == alone[texts[i % len(texts)]] for i, r in ok)
-    mixed = sum(r["text"] != alone[texts[i % len(texts)]] and r["text"] in
-                {alone[t] for t in texts if t != texts[i % len(texts)]} for i, r in ok)
+    mixed = sum(max(common_prefix(r["text"], alone[t]) for t in texts if t != texts[i % len(texts)]) > n
+                for (i, r), n in zip(ok, own))
     tpot = [(r["latency_s"] - r["ttft_s"]) / (r["tokens"] - 1) for _, r in ok if r["tokens"] > 1 and r["ttft_s"]]
     return {"concurrency": concurrency, "requests": requests, "ok": len(ok),
             "rejected_429": sum(r["status"] == 429 for r in results),
@@ -88,7 +95,7 @@ async def level(client, args, texts: list[str], alone: dict, concurrency: int, r
             "output_tokens_per_s": sum(r["tokens"] for _, r in ok) / duration,
             "ttft_s": stats([r["ttft_s"] for _, r in ok]), "tpot_s": stats(tpot),
             "itl_s": stats([g for _, r in ok for g in r["gaps_s"]]),
-            "answers_equal_alone": equal, "answers_mixed_up": mixed}
+            "answers_equal_alone": equal, "common_prefix_with_alone_chars": stats(own), "answers_mixed_up": mixed}
 
 
 async def bench(args) -> dict:

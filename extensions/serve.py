@@ -136,6 +136,17 @@ class SlotBatch:
         self.slot_t += 1
         return logits
 
+    def close(self) -> None:
+        """Free the captured step before the ranks leave: a CUDA graph that captured NCCL calls keeps NCCL's
+        teardown waiting (extensions/fast_decode.py, GraphStep.release)."""
+        import torch
+        if hasattr(self.step_fn, "release"):
+            self.step_fn.release()
+        elif self.mode == "compiled":
+            torch._dynamo.reset()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     # The lesson's verification calls the decoder as it calls a model: a forward, and generate().
     def __call__(self, **inputs):
         return self.module(**inputs)
@@ -199,10 +210,13 @@ class Request:
     cancelled: bool = False          # the client went away: the row is freed at the next step
     # Filled by the worker:
     ids: list = dataclasses.field(default_factory=list)
-    sent: int = 0                    # characters of the text already sent
+    text: str = ""                   # the answer so far, and how much of it was sent
+    sent: int = 0
+    prefix_at: int = 0               # incremental detokenization: ids[prefix_at:read_at] were already text
+    read_at: int = 0
+    finished: bool = False
     arrived: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    generator: object = None
 
 
 class Metrics:
@@ -235,15 +249,29 @@ class Metrics:
 
 
 class Worker:
-    """Owns the model. Each iteration: free the rows of finished or abandoned requests, admit waiting requests into
-    free rows (one prefill), then one decode step of all rows, and hand each request its new text."""
+    """Owns the model: rank 0's thread runs lead(), the other ranks follow() it. Each iteration frees the rows of
+    abandoned requests, admits waiting requests into free rows (one prefill), launches one decode step of every live
+    row, and only then reads the tokens of the step before: the GPU computes step k while the host turns step k-1's
+    tokens into text, and no step waits for Python. Tokens are chosen on the device (sample), so the next step's
+    input never goes through the host; a row whose answer ended costs one step too many, thrown away."""
 
     def __init__(self, batch: SlotBatch, tokenizer, max_queue: int, world_size: int):
+        import torch
         self.batch, self.tok, self.world_size = batch, tokenizer, world_size
         self.waiting, self.max_queue = queue.Queue(), max_queue
         self.live: dict[int, Request] = {}              # row -> request
         self.metrics, self.error, self.stopping = Metrics(), None, threading.Event()
         self.eos = lesson.eos_ids(batch.module, tokenizer) - {None}
+        on_gpu = batch.device.type == "cuda"
+        self.tokens = torch.zeros(batch.rows, dtype=torch.long, device=batch.device)   # each row's next input
+        self.sampling = [(0.0, 1.0, None)] * batch.rows    # each row's temperature, top_p, seeded generator
+        self.host = [torch.zeros(batch.rows, dtype=torch.long, pin_memory=on_gpu) for _ in range(4)]
+        self.turn, self.pending = 0, None                   # the last step's tokens, on their way to the host
+        # Rank 0 tells the others what to do over gloo (CPU): an NCCL broadcast would wait for the GPU's queue.
+        self.control = None
+        if world_size > 1:
+            import torch.distributed as tdist
+            self.control = tdist.new_group(backend="gloo")
         self.thread = threading.Thread(target=self.lead, name="model-worker", daemon=True)
 
     def submit(self, req: Request) -> None:
@@ -253,24 +281,56 @@ class Worker:
             raise queue.Full
         self.waiting.put_nowait(req)
 
-    # Under tensor parallel rank 0 says what every rank does next; the others do the same (follow).
+    # What every rank does, in the same order: rank 0 decides (lead) and tells the others (follow).
     def tell(self, op: tuple) -> tuple:
         if self.world_size > 1:
             import torch.distributed as tdist
             box = [op]
-            tdist.broadcast_object_list(box, src=0)
+            tdist.broadcast_object_list(box, src=0, group=self.control)
             op = box[0]
         return op
 
+    def admit(self, rows: list[int], prompts: list[list[int]], sampling: list[tuple]) -> None:
+        """Prefill `rows` and choose their first tokens. sampling: (temperature, top_p, seed) a row."""
+        import torch
+        logits = self.batch.admit(rows, prompts)
+        for row, (temperature, top_p, seed) in zip(rows, sampling):
+            generator = torch.Generator(self.batch.device).manual_seed(seed) if temperature > 0 else None
+            self.sampling[row] = (temperature, top_p, generator)
+        first = self.sample(logits, rows)
+        for i, row in enumerate(rows):
+            self.tokens[row] = first[i]
+
+    def step(self, rows: list[int]) -> None:
+        """One decode step of every row; the live rows' next tokens replace their inputs, on the device."""
+        self.tokens.copy_(self.sample(self.batch.step(self.tokens, rows), rows, at=rows))
+
+    def sample(self, logits, rows, at=None):
+        """The next token of every line of `logits`, on the device (nothing waits for the GPU): greedy, or for the
+        `rows` that sample (their lines: `at`, else one each in order) temperature and top-p (nucleus) sampling
+        from the row's own seeded generator, so that every rank draws the same token."""
+        import torch
+        logits = logits.float()
+        tokens = logits.argmax(-1)
+        for i, row in zip(at or range(len(rows)), rows):
+            temperature, top_p, generator = self.sampling[row]
+            if temperature > 0:
+                probs = torch.softmax(logits[i] / temperature, -1)
+                if top_p < 1:
+                    p, idx = probs.sort(descending=True)
+                    p[(p.cumsum(-1) - p) >= top_p] = 0             # keep the smallest set that reaches top_p
+                    probs = torch.zeros_like(probs).scatter_(0, idx, p)
+                tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
+        return tokens
+
     def follow(self) -> None:
         """Ranks other than 0: run the steps rank 0 runs, until it says stop."""
-        import torch
         while True:
             op = self.tell(None)
             if op[0] == "admit":
-                self.batch.admit(op[1], op[2])
+                self.admit(*op[1:])
             elif op[0] == "step":
-                self.batch.step(torch.tensor(op[1], device=self.batch.device), op[2])
+                self.step(op[1])
             elif op[0] == "stop":
                 return
 
@@ -278,7 +338,7 @@ class Worker:
         try:
             while True:
                 self.iteration()
-                if self.stopping.is_set() and not self.live and self.waiting.empty():
+                if self.stopping.is_set() and not self.live and self.pending is None and self.waiting.empty():
                     break
         except BaseException as e:     # fail what is in flight, then stop the server: serve() exits 1
             self.error = e
@@ -295,61 +355,66 @@ class Worker:
         return out
 
     def iteration(self) -> None:
-        import torch
         for row in [r for r, req in self.live.items() if req.cancelled]:
             del self.live[row]
         free = [r for r in range(self.batch.rows) if r not in self.live]
         new = []
-        while free and len(new) < len(free):
-            try:     # block only when nothing is decoding (1 s at most: tensor parallel ranks hear from us)
-                req = self.waiting.get(timeout=1.0) if not self.live and not new else self.waiting.get_nowait()
+        while len(new) < len(free):
+            try:     # block only when nothing is in flight (1 s at most: tensor parallel ranks hear from us)
+                idle = not self.live and self.pending is None and not new
+                req = self.waiting.get(timeout=1.0) if idle else self.waiting.get_nowait()
             except queue.Empty:
                 break
             if not req.cancelled:
                 new.append(req)
+        admitted = step = None
         if new:
-            rows = free[:len(new)]
-            self.tell(("admit", rows, [r.prompt_ids for r in new]))
-            logits = self.batch.admit(rows, [r.prompt_ids for r in new])
-            for row, req, tokens in zip(rows, new, self.sample(logits, new)):
+            rows, prompts = free[:len(new)], [r.prompt_ids for r in new]
+            sampling = [(r.temperature, r.top_p, r.seed if r.seed is not None else
+                         int.from_bytes(os.urandom(8), "little") >> 1) for r in new]
+            self.tell(("admit", rows, prompts, sampling))
+            self.admit(rows, prompts, sampling)
+            for row, req in zip(rows, new):
                 self.live[row] = req
-                req.first_token_at = time.perf_counter()
-                self.metrics.observe("ttft_seconds", req.first_token_at - req.arrived)
                 self.metrics.counts["prompt_tokens_total"] += len(req.prompt_ids)
-                self.advance(row, req, tokens)
-        elif not self.live:
+            admitted = self.to_host(rows, new)
+        if self.live:
+            rows = sorted(self.live)
+            self.tell(("step", rows))
+            self.step(rows)
+            step = self.to_host(rows, [self.live[r] for r in rows])
+        elif not new and self.pending is None:
             self.tell(("idle",))
-            return
-        if not self.live:
-            return
-        rows = sorted(self.live)
-        tokens = torch.zeros(self.batch.rows, dtype=torch.long)
-        for row in rows:
-            tokens[row] = self.live[row].ids[-1]
-        self.tell(("step", tokens.tolist(), rows))
-        logits = self.batch.step(tokens.to(self.batch.device), rows)
-        reqs = [self.live[r] for r in rows]
-        for row, req, token in zip(rows, reqs, self.sample(logits[torch.tensor(rows, device=logits.device)], reqs)):
-            self.advance(row, req, token)
+        # The GPU is busy with the step just launched; meanwhile the tokens that are ready become text.
+        if self.pending is not None:
+            self.deliver(*self.pending)
+        if admitted is not None:
+            self.deliver(*admitted, first=True)
+        self.pending = step
 
-    def sample(self, logits, reqs: list[Request]) -> list[int]:
-        """Greedy for temperature 0, else temperature and top-p (nucleus) sampling with the request's own seed."""
+    def to_host(self, rows: list[int], reqs: list[Request]) -> tuple:
+        """Start copying every row's latest token to the host; deliver() waits for the copy, not for later steps."""
         import torch
-        logits = logits.float()
-        tokens = logits.argmax(-1).tolist()
-        for i, req in enumerate(reqs):
-            if req.temperature > 0:
-                probs = torch.softmax(logits[i] / req.temperature, -1)
-                if req.top_p < 1:
-                    p, idx = probs.sort(descending=True)
-                    p[(p.cumsum(-1) - p) >= req.top_p] = 0            # keep the smallest set reaching top_p
-                    probs = torch.zeros_like(probs).scatter_(0, idx, p)
-                if req.generator is None:
-                    req.generator = torch.Generator(logits.device)
-                    req.generator.manual_seed(req.seed if req.seed is not None else
-                                              int.from_bytes(os.urandom(8), "little") >> 1)
-                tokens[i] = int(torch.multinomial(probs, 1, generator=req.generator))
-        return tokens
+        buf = self.host[self.turn % len(self.host)]
+        self.turn += 1
+        buf.copy_(self.tokens, non_blocking=True)
+        done = None
+        if self.batch.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return buf, done, rows, reqs
+
+    def deliver(self, buf, done, rows, reqs, first=False) -> None:
+        if done is not None:
+            done.synchronize()
+        tokens, now = buf.tolist(), time.perf_counter()
+        for row, req in zip(rows, reqs):
+            if req.finished or req.cancelled:
+                continue                    # its answer ended a step earlier: this token was the spare step's
+            if first:
+                req.first_token_at = now
+                self.metrics.observe("ttft_seconds", now - req.arrived)
+            self.advance(row, req, tokens[row])
 
     def advance(self, row: int, req: Request, token: int) -> None:
         """Append a row's new token; send the text that is final; end the request on EOS, a stop string or length."""
@@ -359,20 +424,25 @@ class Worker:
         else:
             req.ids.append(token)
             self.metrics.counts["generation_tokens_total"] += 1
-        text = self.tok.decode(req.ids, skip_special_tokens=True)
-        hit = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
+            reason = "length" if len(req.ids) >= req.max_tokens else None
+        # Incremental detokenization: decode from the previous read point on (the tokens before it give the new
+        # text its word boundaries), and wait while the last character is an unfinished UTF-8 sequence.
+        full = self.tok.decode(req.ids[req.prefix_at:], skip_special_tokens=True)
+        if reason or not full.endswith("\ufffd"):
+            head = self.tok.decode(req.ids[req.prefix_at:req.read_at], skip_special_tokens=True)
+            req.text += full[len(head):]
+            req.prefix_at, req.read_at = req.read_at, len(req.ids)
+        hit = min((i for i in (req.text.find(s) for s in req.stop) if i >= 0), default=-1)
         if hit >= 0:
-            text, reason = text[:hit], "stop"
-        elif reason is None and len(req.ids) >= req.max_tokens:
-            reason = "length"
-        # Hold back what may still change: an unfinished UTF-8 character, or the start of a stop string.
-        final = len(text) if reason else len(text.rstrip("\ufffd")) - max((len(s) - 1 for s in req.stop), default=0)
+            req.text, reason = req.text[:hit], "stop"
+        # Hold back what may still turn out to be the start of a stop string.
+        final = len(req.text) if reason else len(req.text) - max((len(s) - 1 for s in req.stop), default=0)
         if final > req.sent:
-            req.emit({"text": text[req.sent:final]})
+            req.emit({"text": req.text[req.sent:final]})
             req.sent = final
         if reason:
             del self.live[row]
-            n = len(req.ids)
+            req.finished, n = True, len(req.ids)
             if n > 1:
                 self.metrics.observe("tpot_seconds", (time.perf_counter() - req.first_token_at) / (n - 1))
             self.metrics.counts["requests_finished_total"] += 1
@@ -592,7 +662,8 @@ def serve(args, config: lesson.DeployConfig, _decoder=None) -> int:
     if config.max_new_tokens >= max_len:
         raise lesson.UsageError(f"--max-new-tokens {config.max_new_tokens} (a request's default max_tokens) must "
                                 f"be below --max-model-len {max_len}.")
-    decoder = functools.partial(SlotBatch, rows=args.max_num_seqs, max_len=max_len,
+    # One position more than a request may use: the worker runs one spare step after a row's answer ended.
+    decoder = functools.partial(SlotBatch, rows=args.max_num_seqs, max_len=max_len + 1,
                                 mode=None if args.decode == "auto" else args.decode)
     engine, tokenizer, info = lesson.init_engine(config, decoder)
     lesson.log(f"[serve] verified: {info.verify['summary']}; decode {engine.mode}, {args.max_num_seqs} rows x "
@@ -621,6 +692,7 @@ def serve(args, config: lesson.DeployConfig, _decoder=None) -> int:
         worker.thread.join()
         if worker.error is not None:
             raise lesson.RunFailure(f"the model worker failed: {lesson.reason_of(worker.error)}")
+    engine.close()
     if world_size > 1:
         torch.distributed.destroy_process_group()
     lesson.log("[serve] stopped")

@@ -235,11 +235,28 @@ def test_two_cpu_ranks_serve_under_the_launcher():
     assert texts[0] == offline_text("DeepSpeed is", 10) and code == 0, s.stderr[-3000:]
 
 
-def test_slot_batch_moves_rows_and_keeps_each_ones_tokens():
-    """The batching itself, without HTTP: a request joins while another decodes, a long prompt moves the cache
-    right, the end of the cache moves it left; each row's greedy tokens equal generate() run alone."""
-    config = m.DeployConfig(model_name="random:tiny", backend="hf", device="cpu")
-    model, _, _ = m.init_engine(config)
+def test_a_rank_that_dies_ends_the_server():
+    """Under the launcher a rank that dies (killed here) takes the others with it: the launcher exits non-zero
+    instead of leaving rank 0 waiting in its next collective."""
+    s = Server(*TINY, "--dtype", "fp32", ranks=2)
+    try:
+        assert complete(s.url, prompt="a", max_tokens=4).status_code == 200
+        import os
+        os.kill(s.pid(rank=1), signal.SIGKILL)
+        code = s.proc.wait(timeout=120)
+    finally:
+        s.kill()
+    assert code != 0
+
+
+@pytest.mark.parametrize("quant", ["none", "8bit", "4bit"])
+def test_slot_batch_moves_rows_and_keeps_each_ones_tokens(quant):
+    """The batching itself, without HTTP, for each kind of model the server takes: a request joins while another
+    decodes, a long prompt moves the cache right, the end of the cache moves it left; each row's greedy tokens equal
+    generate() run alone on the same model."""
+    config = m.DeployConfig(model_name="random:tiny", backend="hf", device="cpu", quant=quant)
+    model, _, info = m.init_engine(config)
+    assert info.quant == quant
     batch = SlotBatch(model, rows=2, max_len=40)
 
     def alone(prompt, n):
@@ -276,3 +293,26 @@ def test_cli_refusals_are_one_sentence(tmp_path):
     busy.close()
     r = run_cli("--model", "random:tiny", script=SERVE, prelude=HIDE.format(name="fastapi"))
     assert r.returncode == 2 and "pip install -r requirements-serve.txt" in r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decode", ["compiled", "cuda-graph"])
+def test_gpu_step_modes_serve_verified_batched_answers(decode):
+    """On a GPU the batch's step is compiled or captured: the lesson verifies it at start, 8 concurrent requests
+    over 4 rows (fp32: no rounding from a row's place) each get their answer alone, and the server exits 0."""
+    s = Server("--model", "random:tiny", "--backend", "hf", "--dtype", "fp32", "--max-num-seqs", "4",
+               "--max-model-len", "128", "--decode", decode)
+    try:
+        health = httpx.get(s.url + "/health").json()
+        prompts, sizes = [f"gpu {i}: " + "y" * (2 * i) for i in range(8)], [10 + 9 * i for i in range(8)]
+        alone = [complete(s.url, prompt=p, max_tokens=n, ignore_eos=True).json() for p, n in zip(prompts, sizes)]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda pn: complete(s.url, prompt=pn[0], max_tokens=pn[1], ignore_eos=True),
+                                     zip(prompts, sizes)))
+        code = s.stop()
+    finally:
+        s.kill()
+    assert health["engine"]["decode"] == decode and health["engine"]["verify"]["passed"]
+    assert [a["usage"]["completion_tokens"] for a in alone] == sizes
+    assert [r.json()["choices"][0]["text"] for r in together] == [a["choices"][0]["text"] for a in alone]
+    assert code == 0, s.stderr[-2000:]
