@@ -202,6 +202,29 @@ def test_a_client_that_leaves_frees_its_row(server):
     assert complete(server.url, prompt="DeepSpeed is", max_tokens=4).status_code == 200
 
 
+def test_chat_goes_through_the_models_chat_template():
+    """A trained chat model (real:smollm2-135m, converted once by the README's setup command): /v1/chat/completions
+    applies its template and answers what the lesson answers for the same user message, streamed or not."""
+    from extensions import real_model
+    real_model.convert("real:smollm2-135m")
+    question = "What is tensor parallelism? Answer in one sentence."
+    s = Server("--model", "real:smollm2-135m", "--max-num-seqs", "2", "--max-model-len", "256")
+    try:
+        client, messages = OpenAI(base_url=s.url + "/v1", api_key="none"), [{"role": "user", "content": question}]
+        r = client.chat.completions.create(model="m", messages=messages, max_tokens=24, temperature=0)
+        chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=24, temperature=0,
+                                                     stream=True))
+        code = s.stop()
+    finally:
+        s.kill()
+    config = m.DeployConfig(model_name="real:smollm2-135m", backend="hf", device="cpu", max_new_tokens=24)
+    model, tok, _ = m.init_engine(config)
+    offline = m.generate(model, tok, [question], config)["texts"][0]
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == offline
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == offline and code == 0
+
+
 def test_sigterm_finishes_the_answer_in_flight_then_exits_0():
     s = Server(*TINY)
     try:
