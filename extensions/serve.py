@@ -159,7 +159,11 @@ class SlotBatch:
         """generate()'s greedy contract on this batch's machinery (rows admitted together, stepped), so that the
         lesson verifies exactly what serves. One batch at a time, at most --max-num-seqs rows."""
         import torch
-        assert not do_sample and input_ids.shape[1] + max_new_tokens <= self.max_len
+        assert not do_sample, "greedy only: the lesson verifies with greedy decoding"
+        if input_ids.shape[1] + max_new_tokens > self.max_len:
+            raise lesson.UsageError(f"the prompt to verify ({input_ids.shape[1]} tokens) + {max_new_tokens} tokens "
+                                    f"do not fit the {self.max_len - 1} positions of --max-model-len; give a shorter "
+                                    "--prompt or a larger --max-model-len.")
         if len(input_ids) > self.rows:             # more prompts than rows: one batch of rows after another
             parts = [self.generate(input_ids[i:i + self.rows], attention_mask[i:i + self.rows], max_new_tokens,
                                    pad_token_id, False, min_new_tokens, output_logits, True)
