@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """extensions/compare.py — 第十节: every deployment mode on the same model and prompts, in one table, JSON and chart.
 
-Each mode is the lesson (ds_bnb_infer.py) or extensions/fast_decode.py run with a few flags, in a process of its own
+Each mode is the lesson (ds_bnb_infer.py), extensions/fast_decode.py or static_generate.py run with a few flags, in a process of its own
 (no mode inherits another's GPU memory or compiled kernels), verified as always; a mode that fails is a row that says
 why. On top of each run's own report this file measures the device's memory bandwidth once, so that every row gets
 its MBU (model bandwidth utilisation: achieved GB/s over the bandwidth) and its roofline (the decode tok/s that
@@ -27,14 +27,17 @@ sys.path.insert(0, ROOT)
 import ds_bnb_infer as lesson  # noqa: E402
 
 LESSON, FAST = os.path.join(ROOT, "ds_bnb_infer.py"), os.path.join(ROOT, "extensions", "fast_decode.py")
+STATIC = os.path.join(ROOT, "extensions", "static_generate.py")
 # mode -> (script, flags). Injection runs with --no-fallback, so that a failed injection is a failed row rather than
-# a second copy of "ds". The "-compile" modes are extensions/fast_decode.py (static KV cache, CUDA graphs).
+# a second copy of "ds". The "-compile" modes are extensions/fast_decode.py (static KV cache, CUDA graphs);
+# "hf-static" is transformers' own generate() on a static cache (extensions/static_generate.py).
 MODES = {
     "hf": (LESSON, ["--backend", "hf"]),
     "ds": (LESSON, ["--backend", "deepspeed", "--no-kernel-inject"]),
     "ds-inject": (LESSON, ["--backend", "deepspeed", "--kernel-inject", "--no-fallback"]),
     "ds-8bit": (LESSON, ["--backend", "deepspeed", "--quant", "8bit"]),
     "ds-4bit": (LESSON, ["--backend", "deepspeed", "--quant", "4bit"]),
+    "hf-static": (STATIC, ["--backend", "hf"]),
     "hf-compile": (FAST, ["--backend", "hf"]),
     "hf-8bit-compile": (FAST, ["--backend", "hf", "--quant", "8bit"]),
     "hf-8bit-t0-compile": (FAST, ["--backend", "hf", "--quant", "8bit", "--int8-threshold", "0"]),

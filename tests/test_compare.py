@@ -14,13 +14,14 @@ def compare(*args, **kw):
 
 def test_compare_runs_each_mode_and_reports_failures(tmp_path):
     r = compare("--model", "random:tiny", "--max-new-tokens", "8", "--iters", "2", "--warmup", "0",
-                "--modes", "hf,ds-4bit,ds-inject,hf-compile,hf-8bit-t0-compile", "--json", str(tmp_path / "c.json"),
+                "--modes", "hf,ds-4bit,ds-inject,hf-static,hf-compile,hf-8bit-t0-compile", "--json", str(tmp_path / "c.json"),
                 "--plot", str(tmp_path / "c.png"))
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "c.json").read_text())
     assert {"card", "date", "versions", "bandwidth_gb_s", "rows"} <= set(result) and result["bandwidth_gb_s"] > 0
     rows = {row["mode"]: row for row in result["rows"]}
-    assert list(rows) == ["hf", "ds-4bit", "ds-inject", "hf-compile", "hf-8bit-t0-compile"]
+    assert list(rows) == ["hf", "ds-4bit", "ds-inject", "hf-static", "hf-compile", "hf-8bit-t0-compile"]
+    assert rows["hf-static"]["decode"] == "static-generate" and rows["hf-static"]["verified"] is True
     assert rows["ds-inject"]["status"] == "failed"
     assert "kernel_inject on cannot be used" in rows["ds-inject"]["reason"]
     assert rows["hf"]["verified"] == "reference" and rows["ds-4bit"]["verified"] is True
@@ -59,3 +60,11 @@ def test_bad_input_is_one_sentence(tiny, args, words):
 def test_plot_without_matplotlib_is_one_sentence(tiny):
     r = compare(*tiny, "--modes", "hf", "--plot", "x.png", prelude=HIDE.format(name="matplotlib"))
     assert r.returncode == 2 and "pip install matplotlib" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_static_generate_refuses_tensor_parallel():
+    import dataclasses
+    import ds_bnb_infer as m
+    from extensions.static_generate import StaticGenerate
+    with pytest.raises(m.UsageError, match="drop --tp-size"):
+        StaticGenerate.validate(dataclasses.replace(m.DeployConfig(), tp_size=2))
