@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""extensions/tp_quant.py — 第十节: bitsandbytes 8-bit and 4-bit under DeepSpeed AutoTP tensor parallel.
+
+The lesson (ds_bnb_infer.py) refuses --quant with --tp-size > 1: AutoTP slices a weight matrix, and bitsandbytes'
+packed weights are not plain matrices (slicing them fails with "expected m1 and m2 to have the same dtype"). This
+file shards first, then quantizes: the model is loaded unquantized, deepspeed.init_inference shards it (q, k, v,
+gate, up: column-parallel LinearLayer; o, down: row-parallel LinearAllreduce, an all-reduce after the matmul), and
+each rank's slice is quantized by bitsandbytes into the module transformers would have used (Linear4bit,
+Linear8bitLt). The all-reduce stays in the model's dtype and a bias is added after it, once.
+
+Every shard holds the very values the unsharded quantized layer holds, which is what lets tp N be checked against
+tp 1 with a rounding tolerance:
+  4-bit (nf4, blocks of 64 consecutive weights of the row-major matrix): with in_features / N a multiple of 64, a
+    shard's blocks are blocks of the whole matrix, so its codes and block scales are tp 1's. Double quantization
+    then compresses the block scales around their mean in groups of 256 - statistics of the whole matrix - so the
+    ranks exchange their scales once, compress them as tp 1 does, and keep their own slice (as fp32 scales).
+  8-bit (LLM.int8: each weight row and each token's activations scaled by their absmax): a row-parallel shard sees
+    part of each row, so the ranks take the MAX of their row (once) and token (each call) absmaxes; the outlier
+    columns of LLM.int8 are chosen column by column, so a shard's are exactly tp 1's within its slice.
+
+  deepspeed --num_gpus=2 extensions/tp_quant.py --tp-size 2 --model random:llama-2-7b --quant 4bit
+  deepspeed --num_gpus=2 extensions/tp_quant.py --tp-size 2 --model random:tiny --quant 8bit --dtype fp32  # CPU
+
+Verification: rank 0 loads the same model quantized by the lesson at tp 1 on the CPU; the engine must match it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ds_bnb_infer as lesson  # noqa: E402
+
+BLOCK = 64            # bitsandbytes' 4-bit block size (the lesson's BitsAndBytesConfig default)
+
+def tolerance(quant: str, dtype) -> float:
+    """The rounding tolerance against tp 1: the shards hold tp 1's values and tp only reorders sums. 4-bit rounds
+    each shard's partial sum to bf16 (its compute dtype); 8-bit sums int32 exactly, then rounds in the model's
+    dtype (fp32: 1e-4 - measured 2e-7 - which is what catches a shard taking another bitsandbytes path)."""
+    import torch
+    return lesson.KERNEL_TOL["bf16" if quant == "4bit" else {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
+        dtype, "fp32")]
+
+
+# ---- Quantizing one rank's slice to the unsharded layer's values (pure functions: tests call them directly) ----
+
+def nf4_shard(w, gather, rank: int, row_parallel: bool):
+    """(packed codes, QuantState) of this rank's slice `w`, dequantizing exactly as the unsharded layer quantized
+    by the lesson (nf4, double quant). `gather(absmax)` returns every rank's block scales, in rank order."""
+    import torch
+    import bitsandbytes.functional as F
+    packed, state = F.quantize_4bit(w, blocksize=BLOCK, compress_statistics=False, quant_type="nf4")
+    parts = gather(state.absmax)
+    rows = w.shape[0]
+    # The whole matrix's block scales in its row-major order: a row-parallel shard holds a band of each row.
+    full = torch.cat([p.view(rows, -1) for p in parts], 1).flatten() if row_parallel else torch.cat(parts)
+    offset = full.mean()                                   # as quantize_4bit(compress_statistics=True), then
+    qabsmax, state2 = F.quantize_blockwise(full - offset, blocksize=256)
+    absmax = F.dequantize_blockwise(qabsmax, state2)       # as dequantize_4bit does with a nested state
+    absmax += offset
+    mine = absmax.view(rows, -1).chunk(len(parts), 1)[rank] if row_parallel else absmax.chunk(len(parts))[rank]
+    state.absmax = mine.float().contiguous().flatten()
+    return packed, state
+
+def int8_rows(w, row_absmax=None):
+    """(CB, SCB) as bitsandbytes' Int8Params quantizes `w`: each fp16 row scaled by its absmax. `row_absmax`, the
+    whole row's (a row-parallel shard holds part of it), rides in an appended column, so that bitsandbytes' own
+    quantizer scales by it and rounds as it does for the unsharded layer."""
+    import torch
+    import bitsandbytes.functional as F
+    w16 = w.to(torch.float16)
+    if row_absmax is not None:
+        w16 = torch.cat([w16, row_absmax.to(torch.float16)[:, None]], 1)
+    cb, scb, _ = F.int8_vectorwise_quant(w16)
+    return cb[:, :w.shape[1]].contiguous(), scb
+
+
+# ---- The sharded linear with a bitsandbytes matmul ----
+
+@functools.cache
+def shard_class():
+    """The module replacing an AutoTP linear (defined on first use: torch loads only when a run needs it)."""
+    import torch
+    from deepspeed import comm as dist
+
+    class QuantShard(torch.nn.Module):
+        """x -> bitsandbytes matmul of this rank's slice -> all-reduce (row-parallel) -> + bias, once."""
+
+        def __init__(self, linear, bias, group, token_scale: bool, threshold: float):
+            super().__init__()
+            self.linear, self.bias, self.group = linear, bias, group        # group None: column-parallel
+            self.token_scale, self.threshold = token_scale, threshold
+
+        def forward(self, x):
+            if self.token_scale:
+                # LLM.int8 scales each token by its absmax over all in_features (outliers >= threshold left out);
+                # this shard sees a slice: the MAX over the ranks is tp 1's scale, handed to bitsandbytes as an
+                # extra column (below the threshold: never an outlier; its weight column is 0). Exact in x.dtype:
+                # the absmax is one of x's own values.
+                a = x.to(torch.float16).abs()
+                if self.threshold > 0:
+                    a = a.masked_fill(a >= self.threshold, 0)
+                scale = a.amax(-1, keepdim=True).float()
+                dist.all_reduce(scale, op=dist.ReduceOp.MAX, group=self.group)
+                x = torch.cat([x, scale.to(x.dtype), x.new_zeros(*x.shape[:-1], 3)], -1)
+            out = self.linear(x)
+            if self.group is not None:
+                dist.inference_all_reduce(out, group=self.group)     # in the model's dtype, as AutoTP's own
+            return out if self.bias is None else out + self.bias
+    return QuantShard
+
+def quantize_layer(layer, quant: str, threshold: float):
+    """The QuantShard for one AutoTP linear (LinearLayer: column-parallel; LinearAllreduce: row-parallel)."""
+    import torch
+    import bitsandbytes as bnb
+    from deepspeed import comm as dist
+    from deepspeed.module_inject.layers import LinearAllreduce
+    row, group, w = isinstance(layer, LinearAllreduce), layer.mp_group, layer.weight.data
+    rank, ranks = dist.get_rank(group), dist.get_world_size(group)
+    if len(set(layer._partition_sizes)) > 1 or w.shape[1] % BLOCK:
+        raise lesson.UsageError(f"{layer.name or 'a linear'} splits into shards {layer._partition_sizes} with "
+                                f"{w.shape[1]} input features each; quantized tensor parallel needs equal shards and "
+                                f"in_features / tp a multiple of {BLOCK}: pick another --tp-size.")
+    out, inp = w.shape
+    if quant == "4bit":
+        def gather(t):
+            parts = [torch.empty_like(t) for _ in range(ranks)]
+            dist.all_gather(parts, t.contiguous(), group=group)
+            return parts
+        packed, state = nf4_shard(w, gather, rank, row)
+        linear = bnb.nn.Linear4bit(inp, out, bias=False, compute_dtype=torch.bfloat16, compress_statistics=False,
+                                   quant_type="nf4", device="meta")   # bf16 as the lesson's bnb_config
+        linear.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCK,
+                                          compress_statistics=False, quant_type="nf4", bnb_quantized=True,
+                                          module=linear)
+        linear.quant_state = state
+    else:
+        row_absmax = None
+        if row:                                   # the whole row's absmax: the MAX over the ranks' parts
+            row_absmax = w.to(torch.float16).abs().amax(1).float()
+            dist.all_reduce(row_absmax, op=dist.ReduceOp.MAX, group=group)
+        cb, scb = int8_rows(w, row_absmax)
+        if row:        # the token-scale column (QuantShard.forward), 3 zeros: cuBLASLt's int8 needs k % 4 == 0
+            cb = torch.cat([cb, cb.new_zeros(out, 4)], 1)
+        linear = bnb.nn.Linear8bitLt(cb.shape[1], out, bias=False, has_fp16_weights=False, threshold=threshold,
+                                     device="meta")
+        linear.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+    # eval(): a new module is in training mode, where bitsandbytes takes other paths (8-bit on a CPU: dequantize
+    # and matmul in floating point), not the ones the unsharded model runs.
+    return shard_class()(linear, layer.bias, group if row else None, row and quant == "8bit", threshold).eval()
+
+def quantize_shards(module, quant: str, threshold: float) -> int:
+    """Replace every AutoTP linear but the output head (transformers leaves lm_head unquantized) by its
+    QuantShard; returns how many."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+    head, count = module.get_output_embeddings(), 0
+    for name, child in list(module.named_modules()):
+        if isinstance(child, (LinearLayer, LinearAllreduce)) and child is not head:
+            parent, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent), attr, quantize_layer(child, quant, threshold))
+            count += 1
+    lesson.free_memory()
+    return count
+
+
+# ---- The run: the lesson's steps, with the quantization after the sharding ----
+
+def validate(config) -> None:
+    """Refuse what this file does not do, before anything is loaded; the rest is the lesson's validate()."""
+    if config.quant == "none":
+        raise lesson.UsageError("tp_quant.py runs --quant 8bit or 4bit; for unquantized tensor parallel run "
+                                "ds_bnb_infer.py --tp-size N.")
+    if config.tp_size == 1:
+        raise lesson.UsageError("--tp-size 1 shards nothing: use ds_bnb_infer.py --quant "
+                                f"{config.quant} (bitsandbytes on one device).")
+    if config.backend != "deepspeed" or config.kernel_inject:
+        raise lesson.UsageError("tp_quant.py shards with DeepSpeed AutoTP, without kernel injection; drop "
+                                "--backend hf and --kernel-inject.")
+    if config.int8_threshold != lesson.DeployConfig.int8_threshold and config.quant != "8bit":
+        raise lesson.UsageError("--int8-threshold applies to --quant 8bit only; add --quant 8bit or drop it.")
+    import torch
+    lesson.validate(dataclasses.replace(config, quant="none", int8_threshold=lesson.DeployConfig.int8_threshold),
+                    lesson.dist_env(config)[2], torch.cuda.is_available())
+
+def reference(config, inputs, device: str) -> dict:
+    """The same model quantized by the lesson at tp 1 (transformers + bitsandbytes), built and run on rank 0's
+    device (the presets' random weights are drawn there, as for the sharded model) and freed; its greedy tokens
+    and logits go to every rank, so that all take the same pass/fail decision."""
+    import torch.distributed as tdist
+    ref = [None]
+    if tdist.get_rank() == 0:
+        model = lesson.load_model(dataclasses.replace(config, tp_size=1), config.quant, device)
+        ref[0] = dict(lesson.greedy_with_logits(model, inputs),
+                      of=f"the same model quantized {config.quant} at tp 1 (rank 0, {device})")
+        del model
+        lesson.free_memory()
+    tdist.broadcast_object_list(ref, src=0)
+    return ref[0]
+
+def init_engine(config) -> tuple:
+    """(engine, tokenizer, info): load unquantized, shard (init_inference), quantize each shard, verify."""
+    import deepspeed
+    import torch
+    rank, local, _ = lesson.dist_env(config)
+    on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    device, seconds = f"cuda:{local}" if on_gpu else "cpu", {}
+    tokenizer, prompts = lesson.load_tokenizer(config), lesson.load_prompts(config)
+    max_positions = lesson.check_positions(config, tokenizer, prompts)
+    if on_gpu:
+        torch.cuda.set_device(device)
+    with contextlib.redirect_stdout(sys.stderr):
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    enc = tokenizer(lesson.as_chat(tokenizer, prompts[:4]), return_tensors="pt", padding=True)
+    inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+    if config.verify:
+        with lesson.step_timer(seconds, "reference", f"the model quantized {config.quant} at tp 1 on rank 0"):
+            ref = reference(config, inputs, device)
+    with lesson.step_timer(seconds, "load", f"{config.model_name} unquantized, whole, on every rank's CPU"):
+        model = lesson.load_model(config, "none", device)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    with lesson.step_timer(seconds, "init_inference", f"AutoTP shards over {config.tp_size} ranks"), \
+            lesson.keep_model_as_loaded(), contextlib.redirect_stdout(sys.stderr):
+        engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=False,
+                                          tensor_parallel={"tp_size": config.tp_size}, max_tokens=max_positions)
+    with lesson.step_timer(seconds, "quantize", f"each rank's shards to {config.quant}"):
+        count = quantize_shards(engine.module, config.quant, config.int8_threshold)
+    notes = [f"{count} linears sharded, then quantized {config.quant} per rank (lm_head stays unquantized, as at "
+             "tp 1)"] + ([] if on_gpu else ["tensor parallel on CPU ranks (gloo) shows the sharding; the speed is "
+                                             "for GPUs (第六节)"])
+    result = None
+    if config.verify:
+        with lesson.step_timer(seconds, "verify", f"the engine against {ref['of']}"):
+            result = lesson.verify(engine, inputs, ref, tolerance(config.quant, dtype))
+        if not result["passed"]:
+            raise lesson.RunFailure("its output differs from tp 1's quantized model: " + result["summary"])
+    return engine, tokenizer, lesson.EngineInfo(device, "deepspeed", config.quant, str(dtype).replace("torch.", ""),
+                                                False, "generate", [], notes, result, seconds)
+
+def run(config, decoder=None) -> int:
+    """The lesson's run() with this init_engine: measure, report, JSON, a clean exit of every rank."""
+    import torch
+    validate(config)
+    rank, _, world_size = lesson.dist_env(config)
+    prompts = lesson.load_prompts(config)
+    engine, tokenizer, info = init_engine(config)
+    loading_peak = lesson.gpu_mem_gb()["peak_allocated"]
+    result = lesson.measure(engine, tokenizer, prompts, config, world_size)
+    memory = [dict(lesson.gpu_mem_gb(), loading_peak_allocated=loading_peak)] * world_size
+    torch.distributed.all_gather_object(memory, memory[0])
+    report = lesson.build_report(config, info, prompts, result, memory, world_size)
+    lesson.print0(lesson.render(report))
+    if config.json_path and rank == 0:
+        lesson.write_json(report, config.json_path)
+    torch.distributed.destroy_process_group()
+    return 0
+
+def main(argv=None) -> int:
+    return lesson.main(argv, prog="extensions/tp_quant.py", job=run)
+
+if __name__ == "__main__":
+    sys.exit(main())
