@@ -93,6 +93,17 @@ def decode_step(model, device, mode: str | None = None) -> tuple:
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False), mode
     return step, mode
 
+def release_step(step, mode: str) -> None:
+    """Free what decode_step() captured, then wait for the GPU; before the ranks leave, graphs that captured NCCL
+    calls must be gone, or NCCL's teardown waits for them forever (GraphStep.release)."""
+    import torch
+    if isinstance(step, GraphStep):
+        step.release()
+    elif mode == "compiled":
+        torch._dynamo.reset()                     # drops the compiled step and its CUDA graphs (cudagraph trees)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
 class FastGreedy:
     """Greedy decoding written out (gpt-fast's recipe) behind transformers' generate() interface.
 
@@ -133,16 +144,9 @@ class FastGreedy:
         return bool(ended)
 
     def close(self) -> None:
-        """Free the CUDA graphs and caches before the ranks leave (the lesson calls this before it destroys the
-        process group): graphs that captured NCCL calls keep NCCL's teardown waiting forever (GraphStep.release)."""
-        import torch
-        if isinstance(self.step, GraphStep):
-            self.step.release()
-        elif self.mode == "compiled":
-            torch._dynamo.reset()                 # drops the compiled step and its CUDA graphs (cudagraph trees)
+        """Free the CUDA graphs and caches (the lesson calls this before it destroys the process group)."""
+        release_step(self.step, self.mode)
         self.caches.clear()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
 
     def __call__(self, **inputs):
         return self.module(**inputs)

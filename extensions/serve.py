@@ -39,7 +39,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
-from extensions.fast_decode import decode_step, forward_last  # noqa: E402
+from extensions.fast_decode import decode_step, forward_last, release_step  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model side: rows of one static KV cache, a request per row, stepped together (the same on every rank).
@@ -137,15 +137,8 @@ class SlotBatch:
         return logits
 
     def close(self) -> None:
-        """Free the captured step before the ranks leave: a CUDA graph that captured NCCL calls keeps NCCL's
-        teardown waiting (extensions/fast_decode.py, GraphStep.release)."""
-        import torch
-        if hasattr(self.step_fn, "release"):
-            self.step_fn.release()
-        elif self.mode == "compiled":
-            torch._dynamo.reset()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        """Free the captured step before the ranks leave (fast_decode.py's release_step says why)."""
+        release_step(self.step_fn, self.mode)
 
     # The lesson's verification calls the decoder as it calls a model: a forward, and generate().
     def __call__(self, **inputs):
