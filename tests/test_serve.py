@@ -340,3 +340,26 @@ def test_gpu_step_modes_serve_verified_batched_answers(decode):
     assert [a["usage"]["completion_tokens"] for a in alone] == sizes
     assert [r.json()["choices"][0]["text"] for r in together] == [a["choices"][0]["text"] for a in alone]
     assert code == 0, s.stderr[-2000:]
+
+
+def test_load_generator_reports_each_level_and_checks_the_answers(server, tmp_path):
+    """extensions/bench_serve.py against the server: every level's counts, rates and latency percentiles, each answer
+    checked against its prompt sent alone (fp32 on a CPU: equal), nothing mixed up; bad flags and a server that is
+    not there are one sentence."""
+    bench = ROOT / "extensions" / "bench_serve.py"
+    r = run_cli("--url", server.url, "--concurrency", "1", "12", "--requests", "3", "12", "--max-tokens", "40",
+                "--distinct", "3", "--json", str(tmp_path / "b.json"), script=bench)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "b.json").read_text())
+    one, many = report["levels"]
+    assert report["server"]["model"] == "random:tiny" and report["settings"]["max_tokens"] == 40
+    assert (one["ok"], one["rejected_429"], one["failed"]) == (3, 0, 0) and one["answers_equal_alone"] == 3
+    assert many["ok"] + many["rejected_429"] == 12 and many["rejected_429"] >= 1 and many["failed"] == 0
+    assert many["answers_equal_alone"] == many["ok"] and many["answers_mixed_up"] == 0
+    for level in (one, many):
+        assert level["output_tokens_per_s"] > 0 and 0 < level["ttft_s"]["p50"] <= level["ttft_s"]["p99"]
+        assert level["tpot_s"]["p50"] > 0 and level["itl_s"]["p50"] > 0
+    bad = run_cli("--requests", "0", script=bench)
+    assert bad.returncode == 2 and "--requests values must be at least 1" in bad.stderr
+    gone = run_cli("--url", f"http://127.0.0.1:{free_port()}", "--requests", "1", script=bench)
+    assert gone.returncode == 1 and "is the server running" in gone.stderr and "Traceback" not in gone.stderr
