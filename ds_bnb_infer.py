@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -757,15 +758,14 @@ def versions() -> dict:
 
 def build_report(config: DeployConfig, info: EngineInfo, prompts, result, memory, world_size) -> dict:
     import torch
-    device = info.device
     outputs = [{"prompt": p, "text": t, "new_tokens": n}          # the first iteration's batches
                for r, b in zip(result["runs"], batches_of(prompts, config.batch_size))
                for p, t, n in zip(b, r["texts"], r["new_tokens"])]
     per_run = [{k: r[k] for k in ("latency_s", "ttft_s", "new_tokens", "steps", "prompt_tokens")}
                for r in result["runs"]]
-    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
+    gpu = torch.cuda.get_device_name(info.device) if info.device.startswith("cuda") else None
     return {"config": dataclasses.asdict(config), "versions": versions(),
-            "hardware": {"device": device.split(":")[0], "gpu": gpu, "world_size": world_size,
+            "hardware": {"device": info.device.split(":")[0], "gpu": gpu, "world_size": world_size,
                          "cpu_count": os.cpu_count()},
             "engine": dataclasses.asdict(info), "metrics": dict(result["metrics"], per_run=per_run),
             "memory": {"unit": "GiB", "per_rank": memory}, "outputs": outputs,
@@ -801,10 +801,10 @@ def render(report: dict) -> str:
         gb_s = m["achieved_gb_s"]
         lines.append(f"decode {m['decode_tokens_per_s']:.1f} tok/s; each step reads {m['decode_read_gb']:.3f} GB of "
                      f"weights: {gb_s:.{0 if gb_s >= 10 else 2}f} GB/s achieved (memory bandwidth is the ceiling)")
-    lines += [f"rank {rank} GPU memory: peak allocated {mem['peak_allocated']:.2f} GiB, peak reserved "
-              f"{mem['peak_reserved']:.2f} GiB (timed runs); peak allocated {mem['loading_peak_allocated']:.2f} GiB "
-              "while loading and verifying" for rank, mem in enumerate(report["memory"]["per_rank"])
-              if mem["peak_allocated"] is not None]
+    lines += [f"rank {rank} host memory: peak RSS {mem['host_peak_rss']:.2f} GiB" + ("" if mem["peak_allocated"] is None
+              else f"; GPU memory: peak allocated {mem['peak_allocated']:.2f} GiB (timed runs), "
+              f"{mem['loading_peak_allocated']:.2f} GiB (load, verify); peak reserved {mem['peak_reserved']:.2f} GiB")
+              for rank, mem in enumerate(report["memory"]["per_rank"])]
     lines += [f"fallback {f['what']}: {f['from']} -> {f['to']} ({f['reason']})" for f in e["fallbacks"]]
     return "\n".join(lines + [f"note     {n}" for n in e["notes"]])
 
@@ -848,7 +848,8 @@ def run(config: DeployConfig, decoder=None) -> int:
     engine, tokenizer, info = init_engine(config, decoder)
     loading_peak = gpu_mem_gb()["peak_allocated"]    # loading, wrapping, verifying (measure() resets the peak)
     result = measure(engine, tokenizer, prompts, config, world_size)
-    memory = [dict(gpu_mem_gb(), loading_peak_allocated=loading_peak)] * world_size    # 第八节: 每卡显存峰值
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # peak host memory, GiB (Linux counts KiB)
+    memory = [dict(gpu_mem_gb(), loading_peak_allocated=loading_peak, host_peak_rss=rss)] * world_size  # 第八节: 每卡峰值
     if world_size > 1:
         torch.distributed.all_gather_object(memory, memory[0])
     report = build_report(config, info, prompts, result, memory, world_size)
@@ -874,8 +875,7 @@ def quiet_libraries(debug: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 def main(argv=None, decoder=None, prog="ds_bnb_infer.py", job=run) -> int:
-    """The command line: parse (or take a DeployConfig), run `job` (a server passes its own), and turn every failure
-    into one sentence and an exit code."""
+    """The command line: parse (or take a DeployConfig), run `job` (a server has its own), one sentence per failure."""
     config = argv if isinstance(argv, DeployConfig) else config_from_args(argv, prog)
     quiet_libraries(config.debug)
     try:

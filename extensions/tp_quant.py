@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import resource
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -248,7 +249,8 @@ def run(config, decoder=None) -> int:
     engine, tokenizer, info = init_engine(config)
     loading_peak = lesson.gpu_mem_gb()["peak_allocated"]
     result = lesson.measure(engine, tokenizer, prompts, config, world_size)
-    memory = [dict(lesson.gpu_mem_gb(), loading_peak_allocated=loading_peak)] * world_size
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20       # as the lesson's run(): GiB
+    memory = [dict(lesson.gpu_mem_gb(), loading_peak_allocated=loading_peak, host_peak_rss=rss)] * world_size
     torch.distributed.all_gather_object(memory, memory[0])
     report = lesson.build_report(config, info, prompts, result, memory, world_size)
     lesson.print0(lesson.render(report))

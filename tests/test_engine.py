@@ -270,7 +270,9 @@ def test_cli_end_to_end_json_report_is_consistent():
     assert met["achieved_gb_s"] == pytest.approx(met["decode_read_gb"] / met["decode_s_per_token"]["p50"])
     assert [o["prompt"] for o in report["outputs"]] == ["hello", "a second, longer prompt", "3rd", "hello"]
     assert [o["new_tokens"] for o in report["outputs"]] == [n for r in runs[:2] for n in r["new_tokens"]]
-    assert report["memory"]["per_rank"] == [dict(m.gpu_mem_gb(), loading_peak_allocated=None)]
+    rss = report["memory"]["per_rank"][0]["host_peak_rss"]          # the peak host memory, in GiB (Linux: KiB)
+    assert 0.1 < rss < 64 and f"rank 0 host memory: peak RSS {rss:.2f} GiB" in m.render(report)
+    assert report["memory"]["per_rank"] == [dict(m.gpu_mem_gb(), loading_peak_allocated=None, host_peak_rss=rss)]
     assert report["hardware"]["world_size"] == 1
 
 
@@ -316,6 +318,7 @@ def test_tensor_parallel_2_cpu_ranks_equals_tp_1(tmp_path):
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     tp1, tp2 = (json.loads((tmp_path / f).read_text()) for f in ("tp1.json", "tp2.json"))
     assert tp2["hardware"]["world_size"] == 2 and len(tp2["memory"]["per_rank"]) == 2
+    assert all(rank["host_peak_rss"] > 0.1 for rank in tp2["memory"]["per_rank"])     # each rank's own
     assert tp2["engine"]["verify"]["passed"] and tp2["engine"]["verify"]["tolerance"] > 0
     assert [o["text"] for o in tp2["outputs"]] == [o["text"] for o in tp1["outputs"]]
     assert "AutoTP" in r2.stderr                                    # the layers really were sharded
