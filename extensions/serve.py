@@ -647,6 +647,10 @@ def serve(args, config: lesson.DeployConfig, _decoder=None) -> int:
     for name, low in [("port", 0), ("max_num_seqs", 1), ("max_queue", 1), ("max_model_len", 2)]:
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise lesson.UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}.")
+    on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if args.decode in ("compiled", "cuda-graph") and not on_gpu:
+        raise lesson.UsageError(f"--decode {args.decode} captures CUDA graphs and needs a GPU; on a CPU use "
+                                "--decode eager (or auto).")
     if rank == 0:
         missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
         if missing:

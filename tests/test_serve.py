@@ -310,7 +310,8 @@ def test_cli_refusals_are_one_sentence(tmp_path):
              (["--port", str(busy.getsockname()[1])], "pick another --port"),
              (["--max-model-len", "99999"], "beyond the model's 2048 positions"),
              (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
-             (["--max-model-len", "20", "--max-new-tokens", "8"], "larger --max-model-len")]
+             (["--max-model-len", "20", "--max-new-tokens", "8"], "larger --max-model-len"),
+             (["--device", "cpu", "--decode", "cuda-graph"], "needs a GPU; on a CPU use --decode eager")]
     for args, words in cases:
         r = run_cli("--model", "random:tiny", *args, script=SERVE)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-800:])
