@@ -839,7 +839,7 @@ def write_json(report: dict, path: str) -> None:
 # main (第三节 快速开始; 第六节: `deepspeed --num_gpus=N` starts it on every rank): validate -> init_engine ->
 # measure -> report. Errors: one sentence and exit 2 (bad input) or 1 (the run failed); Ctrl-C: exit 130.
 
-def run(config: DeployConfig, decoder=None) -> int:
+def run(config: DeployConfig, decoder=None, init_engine=init_engine) -> int:   # an extension may build its own
     import torch
     rank, _, world_size = dist_env(config)
     validate(config, world_size, torch.cuda.is_available())

@@ -3,10 +3,10 @@
 
 The lesson (ds_bnb_infer.py) refuses --quant with --tp-size > 1: AutoTP slices a weight matrix, and bitsandbytes'
 packed weights are not plain matrices (slicing them fails with "expected m1 and m2 to have the same dtype"). This
-file shards first, then quantizes: the model is loaded unquantized, deepspeed.init_inference shards it (q, k, v,
-gate, up: column-parallel LinearLayer; o, down: row-parallel LinearAllreduce, an all-reduce after the matmul), and
-each rank's slice is quantized by bitsandbytes into the module transformers would have used (Linear4bit,
-Linear8bitLt). The all-reduce stays in the model's dtype and a bias is added after it, once.
+file shards first, then quantizes: deepspeed.init_inference shards the unquantized model, each rank building only
+its own shards (tp_load.py) - q, k, v, gate, up: column-parallel LinearLayer; o, down: row-parallel LinearAllreduce,
+an all-reduce after the matmul - and each rank's slice is quantized by bitsandbytes into the module transformers
+would have used (Linear4bit, Linear8bitLt). The all-reduce stays in the model's dtype; a bias is added after it, once.
 
 Every shard holds the very values the unsharded quantized layer holds, which is what lets tp N be checked against
 tp 1 with a rounding tolerance:
@@ -21,7 +21,8 @@ tp 1 with a rounding tolerance:
   deepspeed --num_gpus=2 extensions/tp_quant.py --tp-size 2 --model random:llama-2-7b --quant 4bit
   deepspeed --num_gpus=2 extensions/tp_quant.py --tp-size 2 --model random:tiny --quant 8bit --dtype fp32  # CPU
 
-Verification: rank 0 loads the same model quantized by the lesson at tp 1 on the CPU; the engine must match it.
+Verification: rank 0 quantizes the same model's first layers as the lesson does at tp 1 (tp_load.py's method, for
+models no one device holds); the engine, cut to that depth, must match it.
 """
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ import functools
 import os
 import resource
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
+from extensions import tp_load  # noqa: E402
 
 BLOCK = 64            # bitsandbytes' 4-bit block size (the lesson's BitsAndBytesConfig default)
 
@@ -186,16 +189,22 @@ def validate(config) -> None:
     lesson.validate(dataclasses.replace(config, quant="none", int8_threshold=lesson.DeployConfig.int8_threshold),
                     lesson.dist_env(config)[2], torch.cuda.is_available())
 
-def reference(config, inputs, device: str) -> dict:
-    """The same model quantized by the lesson at tp 1 (transformers + bitsandbytes), built and run on rank 0's
-    device (the presets' random weights are drawn there, as for the sharded model) and freed; its greedy tokens
-    and logits go to every rank, so that all take the same pass/fail decision."""
+def reference(config, inputs, device: str, dtype) -> dict:
+    """Rank 0: the model's first layers (tp_load.py's unsharded_prefix: embeddings, final norm and head included)
+    quantized by the lesson at tp 1 - saved, then loaded by transformers with the lesson's BitsAndBytesConfig, as the
+    lesson quantizes a preset - and run on its device; its greedy tokens and logits go to every rank, so that all
+    take the same pass/fail decision. The depth makes this possible for models no one device holds (README 第六节)."""
     import torch.distributed as tdist
     ref = [None]
     if tdist.get_rank() == 0:
-        model = lesson.load_model(dataclasses.replace(config, tp_size=1), config.quant, device)
-        ref[0] = dict(lesson.greedy_with_logits(model, inputs),
-                      of=f"the same model quantized {config.quant} at tp 1 (rank 0, {device})")
+        model, layers, whole = tp_load.unsharded_prefix(config, device, dtype)
+        with tempfile.TemporaryDirectory(prefix="tp_quant-") as tmp:
+            model.save_pretrained(tmp)
+            del model
+            lesson.free_memory()
+            model = lesson.load_model(dataclasses.replace(config, model_name=tmp, tp_size=1), config.quant, device)
+        ref[0] = dict(lesson.greedy_with_logits(model, inputs), layers=layers,
+                      of=f"layers 1-{layers} of {whole} quantized {config.quant} at tp 1 (rank 0, {device})")
         del model
         lesson.free_memory()
     tdist.broadcast_object_list(ref, src=0)
@@ -216,16 +225,13 @@ def init_engine(config) -> tuple:
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     enc = tokenizer(lesson.as_chat(tokenizer, prompts[:4]), return_tensors="pt", padding=True)
     inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+    dtype = tp_load.dtype_of(config, on_gpu)
     if config.verify:
-        with lesson.step_timer(seconds, "reference", f"the model quantized {config.quant} at tp 1 on rank 0"):
-            ref = reference(config, inputs, device)
-    with lesson.step_timer(seconds, "load", f"{config.model_name} unquantized, whole, on every rank's CPU"):
-        model = lesson.load_model(config, "none", device)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    with lesson.step_timer(seconds, "init_inference", f"AutoTP shards over {config.tp_size} ranks"), \
-            lesson.keep_model_as_loaded(), contextlib.redirect_stdout(sys.stderr):
-        engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=False,
-                                          tensor_parallel={"tp_size": config.tp_size}, max_tokens=max_positions)
+        with lesson.step_timer(seconds, "reference", f"the first layers quantized {config.quant} at tp 1 on rank 0"):
+            ref = reference(config, inputs, device, dtype)
+    with lesson.step_timer(seconds, "load", f"{config.model_name} unquantized: AutoTP shards a skeleton over "
+                                            f"{config.tp_size} ranks, each fills its own shards (tp_load.py)"):
+        engine = tp_load.sharded_engine(config, device, dtype, max_positions)
     with lesson.step_timer(seconds, "quantize", f"each rank's shards to {config.quant}"):
         count = quantize_shards(engine.module, config.quant, config.int8_threshold)
     notes = [f"{count} linears sharded, then quantized {config.quant} per rank (lm_head stays unquantized, as at "
@@ -233,7 +239,8 @@ def init_engine(config) -> tuple:
                                              "for GPUs (第六节)"])
     result = None
     if config.verify:
-        with lesson.step_timer(seconds, "verify", f"the engine against {ref['of']}"):
+        with lesson.step_timer(seconds, "verify", f"the engine at depth {ref['layers']} against {ref['of']}"), \
+                tp_load.depth(engine.module, ref["layers"]):
             result = lesson.verify(engine, inputs, ref, tolerance(config.quant, dtype))
         if not result["passed"]:
             raise lesson.RunFailure("its output differs from tp 1's quantized model: " + result["summary"])

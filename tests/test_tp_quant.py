@@ -91,7 +91,7 @@ def test_two_cpu_ranks_quantized_verified_against_tp1_with_its_texts(quant, thre
     engine, verify = report["engine"], report["engine"]["verify"]
     assert report["hardware"]["world_size"] == 2 and engine["quant"] == quant and "14 linears" in engine["notes"][0]
     assert verify["passed"] and verify["tolerance"] == m.KERNEL_TOL["bf16" if quant == "4bit" else "fp32"] and verify["greedy_tokens_matching"] == 16
-    assert verify["reference"] == f"the same model quantized {quant} at tp 1 (rank 0, cpu)"
+    assert verify["reference"] == f"layers 1-2 of 2 quantized {quant} at tp 1 (rank 0, cpu)"
     assert [o["text"] for o in report["outputs"]] == _tp1_texts(quant, threshold, prompts, new_tokens)
     assert (r.stdout + r.stderr).count("exits successfully") == 2
 
