@@ -28,6 +28,7 @@ import ds_bnb_infer as lesson  # noqa: E402
 
 LESSON, FAST = os.path.join(ROOT, "ds_bnb_infer.py"), os.path.join(ROOT, "extensions", "fast_decode.py")
 STATIC = os.path.join(ROOT, "extensions", "static_generate.py")
+BNB = os.path.join(ROOT, "extensions", "bnb_settings.py")
 # mode -> (script, flags). Injection runs with --no-fallback, so that a failed injection is a failed row rather than
 # a second copy of "ds". The "-compile" modes are extensions/fast_decode.py (static KV cache, CUDA graphs);
 # "hf-static" is transformers' own generate() on a static cache (extensions/static_generate.py).
@@ -42,6 +43,15 @@ MODES = {
     "hf-8bit-compile": (FAST, ["--backend", "hf", "--quant", "8bit"]),
     "hf-8bit-t0-compile": (FAST, ["--backend", "hf", "--quant", "8bit", "--int8-threshold", "0"]),
     "hf-4bit-compile": (FAST, ["--backend", "hf", "--quant", "4bit"]),
+    # bitsandbytes' 4-bit settings (extensions/bnb_settings.py: the lesson's nf4 + double quant + bf16, one changed)
+    # and torch.compile of the quantized step (bitsandbytes >= 0.46) instead of the CUDA graph fast_decode.py picks.
+    "hf-4bit-fp4-compile": (BNB, ["--backend", "hf", "--quant", "4bit", "--fast-decode", "--bnb-quant-type", "fp4"]),
+    "hf-4bit-nodq-compile": (BNB, ["--backend", "hf", "--quant", "4bit", "--fast-decode", "--bnb-double-quant", "off"]),
+    "hf-4bit-fp16-compile": (BNB, ["--backend", "hf", "--quant", "4bit", "--fast-decode", "--bnb-compute-dtype",
+                                   "fp16"]),
+    "hf-4bit-torch-compile": (FAST, ["--backend", "hf", "--quant", "4bit"], {"FAST_DECODE_MODE": "compiled"}),
+    "hf-8bit-t0-torch-compile": (FAST, ["--backend", "hf", "--quant", "8bit", "--int8-threshold", "0"],
+                                 {"FAST_DECODE_MODE": "compiled"}),
 }
 SET_BY_MODES = ["backend", "quant", "int8_threshold", "kernel_inject", "fallback"]
 
@@ -102,10 +112,13 @@ def copy_bandwidth_gb_s(device: str) -> float:
 
 def run_mode(name: str, rest: list[str], path: str) -> tuple[int, list[str]]:
     """Run one mode; its progress lines are shown as they come, its stderr is kept for the error line."""
-    script, flags = MODES[name]
+    script, flags, *env = MODES[name]                   # env: what a mode sets in the environment, if anything
+    env = env[0] if env else {}
     cmd = [sys.executable, script, *rest, *flags, "--json", path]
-    lesson.log(f"[compare] {name}: {os.path.relpath(script, ROOT)} {' '.join(rest + flags)}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lesson.log(f"[compare] {name}: {' '.join(f'{k}={v}' for k, v in env.items())} {os.path.relpath(script, ROOT)} "
+               f"{' '.join(rest + flags)}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
     lines = []
     for line in proc.stderr:
         lines.append(line.rstrip("\n"))
@@ -135,22 +148,24 @@ def row(name: str, code: int, stderr: list[str], path: str, bandwidth_gb_s: floa
             "roofline_decode_tokens_per_s": c["batch_size"] * bandwidth_gb_s / m["decode_read_gb"],
             "verified": e["verify"]["passed"] if e["verify"] else "reference",
             "verify": e["verify"]["summary"] if e["verify"] else "plain transformers is the reference",
-            "fallbacks": e["fallbacks"]}
+            "vs_unquantized": (e["verify"] or {}).get("vs_unquantized"), "fallbacks": e["fallbacks"]}
 
 
 def render(result: dict) -> str:
-    head = (f"{'mode':<20}{'quant':>6}{'batch':>6}{'TTFT s':>8}{'p50 s':>8}{'p95 s':>8}{'decode tok/s':>13}"
+    head = (f"{'mode':<25}{'quant':>6}{'batch':>6}{'TTFT s':>8}{'p50 s':>8}{'p95 s':>8}{'decode tok/s':>13}"
             f"{'MBU':>6}{'peak GiB':>9}  verified")
     lines = [f"compare on {result['card']} ({result['bandwidth_gb_s']:.0f} GB/s measured copy bandwidth), "
              f"{result['date']}", head]
     for r in result["rows"]:
         if r["status"] != "ok":
-            lines.append(f"{r['mode']:<20} FAILED: {r['reason']}")
+            lines.append(f"{r['mode']:<25} FAILED: {r['reason']}")
             continue
         mbu = f"{r['mbu']:.0%}" if r["mbu"] is not None else "-"
         peak = f"{r['peak_allocated_gib']:.2f}" if r["peak_allocated_gib"] is not None else "-"
-        lines.append(f"{r['mode']:<20}{r['quant']:>6}{r['batch_size']:>6}{r['ttft_s']:>8.3f}{r['p50_s']:>8.3f}"
-                     f"{r['p95_s']:>8.3f}{r['decode_tokens_per_s'] or 0:>13.1f}{mbu:>6}{peak:>9}  {r['verified']}")
+        err = r.get("vs_unquantized")
+        lines.append(f"{r['mode']:<25}{r['quant']:>6}{r['batch_size']:>6}{r['ttft_s']:>8.3f}{r['p50_s']:>8.3f}"
+                     f"{r['p95_s']:>8.3f}{r['decode_tokens_per_s'] or 0:>13.1f}{mbu:>6}{peak:>9}  {r['verified']}"
+                     + (f" (vs unquantized: rel. error {err['prefill_rel_error']:.2e})" if err else ""))
     lines.append("decode tok/s = batch / decode time per step (p50); MBU = weight bytes per step x steps/s / "
                  "bandwidth; peak GiB = peak allocated GPU memory of the timed runs")
     return "\n".join(lines)
