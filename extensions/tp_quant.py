@@ -160,14 +160,14 @@ def quantize_shards(module, quant: str, threshold: float) -> int:
     """Replace every AutoTP linear but the output head (transformers leaves lm_head unquantized) by its
     QuantShard; returns how many."""
     from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
-    head, count = module.get_output_embeddings(), 0
-    for name, child in list(module.named_modules()):
-        if isinstance(child, (LinearLayer, LinearAllreduce)) and child is not head:
-            parent, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(parent), attr, quantize_layer(child, quant, threshold))
-            count += 1
+    head = module.get_output_embeddings()
+    names = [name for name, child in module.named_modules()
+             if isinstance(child, (LinearLayer, LinearAllreduce)) and child is not head]
+    for name in names:     # by name: a list of the modules would keep every unquantized shard alive to the end
+        parent, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent), attr, quantize_layer(module.get_submodule(name), quant, threshold))
     lesson.free_memory()
-    return count
+    return len(names)
 
 
 # ---- The run: the lesson's steps, with the quantization after the sharding ----
