@@ -12,6 +12,8 @@
 #   load70b16 the same, batch 16
 #   quant70   tp_quant.py --quant 4bit, random:llama-2-70b, batch 1, generate() (no fast loop for bitsandbytes tp)
 #   quant7    tp_quant.py --quant 4bit, random:llama-2-7b, batch 1
+#   tp1pair   tp 1 baselines on one GPU each, at once: fast7tp1 (fast_decode.py, fp16, 128 tokens) and lesson7q
+#             (the lesson's --quant 4bit, generate(), 32 tokens, as quant7)
 # Prompt: the default; 128 new tokens (quant runs: 32); 3 timed runs. A run whose ranks are alive 45 s after its JSON
 # appeared is killed and recorded as "hang". env.log: card, versions, each run's exit; runs.log: the consoles.
 # MODEL7=random:tiny MODEL70=random:tiny EXTRA="--dtype fp32" smoke-tests it on a CPU machine.
@@ -59,6 +61,12 @@ for name in $RUNS; do
                  --max-new-tokens 32 "${TAIL[@]}" ;;
     quant7)    run quant7 240 "${DS2[@]}" extensions/tp_quant.py --quant 4bit --model "$MODEL7" \
                  --max-new-tokens 32 "${TAIL[@]}" ;;
+    tp1pair)   # one GPU each, at the same time: the tp 1 baselines of the same host (fp16 fast loop; 4-bit generate())
+               run fast7tp1 200 env CUDA_VISIBLE_DEVICES=0 python3 extensions/fast_decode.py --model "$MODEL7" \
+                 --max-new-tokens 128 --iters 3 "${EXTRA[@]}" &
+               run lesson7q 200 env CUDA_VISIBLE_DEVICES=1 python3 ds_bnb_infer.py --quant 4bit --model "$MODEL7" \
+                 --max-new-tokens 32 --iters 3 "${EXTRA[@]}" &
+               wait ;;
     *) echo "unknown run $name" >> "$OUT/env.log" ;;
   esac
 done
@@ -67,7 +75,7 @@ cat "$OUT/env.log"
 python3 - "$OUT" $RUNS <<'EOF'
 import json, os, sys
 print(f"{'run':<10}{'decode':>11}{'batch':>6}{'tok/s':>9}{'verify':>8}{'GPU GiB':>9}{'host GiB':>9}  summary")
-for name in sys.argv[2:]:
+for name in [n for arg in sys.argv[2:] for n in ({"tp1pair": ["fast7tp1", "lesson7q"]}.get(arg, [arg]))]:
     path = os.path.join(sys.argv[1], name + ".json")
     if not os.path.exists(path):
         print(f"{name:<10}  (no JSON)")
