@@ -49,6 +49,8 @@ MODES = {
     "hf-4bit-nodq-compile": (BNB, ["--backend", "hf", "--quant", "4bit", "--fast-decode", "--bnb-double-quant", "off"]),
     "hf-4bit-fp16-compile": (BNB, ["--backend", "hf", "--quant", "4bit", "--fast-decode", "--bnb-compute-dtype",
                                    "fp16"]),
+    "hf-4bit-fp16-nodq-compile": (BNB, ["--backend", "hf", "--quant", "4bit", "--fast-decode", "--bnb-compute-dtype",
+                                        "fp16", "--bnb-double-quant", "off"]),
     "hf-4bit-torch-compile": (FAST, ["--backend", "hf", "--quant", "4bit"], {"FAST_DECODE_MODE": "compiled"}),
     "hf-8bit-t0-torch-compile": (FAST, ["--backend", "hf", "--quant", "8bit", "--int8-threshold", "0"],
                                  {"FAST_DECODE_MODE": "compiled"}),
