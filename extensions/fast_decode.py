@@ -77,6 +77,66 @@ class GraphStep:
             graph.reset()
         self.graphs.clear()
 
+@functools.cache
+def part_class():
+    """Part: one output of a fused matmul (defined on first use: torch loads only when a run needs it)."""
+    import torch
+
+    class Part(torch.nn.Module):
+        """Output `index` of one matmul over several linears' concatenated weights. Part 0, called first (q_proj,
+        gate_proj), runs the matmul; the others (k_proj, v_proj; up_proj), called next on the same input, hand out
+        their slice, and the last one drops the held outputs (nothing escapes a compiled step)."""
+
+        def __init__(self, weight, bias, sizes, index, held):
+            super().__init__()
+            self.index, self.sizes, self.held = index, sizes, held
+            if index == 0:                  # the fused weight belongs to part 0 (counted once in parameters())
+                self.weight = torch.nn.Parameter(weight, requires_grad=False)
+                self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+        def forward(self, x):
+            if self.index == 0:
+                self.held["out"] = torch.nn.functional.linear(x, self.weight, self.bias).split(self.sizes, -1)
+            out = self.held["out"][self.index]
+            if self.index == len(self.sizes) - 1:
+                self.held["out"] = None
+            return out
+    return Part
+
+def fuse_projections(model) -> int:
+    """One matmul for q, k and v, and one for gate and up, in each layer that has them as plain nn.Linear (tp 1,
+    unquantized): what DeepSpeed's injected kernels and gpt-fast do. At batch 1 a decode step is a chain of
+    matrix-vector products; three that read the same input become one bigger kernel. bitsandbytes layers and AutoTP
+    shards are left as they are. Checked like the rest of the step: the engine against the unwrapped model. Returns how
+    many groups were fused; FAST_DECODE_FUSE=0 turns it off (to measure one against the other)."""
+    import torch
+    if os.environ.get("FAST_DECODE_FUSE", "1") == "0":
+        return 0
+    count = 0
+    for module in list(model.modules()):
+        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            linears = [getattr(module, n, None) for n in names]
+            if not all(type(x) is torch.nn.Linear for x in linears) or \
+                    len({x.in_features for x in linears}) > 1 or len({x.bias is None for x in linears}) > 1:
+                continue
+            with torch.no_grad():
+                weight = torch.cat([x.weight for x in linears])
+                bias = None if linears[0].bias is None else torch.cat([x.bias for x in linears])
+            held = {}
+            parts = [part_class()(weight, bias, [x.out_features for x in linears], i, held) for i in range(len(names))]
+            for name, part in zip(names, parts):
+                setattr(module, name, part)
+            count += 1
+    return count
+
+def inductor_tuning() -> bool:
+    """torch.compile's coordinate-descent tuning of each generated kernel's block sizes (gpt-fast turns it on): the
+    decode step's matrix-vector kernels get sizes that read memory faster, at a longer first compile.
+    FAST_DECODE_TUNE=0 turns it off."""
+    import torch._inductor.config as inductor
+    inductor.coordinate_descent_tuning = os.environ.get("FAST_DECODE_TUNE", "1") != "0"
+    return inductor.coordinate_descent_tuning
+
 def decode_step(model, device, mode: str | None = None) -> tuple:
     """(step, mode): the one-token forward and how it runs. "compiled" (torch.compile: fused kernels in
     CUDA graphs) for a plain model on a GPU; "cuda-graph" (GraphStep) for bitsandbytes on a GPU; "eager" on a CPU
@@ -90,6 +150,7 @@ def decode_step(model, device, mode: str | None = None) -> tuple:
     if mode == "cuda-graph":
         return GraphStep(step), mode
     if mode == "compiled":
+        inductor_tuning()
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False), mode
     return step, mode
 
@@ -117,6 +178,7 @@ class FastGreedy:
     def __init__(self, engine, mode: str | None = None):
         import torch
         self.module = getattr(engine, "module", engine)        # a DeepSpeed engine wraps the model in .module
+        self.fused = fuse_projections(self.module)
         self.step, self.mode = decode_step(self.module, next(self.module.parameters()).device,
                                            mode or os.environ.get("FAST_DECODE_MODE") or None)
         self.caches = {}

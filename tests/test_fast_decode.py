@@ -8,7 +8,7 @@ import torch
 
 import ds_bnb_infer as m
 from conftest import ROOT, launch, run_cli
-from extensions.fast_decode import FastGreedy, decode_step
+from extensions.fast_decode import FastGreedy, decode_step, fuse_projections
 
 FAST = ROOT / "extensions" / "fast_decode.py"
 
@@ -32,6 +32,24 @@ def test_decode_loop_equals_generate_with_padding_and_eos():
     plain, ours = m.generate(model, tok, prompts, config), m.generate(fast, tok, prompts, config)
     assert plain["new_tokens"] == [1, 1, 1] and ours["steps"] == 16
     assert ours["texts"] == plain["texts"] and ours["new_tokens"] == plain["new_tokens"]
+
+
+def test_fused_projections_give_the_models_logits_and_leave_quantized_layers(monkeypatch):
+    """q/k/v and gate/up become one matmul each (2 layers x 2 groups), logits equal within fp32 rounding, weights
+    counted once; bitsandbytes layers are not fused; FAST_DECODE_FUSE=0 fuses nothing."""
+    config = m.DeployConfig(model_name="random:tiny", dtype="fp32", device="cpu")
+    model = m.load_model(config, "none", "cpu")
+    ids = torch.tensor([[5, 17, 99, 3, 250]])
+    with torch.no_grad():
+        before, n_params = model(input_ids=ids).logits, sum(p.numel() for p in model.parameters())
+        assert fuse_projections(model) == 4
+        after = model(input_ids=ids).logits
+    assert type(model.model.layers[0].self_attn.k_proj).__name__ == "Part"
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert torch.allclose(after, before, rtol=0, atol=1e-5) and m.rel_error(after, before) < 1e-6
+    assert fuse_projections(m.load_model(config, "4bit", "cpu")) == 0
+    monkeypatch.setenv("FAST_DECODE_FUSE", "0")
+    assert fuse_projections(m.load_model(config, "none", "cpu")) == 0
 
 
 @pytest.mark.parametrize("quant, threshold, on_gpu", [("none", 6.0, "compiled"), ("4bit", 6.0, "cuda-graph"),
