@@ -30,6 +30,6 @@ for name in ("plain-b1", "fuse-b1", "both-b1", "both-b16"):
     if not os.path.exists(path):
         print(f"{name:<10} (no JSON)"); continue
     r = json.load(open(path)); e, m = r["engine"], r["metrics"]
-    print(f"{name:<10}{e['decode']:>10}{m['decode_tokens_per_s']:>9.1f} tok/s  {r["memory"]["per_rank"][0]["peak_allocated"] or 0:.2f} GiB  "
+    print(f"{name:<10}{e['decode']:>10}{m['decode_tokens_per_s']:>9.1f} tok/s  {r['memory']['per_rank'][0]['peak_allocated'] or 0:.2f} GiB  "
           f"{e['verify']['summary']}")
 PY
