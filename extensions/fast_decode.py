@@ -12,6 +12,9 @@ one CUDA graph. Everything else, verification included, is the lesson's:
   python extensions/fast_decode.py --model random:llama-2-7b --backend hf --quant 4bit   # cuda-graph
   deepspeed --num_gpus=2 extensions/fast_decode.py --tp-size 2 --model random:llama-2-7b   # AutoTP shards, compiled
 
+Two more steps close the gap to the bandwidth bound, each one small function (measured: benchmarks/README.md):
+fuse_projections() makes q/k/v and gate/up one matmul each, and inductor_tuning() lets torch.compile tune its kernels.
+
 Under tensor parallel (第六节) the step is the same one over each rank's shard: AutoTP's all-reduces (two a layer, one
 for lm_head) are traced into the compiled step, or captured in the CUDA graph (NCCL supports both), and every rank
 runs the same steps. FAST_DECODE_MODE=compiled|cuda-graph|eager overrides the choice (to measure one against another).

@@ -39,7 +39,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
-from extensions.fast_decode import decode_step, forward_last, release_step  # noqa: E402
+from extensions.fast_decode import decode_step, forward_last, fuse_projections, release_step  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model side: rows of one static KV cache, a request per row, stepped together (the same on every rank).
@@ -54,6 +54,7 @@ class SlotBatch:
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
         self.module = getattr(engine, "module", engine)          # a DeepSpeed engine wraps the model in .module
+        fuse_projections(self.module)                                 # as fast_decode.py's loop (verified the same)
         self.device = next(self.module.parameters()).device
         self.rows, self.max_len = rows, max_len
         self.cache = StaticCache(self.module.config, max_cache_len=max_len)
