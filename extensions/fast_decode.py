@@ -106,12 +106,24 @@ def part_class():
             return out
     return Part
 
+def plain_matmul(layer) -> bool:
+    """Is `layer` x @ W.T + b and nothing else: an nn.Linear, or AutoTP's column-parallel LinearLayer (its forward
+    is that matmul on this rank's rows, with no collective, when it neither gathers its output nor overlaps)?"""
+    import torch
+    if type(layer) is torch.nn.Linear:
+        return True
+    try:
+        from deepspeed.module_inject.layers import LinearLayer
+    except ImportError:
+        return False
+    return type(layer) is LinearLayer and not layer.gather_output and not LinearLayer.tp_overlap_comm
+
 def fuse_projections(model) -> int:
-    """One matmul for q, k and v, and one for gate and up, in each layer that has them as plain nn.Linear (tp 1,
-    unquantized): what DeepSpeed's injected kernels and gpt-fast do. At batch 1 a decode step is a chain of
-    matrix-vector products; three that read the same input become one bigger kernel. bitsandbytes layers and AutoTP
-    shards are left as they are. Checked like the rest of the step: the engine against the unwrapped model. Returns how
-    many groups were fused; FAST_DECODE_FUSE=0 turns it off (to measure one against the other)."""
+    """One matmul for q, k and v, and one for gate and up, in each layer where they are plain matmuls (unquantized;
+    at tp N each rank's column-parallel shards): what DeepSpeed's injected kernels and gpt-fast do. At batch 1 a decode
+    step is a chain of matrix-vector products; three that read the same input become one bigger kernel. bitsandbytes
+    layers are left as they are. Checked like the rest of the step: the engine against the unwrapped model. Returns
+    how many groups were fused; FAST_DECODE_FUSE=0 turns it off (to measure one against the other)."""
     import torch
     if os.environ.get("FAST_DECODE_FUSE", "1") == "0":
         return 0
@@ -119,14 +131,15 @@ def fuse_projections(model) -> int:
     for module in list(model.modules()):
         for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
             linears = [getattr(module, n, None) for n in names]
-            if not all(type(x) is torch.nn.Linear for x in linears) or \
-                    len({x.in_features for x in linears}) > 1 or len({x.bias is None for x in linears}) > 1:
+            if not all(plain_matmul(x) for x in linears) or \
+                    len({x.weight.shape[1] for x in linears}) > 1 or len({x.bias is None for x in linears}) > 1:
                 continue
             with torch.no_grad():
                 weight = torch.cat([x.weight for x in linears])
                 bias = None if linears[0].bias is None else torch.cat([x.bias for x in linears])
             held = {}
-            parts = [part_class()(weight, bias, [x.out_features for x in linears], i, held) for i in range(len(names))]
+            parts = [part_class()(weight, bias, [x.weight.shape[0] for x in linears], i, held)
+                     for i in range(len(names))]
             for name, part in zip(names, parts):
                 setattr(module, name, part)
             count += 1

@@ -285,6 +285,8 @@ def init_engine(config, decoder=None) -> tuple:
                                   f"at full depth: {second['summary']}")
     notes = [f"each rank built only its shard (tp_load.py); verified at depth {VERIFY_LAYERS} against the unsharded "
              "model (README 第六节)" if config.verify else "each rank built only its shard (tp_load.py)"]
+    if getattr(engine, "fused", 0):
+        notes.append(f"{engine.fused} groups of projections fused into one matmul each (fast_decode.py)")
     return engine, tokenizer, lesson.EngineInfo(device, "deepspeed", "none", str(dtype).replace("torch.", ""), False,
                                                 mode, [], notes, result, seconds)
 

@@ -74,6 +74,7 @@ def test_two_cpu_ranks_build_a_preset_shard_by_shard_verified_with_tp1_texts(tmp
     assert verify["passed"] and verify["reference"].startswith("layers 1-2 of 2 unsharded (rank 0, cpu")
     assert verify["decoder"]["passed"] and verify["decoder"]["greedy_tokens_matching"] == m.VERIFY_TOKENS
     assert report["engine"]["decode"] == "eager" and "each rank built only its shard" in report["engine"]["notes"][0]
+    assert "4 groups of projections fused" in report["engine"]["notes"][1]      # q/k/v, gate/up: AutoTP shards
     assert all(r["host_peak_rss"] > 0 for r in report["memory"]["per_rank"])
     assert [o["text"] for o in report["outputs"]] == _tp1_texts("random:tiny", 12)
 
