@@ -240,15 +240,14 @@ def validate(config) -> None:
         raise lesson.UsageError("tp_load.py shards an unquantized model over --tp-size N > 1 ranks with DeepSpeed "
                                 "AutoTP; drop --quant, --backend hf and --kernel-inject (4/8-bit: tp_quant.py).")
 
-def init_engine(config, decoder=None) -> tuple:
-    """(engine, tokenizer, info), as the lesson's init_engine, built shard by shard."""
+def start(config) -> tuple:
+    """(device, dtype, tokenizer, max_positions, verify inputs): the lesson's first steps (tokenizer, positions
+    check), then the ranks meet (NCCL between GPUs, gloo between CPU ranks). tp_quant.py starts the same way."""
     import deepspeed
     import torch
-    validate(config)
     _, local, _ = lesson.dist_env(config)
     on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    device, seconds = f"cuda:{local}" if on_gpu else "cpu", {}
-    dtype = dtype_of(config, on_gpu)
+    device = f"cuda:{local}" if on_gpu else "cpu"
     tokenizer, prompts = lesson.load_tokenizer(config), lesson.load_prompts(config)
     max_positions = lesson.check_positions(config, tokenizer, prompts)
     if on_gpu:
@@ -257,6 +256,13 @@ def init_engine(config, decoder=None) -> tuple:
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     enc = tokenizer(lesson.as_chat(tokenizer, prompts[:4]), return_tensors="pt", padding=True)
     inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+    return device, dtype_of(config, on_gpu), tokenizer, max_positions, inputs
+
+def init_engine(config, decoder=None) -> tuple:
+    """(engine, tokenizer, info), as the lesson's init_engine, built shard by shard."""
+    import torch
+    validate(config)
+    (device, dtype, tokenizer, max_positions, inputs), seconds = start(config), {}
     if config.verify:
         with lesson.step_timer(seconds, "reference", f"the first {VERIFY_LAYERS} layers, unsharded, on rank 0"):
             ref = reference(config, inputs, device, dtype)

@@ -26,7 +26,6 @@ models no one device holds); the engine, cut to that depth, must match it.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -212,20 +211,7 @@ def reference(config, inputs, device: str, dtype) -> dict:
 
 def init_engine(config) -> tuple:
     """(engine, tokenizer, info): load unquantized, shard (init_inference), quantize each shard, verify."""
-    import deepspeed
-    import torch
-    rank, local, _ = lesson.dist_env(config)
-    on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    device, seconds = f"cuda:{local}" if on_gpu else "cpu", {}
-    tokenizer, prompts = lesson.load_tokenizer(config), lesson.load_prompts(config)
-    max_positions = lesson.check_positions(config, tokenizer, prompts)
-    if on_gpu:
-        torch.cuda.set_device(device)
-    with contextlib.redirect_stdout(sys.stderr):
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    enc = tokenizer(lesson.as_chat(tokenizer, prompts[:4]), return_tensors="pt", padding=True)
-    inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
-    dtype = tp_load.dtype_of(config, on_gpu)
+    (device, dtype, tokenizer, max_positions, inputs), seconds = tp_load.start(config), {}
     if config.verify:
         with lesson.step_timer(seconds, "reference", f"the first layers quantized {config.quant} at tp 1 on rank 0"):
             ref = reference(config, inputs, device, dtype)
@@ -235,8 +221,8 @@ def init_engine(config) -> tuple:
     with lesson.step_timer(seconds, "quantize", f"each rank's shards to {config.quant}"):
         count = quantize_shards(engine.module, config.quant, config.int8_threshold)
     notes = [f"{count} linears sharded, then quantized {config.quant} per rank (lm_head stays unquantized, as at "
-             "tp 1)"] + ([] if on_gpu else ["tensor parallel on CPU ranks (gloo) shows the sharding; the speed is "
-                                             "for GPUs (第六节)"])
+             "tp 1)"] + ([] if device.startswith("cuda") else ["tensor parallel on CPU ranks (gloo) shows the "
+                                                               "sharding; the speed is for GPUs (第六节)"])
     result = None
     if config.verify:
         with lesson.step_timer(seconds, "verify", f"the engine at depth {ref['layers']} against {ref['of']}"), \
