@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+lesson_bnb_config = lesson.bnb_config        # the lesson's own, put back after loading (init_engine)
 
 def settings_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
@@ -46,8 +47,6 @@ def bnb_config(settings, quant: str, int8_threshold: float):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings.bnb_quant_type,
                               bnb_4bit_use_double_quant=settings.bnb_double_quant == "on",
                               bnb_4bit_compute_dtype=getattr(torch, DTYPES[settings.bnb_compute_dtype]))
-
-lesson_bnb_config = lesson.bnb_config
 
 def init_engine(config, decoder=None, settings=None) -> tuple:
     """The lesson's init_engine with this file's bnb_config; then the error against the same weights unquantized."""

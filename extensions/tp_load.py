@@ -16,7 +16,8 @@ loading of every kind of tensor; the remaining layers are loaded by the same cod
 loop (fast_decode.py) is then checked against the engine at full depth. Where tp 1 fits, tests and benchmarks also
 compare tp N with the lesson's tp 1 (README 第六节).
 
-  deepspeed --num_gpus=2 extensions/tp_load.py --tp-size 2 --model random:llama-2-70b --fast-decode
+  FAST_DECODE_MODE=cuda-graph deepspeed --num_gpus=2 extensions/tp_load.py --tp-size 2 --model random:llama-2-70b \
+      --fast-decode                                             # 2 x 80 GB GPUs; CUDA graph: no long compile
   deepspeed --num_gpus=2 extensions/tp_load.py --tp-size 2 --model random:tiny --dtype fp32      # CPU ranks
 """
 from __future__ import annotations
