@@ -14,6 +14,7 @@ one CUDA graph. Everything else, verification included, is the lesson's:
 
 Two more steps close the gap to the bandwidth bound, each one small function (measured: benchmarks/README.md):
 fuse_projections() makes q/k/v and gate/up one matmul each, and inductor_tuning() lets torch.compile tune its kernels.
+Under tensor parallel, symmetric_all_reduce() makes each small all-reduce one kernel over NVLink.
 
 Under tensor parallel (第六节) the step is the same one over each rank's shard: AutoTP's all-reduces (two a layer, one
 for lm_head) are traced into the compiled step, or captured in the CUDA graph (NCCL supports both), and every rank
@@ -153,6 +154,28 @@ def inductor_tuning() -> bool:
     inductor.coordinate_descent_tuning = os.environ.get("FAST_DECODE_TUNE", "1") != "0"
     return inductor.coordinate_descent_tuning
 
+def symmetric_all_reduce(model) -> bool:
+    """Under tensor parallel on GPUs (NCCL), let torch.compile lower each all-reduce of a compiled step that is
+    small (up to 128 KB: a decode step's hidden state is 8 KB a row for Llama-2-7B) to PyTorch's one-shot all-reduce
+    over symmetric memory: each rank's partial sum is written where its peers can read it over NVLink, and one kernel
+    on every rank reads and adds them all. NCCL's ring pays its protocol's fixed cost on each of the step's 65
+    all-reduces (two a layer and the head's), which at batch 1 is much of the step. Inductor does this itself
+    (config._collective.auto_select) for process groups that have symmetric memory enabled; the sums are the same
+    numbers added in another order. FAST_DECODE_SYMM=0 turns it off; returns whether it is on."""
+    import torch
+    dist = torch.distributed
+    if os.environ.get("FAST_DECODE_SYMM", "1") == "0" or not (dist.is_available() and dist.is_initialized()):
+        return False
+    groups = {m.mp_group for m in model.modules() if getattr(m, "mp_group", None) is not None}
+    if not groups or any(dist.get_backend(g) != "nccl" for g in groups):
+        return False                                  # one GPU, or CPU ranks (gloo): nothing to lower
+    import torch._inductor.config as inductor
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+    for group in groups:
+        enable_symm_mem_for_group(group.group_name)
+    inductor._collective.auto_select = True
+    return True
+
 def decode_step(model, device, mode: str | None = None) -> tuple:
     """(step, mode): the one-token forward and how it runs. "compiled" (torch.compile: fused kernels in
     CUDA graphs) for a plain model on a GPU; "cuda-graph" (GraphStep) for bitsandbytes on a GPU; "eager" on a CPU
@@ -197,6 +220,7 @@ class FastGreedy:
         self.fused = fuse_projections(self.module)
         self.step, self.mode = decode_step(self.module, next(self.module.parameters()).device,
                                            mode or os.environ.get("FAST_DECODE_MODE") or None)
+        self.symmetric = self.mode == "compiled" and symmetric_all_reduce(self.module)
         self.caches = {}
         # Tensor parallel: the ranks, which must all run the same number of steps (each step all-reduces).
         dist = torch.distributed

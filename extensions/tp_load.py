@@ -294,6 +294,8 @@ def init_engine(config, decoder=None) -> tuple:
              "model (README 第六节)" if config.verify else "each rank built only its shard (tp_load.py)"]
     if getattr(engine, "fused", 0):
         notes.append(f"{engine.fused} groups of projections fused into one matmul each (fast_decode.py)")
+    if getattr(engine, "symmetric", False):
+        notes.append("the compiled step's all-reduces run one-shot over symmetric memory (fast_decode.py)")
     return engine, tokenizer, lesson.EngineInfo(device, "deepspeed", "none", str(dtype).replace("torch.", ""), False,
                                                 mode, [], notes, result, seconds)
 
