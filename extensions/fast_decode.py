@@ -161,10 +161,13 @@ def symmetric_all_reduce(model) -> bool:
     on every rank reads and adds them all. NCCL's ring pays its protocol's fixed cost on each of the step's 65
     all-reduces (two a layer and the head's), which at batch 1 is much of the step. Inductor does this itself
     (config._collective.auto_select) for process groups that have symmetric memory enabled; the sums are the same
-    numbers added in another order. FAST_DECODE_SYMM=0 turns it off; returns whether it is on."""
+    numbers added in another order. PyTorch's kernel adds bf16 and fp32 only (fp16: "not implemented for 'Half'"),
+    so an fp16 model keeps NCCL's: run tensor parallel with --dtype bf16 to get it. FAST_DECODE_SYMM=0 turns it off;
+    returns whether it is on."""
     import torch
     dist = torch.distributed
-    if os.environ.get("FAST_DECODE_SYMM", "1") == "0" or not (dist.is_available() and dist.is_initialized()):
+    if os.environ.get("FAST_DECODE_SYMM", "1") == "0" or not (dist.is_available() and dist.is_initialized()) or \
+            next(model.parameters()).dtype not in (torch.bfloat16, torch.float32):
         return False
     groups = {m.mp_group for m in model.modules() if getattr(m, "mp_group", None) is not None}
     if not groups or any(dist.get_backend(g) != "nccl" for g in groups):
@@ -182,10 +185,11 @@ def decode_step(model, device, mode: str | None = None) -> tuple:
     and for LLM.int8 with outliers (threshold > 0): each of its matmuls waits for the host, which no graph holds."""
     import torch
     step = functools.partial(forward_last, model)
-    quant = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    # bitsandbytes layers, whether transformers put them there or tp_quant.py did (its shards)
+    quantized = [m for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    outliers = any(getattr(getattr(m, "state", None), "threshold", 0) > 0 for m in quantized)
     if mode is None:
-        mode = "eager" if device.type != "cuda" or (quant and quant.load_in_8bit and quant.llm_int8_threshold > 0) \
-            else "cuda-graph" if quant is not None else "compiled"
+        mode = "eager" if device.type != "cuda" or outliers else "cuda-graph" if quantized else "compiled"
     if mode == "cuda-graph":
         return GraphStep(step), mode
     if mode == "compiled":

@@ -216,16 +216,40 @@ def unsharded_prefix(config, device: str, dtype) -> tuple:
 def reference(config, inputs, device: str, dtype) -> dict:
     """Rank 0 runs unsharded_prefix(); its greedy tokens and logits go to every rank, so that all take the same
     pass/fail decision."""
-    import torch.distributed as tdist
-    ref = [None]
-    if tdist.get_rank() == 0:
+    def build():
         model, layers, whole = unsharded_prefix(config, device, dtype)
-        ref[0] = dict(lesson.greedy_with_logits(model, inputs), layers=layers,
-                      of=f"layers 1-{layers} of {whole} unsharded (rank 0, {device}, {dtype})")
-        del model
-        lesson.free_memory()
-    tdist.broadcast_object_list(ref, src=0)
+        return dict(lesson.greedy_with_logits(model, inputs), layers=layers,
+                    of=f"layers 1-{layers} of {whole} unsharded (rank 0, {device}, {dtype})")
+    return on_rank0(build)
+
+def on_rank0(build):
+    """build() on rank 0, its result handed to every rank (so that all take the same pass/fail decision); what
+    build() made on the device is freed before the engine is built."""
+    import torch.distributed as tdist
+    ranks = tdist.is_available() and tdist.is_initialized()
+    ref = [build() if not ranks or tdist.get_rank() == 0 else None]
+    lesson.free_memory()
+    if ranks:
+        tdist.broadcast_object_list(ref, src=0)
     return ref[0]
+
+def checked_decoder(engine, decoder, config, inputs, tol, seconds: dict, checked: tuple):
+    """(engine, mode, result): `decoder` (fast_decode.py's loop) around the engine, checked against the engine's own
+    generate() at full depth - what the depth check cannot see (every layer, the loop's cache and steps).
+    `checked`: (the depth check's result, its depth)."""
+    result, layers = checked
+    if not config.verify:
+        engine = decoder(engine)
+        return engine, engine.mode, result
+    full = dict(lesson.greedy_with_logits(engine, inputs), of="the engine's generate() at full depth")
+    engine = decoder(engine)
+    with lesson.step_timer(seconds, "verify_decoder", f"{engine.mode} decoding against {full['of']}"):
+        second = lesson.verify(engine, inputs, full, tol)
+    if not second["passed"]:
+        raise lesson.RunFailure(f"{engine.mode} decoding differs from the engine: " + second["summary"])
+    return engine, engine.mode, dict(result, passed=True, decoder=second,
+                                     summary=f"{result['summary']} (depth {layers}); {engine.mode} decoding against "
+                                             f"the engine at full depth: {second['summary']}")
 
 
 # ---- init_engine: the lesson's steps, with sharded loading and the verification above ----
@@ -253,8 +277,9 @@ def start(config) -> tuple:
     max_positions = lesson.check_positions(config, tokenizer, prompts)
     if on_gpu:
         torch.cuda.set_device(device)
-    with contextlib.redirect_stdout(sys.stderr):
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    if config.tp_size > 1:                        # (tp_quant.py at tp 1 runs alone, as the lesson does)
+        with contextlib.redirect_stdout(sys.stderr):
+            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     enc = tokenizer(lesson.as_chat(tokenizer, prompts[:4]), return_tensors="pt", padding=True)
     inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
     return device, dtype_of(config, on_gpu), tokenizer, max_positions, inputs
@@ -279,17 +304,8 @@ def init_engine(config, decoder=None) -> tuple:
         if not result["passed"]:
             raise lesson.RunFailure("its output differs from the unsharded model: " + result["summary"])
     if decoder is not None:
-        full = dict(lesson.greedy_with_logits(engine, inputs), of="the sharded engine's generate() at full depth")
-        engine = decoder(engine)
-        mode = getattr(engine, "mode", mode)
-        if config.verify:
-            with lesson.step_timer(seconds, "verify_decoder", f"{mode} decoding against {full['of']}"):
-                second = lesson.verify(engine, inputs, full, tol)
-            if not second["passed"]:
-                raise lesson.RunFailure(f"{mode} decoding differs from the engine: " + second["summary"])
-            result = dict(result, passed=True, decoder=second,
-                          summary=f"{result['summary']} (depth {ref['layers']}); {mode} decoding against the engine "
-                                  f"at full depth: {second['summary']}")
+        engine, mode, result = checked_decoder(engine, decoder, config, inputs, tol, seconds,
+                                               (result, ref["layers"] if config.verify else None))
     notes = [f"each rank built only its shard (tp_load.py); verified at depth {VERIFY_LAYERS} against the unsharded "
              "model (README 第六节)" if config.verify else "each rank built only its shard (tp_load.py)"]
     if getattr(engine, "fused", 0):

@@ -18,14 +18,22 @@ tp 1 with a rounding tolerance:
     part of each row, so the ranks take the MAX of their row (once) and token (each call) absmaxes; the outlier
     columns of LLM.int8 are chosen column by column, so a shard's are exactly tp 1's within its slice.
 
+At --tp-size 1 the same code quantizes a model that the lesson cannot load: the lesson builds (or reads) the whole
+model unquantized before bitsandbytes quantizes it, 138 GB for a 70B model in fp16. Here each linear is quantized as
+soon as its matrix is filled, so one device holds the quantized model and one unquantized matrix at most.
+--fast-decode adds fast_decode.py's loop: a CUDA graph per decode step (bitsandbytes kernels, all-reduces and all).
+
   deepspeed --num_gpus=2 extensions/tp_quant.py --tp-size 2 --model random:llama-2-7b --quant 4bit
+  python extensions/tp_quant.py --tp-size 1 --model random:llama-2-70b --quant 4bit --fast-decode   # one 80 GB GPU
   deepspeed --num_gpus=2 extensions/tp_quant.py --tp-size 2 --model random:tiny --quant 8bit --dtype fp32  # CPU
 
 Verification: rank 0 quantizes the same model's first layers as the lesson does at tp 1 (tp_load.py's method, for
-models no one device holds); the engine, cut to that depth, must match it.
+models no one device holds); the engine, cut to that depth, must match it. With --fast-decode the loop is then
+checked against the engine at full depth.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -116,20 +124,23 @@ def shard_class():
     return QuantShard
 
 def quantize_layer(layer, quant: str, threshold: float):
-    """The QuantShard for one AutoTP linear (LinearLayer: column-parallel; LinearAllreduce: row-parallel)."""
+    """The QuantShard for one AutoTP linear (LinearLayer: column-parallel; LinearAllreduce: row-parallel), or for a
+    whole nn.Linear at tp 1."""
     import torch
     import bitsandbytes as bnb
     from deepspeed import comm as dist
     from deepspeed.module_inject.layers import LinearAllreduce
-    row, group, w = isinstance(layer, LinearAllreduce), layer.mp_group, layer.weight.data
-    rank, ranks = dist.get_rank(group), dist.get_world_size(group)
-    if len(set(layer._partition_sizes)) > 1 or w.shape[1] % BLOCK:
+    row, group, w = isinstance(layer, LinearAllreduce), getattr(layer, "mp_group", None), layer.weight.data
+    rank, ranks = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    if ranks > 1 and (len(set(layer._partition_sizes)) > 1 or w.shape[1] % BLOCK):
         raise lesson.UsageError(f"{layer.name or 'a linear'} splits into shards {layer._partition_sizes} with "
                                 f"{w.shape[1]} input features each; quantized tensor parallel needs equal shards and "
                                 f"in_features / tp a multiple of {BLOCK}: pick another --tp-size.")
     out, inp = w.shape
     if quant == "4bit":
         def gather(t):
+            if ranks == 1:
+                return [t]
             parts = [torch.empty_like(t) for _ in range(ranks)]
             dist.all_gather(parts, t.contiguous(), group=group)
             return parts
@@ -153,7 +164,41 @@ def quantize_layer(layer, quant: str, threshold: float):
         linear.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
     # eval(): a new module is in training mode, where bitsandbytes takes other paths (8-bit on a CPU: dequantize
     # and matmul in floating point), not the ones the unsharded model runs.
-    return shard_class()(linear, layer.bias, group if row else None, row and quant == "8bit", threshold).eval()
+    return shard_class()(linear, layer.bias, group if row and ranks > 1 else None, row and quant == "8bit",
+                         threshold).eval()
+
+def filled_and_quantized(config, device: str, dtype):
+    """tp 1: the model's skeleton (tp_load.py) filled one matrix at a time on `device`, each linear quantized as soon
+    as it is filled, so the device never holds more than the quantized model and one unquantized matrix (a 70B
+    model: its 4-bit weights fit one 80 GB GPU, its fp16 weights - which the lesson's load builds first - do not).
+    The values are the lesson's at tp 1: the same draws (or checkpoint tensors), quantized by quantize_layer()."""
+    import torch
+    model = tp_load.skeleton(config, dtype)
+    plan, head = tp_load.plan_of(model), model.get_output_embeddings()
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    users = {}                                          # a tied head is the embedding's tensor
+    for n in names:
+        users.setdefault(plan["alias"].get(n, n), []).append(n)
+    count = 0
+    with torch.no_grad():
+        for name, read in tp_load.sources(config, plan, names, device):
+            param = torch.nn.Parameter(read((slice(None),) * len(plan["shapes"][name])).to(device, dtype),
+                                       requires_grad=False)
+            for n in users.get(name, []):
+                parent, _, attr = n.rpartition(".")
+                module = model.get_submodule(parent)
+                setattr(module, attr, param)
+                if type(module) is torch.nn.Linear and module is not head:
+                    owner, _, child = parent.rpartition(".")
+                    setattr(model.get_submodule(owner), child, quantize_layer(module, config.quant,
+                                                                              config.int8_threshold))
+                    count += 1
+            del param
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise lesson.RunFailure(f"{len(left)} tensors were never filled ({', '.join(left[:3])}, ...)")
+    lesson.free_memory()
+    return model.to(device), count      # the small tensors kept at build time (norms, rotary buffers) follow
 
 def quantize_shards(module, quant: str, threshold: float) -> int:
     """Replace every AutoTP linear but the output head (transformers leaves lm_head unquantized) by its
@@ -175,10 +220,7 @@ def validate(config) -> None:
     """Refuse what this file does not do, before anything is loaded; the rest is the lesson's validate()."""
     if config.quant == "none":
         raise lesson.UsageError("tp_quant.py runs --quant 8bit or 4bit; for unquantized tensor parallel run "
-                                "ds_bnb_infer.py --tp-size N.")
-    if config.tp_size == 1:
-        raise lesson.UsageError("--tp-size 1 shards nothing: use ds_bnb_infer.py --quant "
-                                f"{config.quant} (bitsandbytes on one device).")
+                                "tp_load.py --tp-size N.")
     if config.backend != "deepspeed" or config.kernel_inject:
         raise lesson.UsageError("tp_quant.py shards with DeepSpeed AutoTP, without kernel injection; drop "
                                 "--backend hf and --kernel-inject.")
@@ -191,69 +233,90 @@ def validate(config) -> None:
 def reference(config, inputs, device: str, dtype) -> dict:
     """Rank 0: the model's first layers (tp_load.py's unsharded_prefix: embeddings, final norm and head included)
     quantized by the lesson at tp 1 - saved, then loaded by transformers with the lesson's BitsAndBytesConfig, as the
-    lesson quantizes a preset - and run on its device; its greedy tokens and logits go to every rank, so that all
-    take the same pass/fail decision. The depth makes this possible for models no one device holds (README 第六节)."""
-    import torch.distributed as tdist
-    ref = [None]
-    if tdist.get_rank() == 0:
+    lesson quantizes a preset - and run on its device; its greedy tokens and logits go to every rank. The depth makes
+    this possible for models no one device holds (README 第六节)."""
+    def build():
         model, layers, whole = tp_load.unsharded_prefix(config, device, dtype)
         with tempfile.TemporaryDirectory(prefix="tp_quant-") as tmp:
             model.save_pretrained(tmp)
             del model
             lesson.free_memory()
             model = lesson.load_model(dataclasses.replace(config, model_name=tmp, tp_size=1), config.quant, device)
-        ref[0] = dict(lesson.greedy_with_logits(model, inputs), layers=layers,
-                      of=f"layers 1-{layers} of {whole} quantized {config.quant} at tp 1 (rank 0, {device})")
-        del model
-        lesson.free_memory()
-    tdist.broadcast_object_list(ref, src=0)
-    return ref[0]
+        return dict(lesson.greedy_with_logits(model, inputs), layers=layers,
+                    of=f"layers 1-{layers} of {whole} quantized {config.quant} at tp 1 (rank 0, {device})")
+    return tp_load.on_rank0(build)
 
-def init_engine(config) -> tuple:
-    """(engine, tokenizer, info): load unquantized, shard (init_inference), quantize each shard, verify."""
+def init_engine(config, decoder=None) -> tuple:
+    """(engine, tokenizer, info): tp N: shard (init_inference over the skeleton, each rank filling its own shards),
+    then quantize each shard; tp 1: quantize while filling, then init_inference. Verified, then `decoder`."""
+    import deepspeed
     (device, dtype, tokenizer, max_positions, inputs), seconds = tp_load.start(config), {}
     if config.verify:
         with lesson.step_timer(seconds, "reference", f"the first layers quantized {config.quant} at tp 1 on rank 0"):
             ref = reference(config, inputs, device, dtype)
-    with lesson.step_timer(seconds, "load", f"{config.model_name} unquantized: AutoTP shards a skeleton over "
-                                            f"{config.tp_size} ranks, each fills its own shards (tp_load.py)"):
-        engine = tp_load.sharded_engine(config, device, dtype, max_positions)
-    with lesson.step_timer(seconds, "quantize", f"each rank's shards to {config.quant}"):
-        count = quantize_shards(engine.module, config.quant, config.int8_threshold)
-    notes = [f"{count} linears sharded, then quantized {config.quant} per rank (lm_head stays unquantized, as at "
-             "tp 1)"] + ([] if device.startswith("cuda") else ["tensor parallel on CPU ranks (gloo) shows the "
-                                                               "sharding; the speed is for GPUs (第六节)"])
-    result = None
+    if config.tp_size == 1:
+        with lesson.step_timer(seconds, "load", f"{config.model_name}: a skeleton filled on {device} a matrix at a "
+                                                f"time, each linear quantized {config.quant} once filled"):
+            model, count = filled_and_quantized(config, device, dtype)
+        with lesson.keep_model_as_loaded(), contextlib.redirect_stdout(sys.stderr):
+            engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=False,
+                                              max_tokens=max_positions)
+        notes = [f"{count} linears quantized {config.quant} as they were filled (lm_head stays unquantized)"]
+    else:
+        with lesson.step_timer(seconds, "load", f"{config.model_name} unquantized: AutoTP shards a skeleton over "
+                                                f"{config.tp_size} ranks, each fills its own shards (tp_load.py)"):
+            engine = tp_load.sharded_engine(config, device, dtype, max_positions)
+        with lesson.step_timer(seconds, "quantize", f"each rank's shards to {config.quant}"):
+            count = quantize_shards(engine.module, config.quant, config.int8_threshold)
+        notes = [f"{count} linears sharded, then quantized {config.quant} per rank (lm_head stays unquantized, as "
+                 "at tp 1)"] + ([] if device.startswith("cuda") else ["tensor parallel on CPU ranks (gloo) shows "
+                                                                      "the sharding; the speed is for GPUs (第六节)"])
+    result, mode, tol = None, "generate", tolerance(config.quant, dtype)
     if config.verify:
         with lesson.step_timer(seconds, "verify", f"the engine at depth {ref['layers']} against {ref['of']}"), \
                 tp_load.depth(engine.module, ref["layers"]):
-            result = lesson.verify(engine, inputs, ref, tolerance(config.quant, dtype))
+            result = lesson.verify(engine, inputs, ref, tol)
         if not result["passed"]:
             raise lesson.RunFailure("its output differs from tp 1's quantized model: " + result["summary"])
+    if decoder is not None:
+        engine, mode, result = tp_load.checked_decoder(engine, decoder, config, inputs, tol, seconds,
+                                                       (result, ref["layers"] if config.verify else None))
     return engine, tokenizer, lesson.EngineInfo(device, "deepspeed", config.quant, str(dtype).replace("torch.", ""),
-                                                False, "generate", [], notes, result, seconds)
+                                                False, mode, [], notes, result, seconds)
 
 def run(config, decoder=None) -> int:
-    """The lesson's run() with this init_engine: measure, report, JSON, a clean exit of every rank."""
+    """The lesson's run() with this init_engine: measure, report, JSON, a clean exit of every rank. (The lesson's
+    own run() would refuse --quant with --tp-size > 1 in its validate().)"""
     import torch
     validate(config)
+    getattr(decoder, "validate", lambda config: None)(config)
     rank, _, world_size = lesson.dist_env(config)
     prompts = lesson.load_prompts(config)
-    engine, tokenizer, info = init_engine(config)
+    engine, tokenizer, info = init_engine(config, decoder)
     loading_peak = lesson.gpu_mem_gb()["peak_allocated"]
     result = lesson.measure(engine, tokenizer, prompts, config, world_size)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20       # as the lesson's run(): GiB
     memory = [dict(lesson.gpu_mem_gb(), loading_peak_allocated=loading_peak, host_peak_rss=rss)] * world_size
-    torch.distributed.all_gather_object(memory, memory[0])
+    if world_size > 1:
+        torch.distributed.all_gather_object(memory, memory[0])
     report = lesson.build_report(config, info, prompts, result, memory, world_size)
     lesson.print0(lesson.render(report))
     if config.json_path and rank == 0:
         lesson.write_json(report, config.json_path)
-    torch.distributed.destroy_process_group()
+    getattr(engine, "close", lambda: None)()       # fast_decode.py's CUDA graphs hold NCCL: freed before teardown
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 def main(argv=None) -> int:
-    return lesson.main(argv, prog="extensions/tp_quant.py", job=run)
+    """The lesson's command line; --fast-decode adds fast_decode.py's loop (a CUDA graph per step on a GPU)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    decoder = None
+    if "--fast-decode" in argv:
+        argv.remove("--fast-decode")
+        from extensions.fast_decode import FastGreedy
+        decoder = FastGreedy
+    return lesson.main(argv, decoder=decoder, prog="extensions/tp_quant.py [--fast-decode]", job=run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,8 @@ import torch
 
 import ds_bnb_infer as m
 from conftest import ROOT, launch_cmd, run_cli
-from extensions.tp_quant import int8_rows, nf4_shard
+from extensions import tp_load
+from extensions.tp_quant import filled_and_quantized, int8_rows, nf4_shard
 
 TP_QUANT = ROOT / "extensions" / "tp_quant.py"
 
@@ -74,15 +75,16 @@ def _tp1_texts(quant, threshold, prompts, new_tokens):
     return m.generate(model, m.load_tokenizer(config), prompts, config)["texts"]
 
 
-@pytest.mark.parametrize("quant, threshold", [("4bit", 6.0), ("8bit", 0.0)])
-def test_two_cpu_ranks_quantized_verified_against_tp1_with_its_texts(quant, threshold, tmp_path):
+@pytest.mark.parametrize("quant, threshold, fast", [("4bit", 6.0, True), ("8bit", 0.0, False)])
+def test_two_cpu_ranks_quantized_verified_against_tp1_with_its_texts(quant, threshold, fast, tmp_path):
     """deepspeed --num_gpus=2 extensions/tp_quant.py --tp-size 2 --quant ...: AutoTP shards, each rank quantizes its
     slices, the engine passes verification against the same model quantized at tp 1 (rank 0), its greedy texts
-    (left-padded batch of two) are tp 1's, and both ranks exit."""
+    (left-padded batch of two) are tp 1's, and both ranks exit. With --fast-decode the loop is verified too."""
     prompts, new_tokens = ["tensor parallel", "two ranks, one quantized model"], 12
     args = ["--model", "random:tiny", "--quant", quant, "--dtype", "fp32", "--max-new-tokens", str(new_tokens),
             "--iters", "1", "--warmup", "0", "--batch-size", "2", "--json", str(tmp_path / "tp2.json")]
     args += ["--int8-threshold", str(threshold)] if quant == "8bit" else []
+    args += ["--fast-decode"] if fast else []
     for p in prompts:
         args += ["--prompt", p]
     r = _launch(*args)
@@ -92,12 +94,13 @@ def test_two_cpu_ranks_quantized_verified_against_tp1_with_its_texts(quant, thre
     assert report["hardware"]["world_size"] == 2 and engine["quant"] == quant and "14 linears" in engine["notes"][0]
     assert verify["passed"] and verify["tolerance"] == m.KERNEL_TOL["bf16" if quant == "4bit" else "fp32"] and verify["greedy_tokens_matching"] == 16
     assert verify["reference"] == f"layers 1-2 of 2 quantized {quant} at tp 1 (rank 0, cpu)"
+    assert ("decoder" in verify and verify["decoder"]["passed"]) == fast
     assert [o["text"] for o in report["outputs"]] == _tp1_texts(quant, threshold, prompts, new_tokens)
     assert (r.stdout + r.stderr).count("exits successfully") == 2
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--quant", "4bit"], "--tp-size 1 shards nothing: use ds_bnb_infer.py --quant 4bit"),
+    (["--quant", "4bit", "--fast-decode", "--do-sample"], "greedy decode loop; drop --do-sample"),
     (["--tp-size", "2"], "runs --quant 8bit or 4bit"),
     (["--tp-size", "2", "--quant", "4bit", "--int8-threshold", "0"], "--int8-threshold applies to --quant 8bit"),
     (["--tp-size", "2", "--quant", "8bit", "--kernel-inject"], "without kernel injection"),
@@ -105,3 +108,45 @@ def test_two_cpu_ranks_quantized_verified_against_tp1_with_its_texts(quant, thre
 def test_bad_input_is_one_sentence_and_exit_2(args, words):
     r = run_cli("--model", "random:tiny", *args, script=TP_QUANT)
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_tp1_quantizes_each_linear_as_soon_as_it_is_filled(quant, monkeypatch):
+    """--tp-size 1 (a 70B model on one GPU): while the skeleton is filled, no filled linear is left unquantized
+    when the next matrix comes; the model gives the lesson's quantized model's very logits."""
+    built, unquantized = [], []
+    skeleton, sources = tp_load.skeleton, tp_load.sources
+    monkeypatch.setattr(tp_load, "skeleton", lambda *a: built.append(skeleton(*a)) or built[-1])
+
+    def watched(*a):
+        for item in sources(*a):
+            model = built[0]
+            unquantized.append([n for n, x in model.named_modules() if type(x) is torch.nn.Linear
+                                and not x.weight.is_meta and x is not model.get_output_embeddings()])
+            yield item
+    monkeypatch.setattr(tp_load, "sources", watched)
+    config = m.DeployConfig(model_name="random:tiny", quant=quant, dtype="fp32", int8_threshold=0.0, device="cpu")
+    model, count = filled_and_quantized(config, "cpu", torch.float32)
+    assert count == 14 and len(unquantized) == 16 and not any(unquantized)    # 14 linears, embedding, head
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        mine = model(input_ids=ids).logits
+        lessons = m.load_model(config, quant, "cpu")(input_ids=ids).logits
+    torch.testing.assert_close(mine, lessons, rtol=0, atol=1e-6)
+
+
+def test_tp1_with_fast_decode_is_verified_with_the_lessons_texts(tmp_path):
+    """python extensions/tp_quant.py --tp-size 1 --quant 4bit --fast-decode: verified at depth against the lesson's
+    quantized layers, the decode loop against the engine, and the greedy texts are the lesson's."""
+    prompts, new_tokens = ["one device", "quantized while filled"], 12
+    args = ["--model", "random:tiny", "--quant", "4bit", "--dtype", "fp32", "--max-new-tokens", str(new_tokens),
+            "--iters", "1", "--warmup", "0", "--batch-size", "2", "--fast-decode", "--json", str(tmp_path / "tp1.json")]
+    for p in prompts:
+        args += ["--prompt", p]
+    r = run_cli(*args, script=TP_QUANT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "tp1.json").read_text())
+    engine, verify = report["engine"], report["engine"]["verify"]
+    assert "quantized 4bit as they were filled" in engine["notes"][0] and engine["decode"] == "eager"
+    assert verify["passed"] and verify["decoder"]["passed"] and "decoding against the engine" in verify["summary"]
+    assert [o["text"] for o in report["outputs"]] == _tp1_texts("4bit", 6.0, prompts, new_tokens)
