@@ -13,13 +13,14 @@
 #   quant70   tp_quant.py --quant 4bit, random:llama-2-70b, batch 1, generate() (no fast loop for bitsandbytes tp)
 #   quant7    tp_quant.py --quant 4bit, random:llama-2-7b, batch 1
 #   load7b16  load7 at batch 16
-#   load7nccl load7 with FAST_DECODE_SYMM=0: the all-reduces stay NCCL's (what symmetric memory gives; with
-#             EXTRA="--dtype bf16" only: its one-shot kernel adds bf16 and fp32, not fp16)
+#   load7nccl load7 with FAST_DECODE_SYMM=0: the all-reduces stay NCCL's (what symmetric memory gives). When load7
+#             wrote no JSON, the runs after it run with FAST_DECODE_SYMM=0 (env.log says so).
 #   tp1fast   tp 1 baselines of load7 / load7b16 on one GPU each, at once: fast7tp1 (fast_decode.py, batch 1) and
 #             fast7tp1b16 (batch 16)
 #   qfast70 / qfast7  tp_quant.py --quant 4bit --fast-decode (a CUDA graph per step), 70B / 7B, tp 2, 128 tokens
 #   tp1quant  their tp 1 baselines on one GPU each, at once: qtp1fast70 (tp_quant.py --tp-size 1: quantized while
 #             filled, as no 80 GB GPU holds the 70B fp16 model) and qtp1fast7 (the same at 7B)
+#   gputest   the two-GPU tests of tests/test_gpu.py (tensor parallel, symmetric all-reduce) -> gpu-tests.log
 #   tp1pair   tp 1 baselines on one GPU each, at once: fast7tp1 (fast_decode.py, fp16, 128 tokens) and lesson7q
 #             (the lesson's --quant 4bit, generate(), 32 tokens, as quant7)
 # Prompt: the default; 128 new tokens (quant runs: 32); 3 timed runs. A run whose ranks are alive 45 s after its JSON
@@ -60,7 +61,10 @@ for name in $RUNS; do
     lesson7)   run lesson7 300 "${DS2[@]}" extensions/fast_decode.py --model "$MODEL7" --max-new-tokens 128 \
                  "${TAIL[@]}" ;;
     load7)     run load7 240 "${DS2[@]}" extensions/tp_load.py --fast-decode --model "$MODEL7" \
-                 --max-new-tokens 128 "${TAIL[@]}" ;;
+                 --max-new-tokens 128 "${TAIL[@]}"
+               if [ ! -s "$OUT/load7.json" ]; then
+                 export FAST_DECODE_SYMM=0; echo "load7 failed: the runs after it use FAST_DECODE_SYMM=0" >> "$OUT/env.log"
+               fi ;;
     load7b16)  run load7b16 240 "${DS2[@]}" extensions/tp_load.py --fast-decode --model "$MODEL7" \
                  --max-new-tokens 128 --batch-size 16 "${TAIL[@]}" ;;
     load7nccl) run load7nccl 240 env FAST_DECODE_SYMM=0 "${DS2[@]}" extensions/tp_load.py --fast-decode \
@@ -79,6 +83,9 @@ for name in $RUNS; do
                run qtp1fast7 240 env CUDA_VISIBLE_DEVICES=1 python3 extensions/tp_quant.py --tp-size 1 --quant 4bit \
                  --fast-decode --model "$MODEL7" --max-new-tokens 128 --iters 3 "${EXTRA[@]}" &
                wait ;;
+    gputest)   timeout 400 python3 -m pytest -q -m gpu tests/test_gpu.py -k "tensor_parallel or symmetric" \
+                 > "$OUT/gpu-tests.log" 2>&1
+               echo "gputest exit $? ($(tail -1 "$OUT/gpu-tests.log"))" >> "$OUT/env.log" ;;
     load70)    run load70 420 env FAST_DECODE_MODE=cuda-graph "${DS2[@]}" extensions/tp_load.py --fast-decode \
                  --model "$MODEL70" --max-new-tokens 128 "${TAIL[@]}" ;;
     load70b16) run load70b16 420 env FAST_DECODE_MODE=cuda-graph "${DS2[@]}" extensions/tp_load.py --fast-decode \
@@ -102,7 +109,7 @@ python3 - "$OUT" $RUNS <<'EOF'
 import json, os, sys
 print(f"{'run':<10}{'decode':>11}{'batch':>6}{'tok/s':>9}{'verify':>8}{'GPU GiB':>9}{'host GiB':>9}  summary")
 for name in [n for arg in sys.argv[2:] for n in ({"tp1pair": ["fast7tp1", "lesson7q"], "tp1fast": ["fast7tp1", "fast7tp1b16"],
-                                                 "tp1quant": ["qtp1fast70", "qtp1fast7"]}.get(arg, [arg]))]:
+                                                 "tp1quant": ["qtp1fast70", "qtp1fast7"], "gputest": []}.get(arg, [arg]))]:
     path = os.path.join(sys.argv[1], name + ".json")
     if not os.path.exists(path):
         print(f"{name:<10}  (no JSON)")

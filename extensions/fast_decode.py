@@ -154,24 +154,55 @@ def inductor_tuning() -> bool:
     inductor.coordinate_descent_tuning = os.environ.get("FAST_DECODE_TUNE", "1") != "0"
     return inductor.coordinate_descent_tuning
 
+@functools.cache
+def row_parallel_fp32_class():
+    """RowParallelFp32 (defined on first use: torch loads only when a run needs it)."""
+    import torch
+    from deepspeed.module_inject.layers import LmHeadLinearAllreduce
+
+    class RowParallelFp32(torch.nn.Module):
+        """An AutoTP row-parallel layer (LinearAllreduce: o_proj, down_proj; LmHeadLinearAllreduce: lm_head) whose
+        partial sums are added in fp32, then rounded to the model's dtype once. For 2 ranks that is the very fp16
+        number NCCL's fp16 sum gives (the exact sum of two fp16 values, rounded once)."""
+
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            layer = self.layer
+            if type(layer) is LmHeadLinearAllreduce:          # its shard of the input features, as its forward
+                sizes = layer._partition_sizes
+                start = sum(sizes[:layer.tp_index])
+                x = x[..., start:start + sizes[layer.tp_index]]
+            out = torch.matmul(x, layer.weight.transpose(-1, -2)).float()
+            torch.distributed.all_reduce(out, group=layer.mp_group)
+            out = out.to(x.dtype)
+            return out if layer.bias is None else out + layer.bias
+    return RowParallelFp32
+
 def symmetric_all_reduce(model) -> bool:
-    """Under tensor parallel on GPUs (NCCL), let torch.compile lower each all-reduce of a compiled step that is
-    small (up to 128 KB: a decode step's hidden state is 8 KB a row for Llama-2-7B) to PyTorch's one-shot all-reduce
-    over symmetric memory: each rank's partial sum is written where its peers can read it over NVLink, and one kernel
-    on every rank reads and adds them all. NCCL's ring pays its protocol's fixed cost on each of the step's 65
+    """Under tensor parallel on GPUs (NCCL), let torch.compile lower each all-reduce of the decode step that is
+    small (up to 128 KB: the hidden state is 8 KB a row for Llama-2-7B) to PyTorch's one-shot all-reduce over
+    symmetric memory: each rank's partial sum is written where its peers can read it over NVLink, and one kernel on
+    every rank reads and adds them all. NCCL's ring pays its protocol's fixed cost on each of the step's 65
     all-reduces (two a layer and the head's), which at batch 1 is much of the step. Inductor does this itself
-    (config._collective.auto_select) for process groups that have symmetric memory enabled; the sums are the same
-    numbers added in another order. PyTorch's kernel adds bf16 and fp32 only (fp16: "not implemented for 'Half'"),
-    so an fp16 model keeps NCCL's: run tensor parallel with --dtype bf16 to get it. FAST_DECODE_SYMM=0 turns it off;
-    returns whether it is on."""
+    (config._collective.auto_select) for process groups with symmetric memory enabled. Its kernel adds bf16 and fp32
+    only ("not implemented for 'Half'"), so an fp16 model's row-parallel layers add in fp32 (RowParallelFp32).
+    FAST_DECODE_SYMM=0 turns it off; returns whether it is on."""
     import torch
     dist = torch.distributed
-    if os.environ.get("FAST_DECODE_SYMM", "1") == "0" or not (dist.is_available() and dist.is_initialized()) or \
-            next(model.parameters()).dtype not in (torch.bfloat16, torch.float32):
+    if os.environ.get("FAST_DECODE_SYMM", "1") == "0" or not (dist.is_available() and dist.is_initialized()):
         return False
     groups = {m.mp_group for m in model.modules() if getattr(m, "mp_group", None) is not None}
     if not groups or any(dist.get_backend(g) != "nccl" for g in groups):
         return False                                  # one GPU, or CPU ranks (gloo): nothing to lower
+    from deepspeed.module_inject.layers import LinearAllreduce
+    if next(model.parameters()).dtype == torch.float16:
+        for name, layer in list(model.named_modules()):
+            if isinstance(layer, LinearAllreduce):
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, row_parallel_fp32_class()(layer))
     import torch._inductor.config as inductor
     from torch.distributed._symmetric_memory import enable_symm_mem_for_group
     for group in groups:
@@ -194,6 +225,12 @@ def decode_step(model, device, mode: str | None = None) -> tuple:
         return GraphStep(step), mode
     if mode == "compiled":
         inductor_tuning()
+        if symmetric_all_reduce(model):
+            # The symmetric buffers are allocated on the compiled step's first run and kept; torch.compile's own
+            # CUDA graphs (cudagraph trees) would hold them in their memory pool ("tensors in the cudagraph pool not
+            # tracked as outputs"), so the compiled step is captured by GraphStep instead.
+            return GraphStep(torch.compile(step, fullgraph=True, dynamic=False,
+                                           options={"triton.cudagraphs": False})), mode
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False), mode
     return step, mode
 
@@ -203,7 +240,7 @@ def release_step(step, mode: str) -> None:
     import torch
     if isinstance(step, GraphStep):
         step.release()
-    elif mode == "compiled":
+    if mode == "compiled":
         torch._dynamo.reset()                     # drops the compiled step and its CUDA graphs (cudagraph trees)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -224,7 +261,7 @@ class FastGreedy:
         self.fused = fuse_projections(self.module)
         self.step, self.mode = decode_step(self.module, next(self.module.parameters()).device,
                                            mode or os.environ.get("FAST_DECODE_MODE") or None)
-        self.symmetric = self.mode == "compiled" and symmetric_all_reduce(self.module)
+        self.symmetric = self.mode == "compiled" and isinstance(self.step, GraphStep)    # symmetric_all_reduce()
         self.caches = {}
         # Tensor parallel: the ranks, which must all run the same number of steps (each step all-reduces).
         dist = torch.distributed

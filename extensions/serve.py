@@ -39,8 +39,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
-from extensions.fast_decode import (decode_step, forward_last, fuse_projections, release_step,  # noqa: E402
-                                     symmetric_all_reduce)
+from extensions.fast_decode import decode_step, forward_last, fuse_projections, release_step  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model side: rows of one static KV cache, a request per row, stepped together (the same on every rank).
@@ -72,8 +71,6 @@ class SlotBatch:
         self.slot = 0
         self.seek()
         self.step_fn, self.mode = decode_step(self.module, self.device, mode)
-        if self.mode == "compiled":
-            symmetric_all_reduce(self.module)              # tensor parallel: one-shot all-reduces (fast_decode.py)
         self.step(torch.zeros(rows, dtype=torch.long, device=self.device))
         self.step(torch.zeros(rows, dtype=torch.long, device=self.device))
         self.mask.zero_()
