@@ -83,7 +83,7 @@ for name in $RUNS; do
                run qtp1fast7 240 env CUDA_VISIBLE_DEVICES=1 python3 extensions/tp_quant.py --tp-size 1 --quant 4bit \
                  --fast-decode --model "$MODEL7" --max-new-tokens 128 --iters 3 "${EXTRA[@]}" &
                wait ;;
-    gputest)   timeout 400 python3 -m pytest -q -m gpu tests/test_gpu.py -k "tensor_parallel or symmetric" \
+    gputest)   timeout ${GPUTEST_LIMIT:-400} python3 -m pytest -q -m gpu tests/test_gpu.py -k "tensor_parallel or symmetric" \
                  > "$OUT/gpu-tests.log" 2>&1
                echo "gputest exit $? ($(tail -1 "$OUT/gpu-tests.log"))" >> "$OUT/env.log" ;;
     load70)    run load70 420 env FAST_DECODE_MODE=cuda-graph "${DS2[@]}" extensions/tp_load.py --fast-decode \
