@@ -169,6 +169,10 @@ def row_parallel_fp32_class():
             super().__init__()
             self.layer = layer
 
+        @property
+        def weight(self):               # this rank's shard, where the lesson's report reads it (lm_head's)
+            return self.layer.weight
+
         def forward(self, x):
             layer = self.layer
             if type(layer) is LmHeadLinearAllreduce:          # its shard of the input features, as its forward
