@@ -315,14 +315,18 @@ def init_engine(config, decoder=None) -> tuple:
     return engine, tokenizer, lesson.EngineInfo(device, "deepspeed", "none", str(dtype).replace("torch.", ""), False,
                                                 mode, [], notes, result, seconds)
 
+def fast_decode_flag(argv) -> tuple:
+    """(the other arguments, the decoder): --fast-decode asks for fast_decode.py's loop (tp_quant.py takes it too)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--fast-decode" not in argv:
+        return argv, None
+    argv.remove("--fast-decode")
+    from extensions.fast_decode import FastGreedy
+    return argv, FastGreedy
+
 def main(argv=None) -> int:
     """The lesson's command line and run(), with this init_engine; --fast-decode adds fast_decode.py's loop."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    decoder = None
-    if "--fast-decode" in argv:
-        argv.remove("--fast-decode")
-        from extensions.fast_decode import FastGreedy
-        decoder = FastGreedy
+    argv, decoder = fast_decode_flag(argv)
     return lesson.main(argv, decoder=decoder, prog="extensions/tp_load.py [--fast-decode]",
                        job=functools.partial(lesson.run, init_engine=init_engine))
 

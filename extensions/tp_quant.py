@@ -310,12 +310,7 @@ def run(config, decoder=None) -> int:
 
 def main(argv=None) -> int:
     """The lesson's command line; --fast-decode adds fast_decode.py's loop (a CUDA graph per step on a GPU)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    decoder = None
-    if "--fast-decode" in argv:
-        argv.remove("--fast-decode")
-        from extensions.fast_decode import FastGreedy
-        decoder = FastGreedy
+    argv, decoder = tp_load.fast_decode_flag(argv)
     return lesson.main(argv, decoder=decoder, prog="extensions/tp_quant.py [--fast-decode]", job=run)
 
 if __name__ == "__main__":
