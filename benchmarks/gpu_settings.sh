@@ -6,12 +6,14 @@
 # call on the same host.
 # Start the device command with the pip prefix of the README (第九节), carry [".whl"], then:
 #   bash benchmarks/gpu_settings.sh   -> env.log, settings-a/b.json and .png (rows merged), console-a/b.log, table-a/b.txt
+# A=... B=... pick other modes, e.g. int8 weight-only beside bitsandbytes' int8 and fp16:
+#   A=hf-compile,hf-8bit-t0-compile B=hf-8bit-wo-compile bash benchmarks/gpu_settings.sh
 set -u
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 PROMPT="Explain tensor parallelism now: "            # 32 bytes = 32 tokens with the preset's byte tokenizer
 COMMON=(--model "${MODEL:-random:llama-2-7b}" --max-new-tokens 128 --warmup 1 --iters 3 --prompt "$PROMPT")
-A=hf-compile,hf-4bit-compile,hf-4bit-fp4-compile,hf-4bit-torch-compile,hf-static
-B=hf-8bit-t0-compile,hf-4bit-nodq-compile,hf-4bit-fp16-compile,hf-8bit-t0-torch-compile
+A=${A:-hf-compile,hf-4bit-compile,hf-4bit-fp4-compile,hf-4bit-torch-compile,hf-static}
+B=${B:-hf-8bit-t0-compile,hf-4bit-nodq-compile,hf-4bit-fp16-compile,hf-8bit-t0-torch-compile}
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import ds_bnb_infer as m; print(m.versions())"; } > "$OUT/env.log" 2>&1
 half() {  # half NAME GPU MODES: one compare.py run a mode (a mode that runs out of time loses only its own row)

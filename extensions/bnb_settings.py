@@ -48,23 +48,16 @@ def bnb_config(settings, quant: str, int8_threshold: float):
                               bnb_4bit_use_double_quant=settings.bnb_double_quant == "on",
                               bnb_4bit_compute_dtype=getattr(torch, DTYPES[settings.bnb_compute_dtype]))
 
-def init_engine(config, decoder=None, settings=None) -> tuple:
-    """The lesson's init_engine with this file's bnb_config; then the error against the same weights unquantized."""
+def vs_unquantized(engine, tokenizer, config, info) -> str:
+    """The quantized engine's prefill logits against the same weights unquantized (loaded for that, then freed): kept
+    in the report's verify.vs_unquantized; returns it in words for the report's notes."""
     import torch
-    if config.quant != "4bit":
-        raise lesson.UsageError("bnb_settings.py varies the 4-bit settings: add --quant 4bit.")
-    lesson.bnb_config = functools.partial(bnb_config, settings)
-    try:
-        engine, tokenizer, info = lesson.init_engine(config, decoder)
-    finally:
-        lesson.bnb_config = lesson_bnb_config
-    device = info.device
     enc = tokenizer(lesson.as_chat(tokenizer, lesson.load_prompts(config)[:4]), return_tensors="pt", padding=True)
-    inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+    inputs = {k: enc[k].to(info.device) for k in ("input_ids", "attention_mask")}
     mask = inputs["attention_mask"].bool().cpu()
     with torch.no_grad():
         quantized = engine(**inputs).logits.float().cpu()[mask]
-        plain = lesson.load_model(config, "none", device)
+        plain = lesson.load_model(config, "none", info.device)
         unquantized, dtype = plain(**inputs).logits.float().cpu()[mask], plain.dtype
     del plain
     lesson.free_memory()
@@ -73,9 +66,20 @@ def init_engine(config, decoder=None, settings=None) -> tuple:
              "top1_agreement": float((quantized.argmax(-1) == unquantized.argmax(-1)).float().mean())}
     if info.verify:                        # plain transformers without a decoder is its own reference: no verify
         info.verify = dict(info.verify, vs_unquantized=error)
+    return f"against {error['of']}: rel. error {error['prefill_rel_error']:.2e}, top-1 {error['top1_agreement']:.1%}"
+
+def init_engine(config, decoder=None, settings=None) -> tuple:
+    """The lesson's init_engine with this file's bnb_config; then the error against the same weights unquantized."""
+    if config.quant != "4bit":
+        raise lesson.UsageError("bnb_settings.py varies the 4-bit settings: add --quant 4bit.")
+    lesson.bnb_config = functools.partial(bnb_config, settings)
+    try:
+        engine, tokenizer, info = lesson.init_engine(config, decoder)
+    finally:
+        lesson.bnb_config = lesson_bnb_config
+    summary = vs_unquantized(engine, tokenizer, config, info)
     info.notes.append(f"4-bit {settings.bnb_quant_type}, double quant {settings.bnb_double_quant}, compute "
-                      f"{settings.bnb_compute_dtype}: against {error['of']}: rel. error "
-                      f"{error['prefill_rel_error']:.2e}, top-1 {error['top1_agreement']:.1%}")
+                      f"{settings.bnb_compute_dtype}: {summary}")
     return engine, tokenizer, info
 
 def main(argv=None) -> int:

@@ -63,6 +63,18 @@ def test_gpu_fast_decode_compiles_one_graph_per_step_and_is_verified(tmp_path):
     assert engine["verify"]["tolerance"] == m.KERNEL_TOL["fp16"]
 
 
+def test_gpu_int8_weight_only_is_compiled_and_verified(tmp_path):
+    """extensions/int8_weight_only.py on a GPU: no bitsandbytes layer is left, so the step is compiled; verified
+    against the weight-only model eager, and near the unquantized weights."""
+    r = run_cli("--model", "random:tiny", "--device", "cuda", "--backend", "hf", "--quant", "8bit", "--int8-threshold",
+                "0", "--max-new-tokens", "16", "--iters", "1", "--json", str(tmp_path / "r.json"),
+                script=ROOT / "extensions" / "int8_weight_only.py", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    engine = json.loads((tmp_path / "r.json").read_text())["engine"]
+    assert engine["decode"] == "compiled" and engine["verify"]["passed"]
+    assert engine["verify"]["vs_unquantized"]["prefill_rel_error"] < 0.1
+
+
 @pytest.mark.parametrize("quant, threshold, mode", [("4bit", 6.0, "cuda-graph"), ("8bit", 0.0, "cuda-graph"),
                                                     ("8bit", 6.0, "eager")])
 def test_gpu_quantized_decode_graph_keeps_the_eager_numbers(quant, threshold, mode):
