@@ -150,3 +150,17 @@ def test_tp1_with_fast_decode_is_verified_with_the_lessons_texts(tmp_path):
     assert "quantized 4bit as they were filled" in engine["notes"][0] and engine["decode"] == "eager"
     assert verify["passed"] and verify["decoder"]["passed"] and "decoding against the engine" in verify["summary"]
     assert [o["text"] for o in report["outputs"]] == _tp1_texts("4bit", 6.0, prompts, new_tokens)
+
+
+@pytest.mark.parametrize("quant, threshold, mode", [("4bit", 6.0, "cuda-graph"), ("8bit", 0.0, "cuda-graph"),
+                                                    ("8bit", 6.0, "eager")])
+def test_fast_decode_would_capture_the_quantized_shards_on_a_gpu(quant, threshold, mode):
+    """fast_decode.py picks its step by the layers it finds: tp_quant.py's bitsandbytes layers (no transformers
+    quantizer behind them) are captured as a CUDA graph on a GPU - torch.compile of them fails verification - and
+    LLM.int8 with outliers stays eager. (Choosing touches no GPU, so a CPU checks it.)"""
+    from extensions.fast_decode import decode_step
+    config = m.DeployConfig(model_name="random:tiny", quant=quant, dtype="fp32", int8_threshold=threshold,
+                            device="cpu")
+    model, _ = filled_and_quantized(config, "cpu", torch.float32)
+    assert getattr(model, "hf_quantizer", None) is None
+    assert decode_step(model, torch.device("cuda"))[1] == mode
