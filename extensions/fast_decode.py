@@ -185,10 +185,12 @@ def row_parallel_fp32_class():
             return out if layer.bias is None else out + layer.bias
     return RowParallelFp32
 
+ONE_SHOT_BYTES = 512 * 1024   # all-reduces up to this size run one-shot: the fp32 hidden state of up to 32 rows (7B)
+
 def symmetric_all_reduce(model) -> bool:
     """Under tensor parallel on GPUs (NCCL), let torch.compile lower each all-reduce of the decode step that is
-    small (up to 128 KB: the hidden state is 8 KB a row for Llama-2-7B) to PyTorch's one-shot all-reduce over
-    symmetric memory: each rank's partial sum is written where its peers can read it over NVLink, and one kernel on
+    small (up to ONE_SHOT_BYTES; Llama-2-7B's hidden state is 16 KB a row in fp32) to PyTorch's one-shot all-reduce
+    over symmetric memory: each rank's partial sum is written where its peers can read it over NVLink, and one kernel on
     every rank reads and adds them all. NCCL's ring pays its protocol's fixed cost on each of the step's 65
     all-reduces (two a layer and the head's), which at batch 1 is much of the step. Inductor does this itself
     (config._collective.auto_select) for process groups with symmetric memory enabled. Its kernel adds bf16 and fp32
@@ -212,6 +214,9 @@ def symmetric_all_reduce(model) -> bool:
     for group in groups:
         enable_symm_mem_for_group(group.group_name)
     inductor._collective.auto_select = True
+    # Inductor's default limit (128 KB) would leave batch 16's sums (256 KB) to NCCL, whose fixed cost per call is
+    # what one-shot avoids. The head's all-reduce at batch 16 (vocab-wide rows, 2 MB) stays NCCL's.
+    inductor._collective.one_shot_all_reduce_threshold_bytes = ONE_SHOT_BYTES
     return True
 
 def decode_step(model, device, mode: str | None = None) -> tuple:
