@@ -30,6 +30,7 @@ LESSON, FAST = os.path.join(ROOT, "ds_bnb_infer.py"), os.path.join(ROOT, "extens
 STATIC = os.path.join(ROOT, "extensions", "static_generate.py")
 BNB = os.path.join(ROOT, "extensions", "bnb_settings.py")
 INT8_WO = os.path.join(ROOT, "extensions", "int8_weight_only.py")
+FASTGEN = os.path.join(ROOT, "extensions", "fastgen.py")
 # mode -> (script, flags). Injection runs with --no-fallback, so that a failed injection is a failed row rather than
 # a second copy of "ds". The "-compile" modes are extensions/fast_decode.py (static KV cache, CUDA graphs);
 # "hf-static" is transformers' own generate() on a static cache (extensions/static_generate.py).
@@ -57,6 +58,8 @@ MODES = {
                                  {"FAST_DECODE_MODE": "compiled"}),
     # the same int8 weights multiplied weight-only (extensions/int8_weight_only.py), in the compiled loop
     "hf-8bit-wo-compile": (INT8_WO, ["--backend", "hf", "--quant", "8bit", "--int8-threshold", "0"]),
+    # DeepSpeed-FastGen (extensions/fastgen.py): another engine on the same weights; GPU only (refused on a CPU)
+    "fastgen": (FASTGEN, ["--backend", "hf"]),
 }
 SET_BY_MODES = ["backend", "quant", "int8_threshold", "kernel_inject", "fallback"]
 

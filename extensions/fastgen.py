@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""extensions/fastgen.py — 第十节 与其他推理后端对比: DeepSpeed-FastGen, the engine DeepSpeed ships for serving
+today (deepspeed.inference.v2, under DeepSpeed-MII), on the lesson's model and prompts, verified like any engine.
+
+  pip install deepspeed-kernels                                        # FastGen's CUDA kernels (one GPU, sm >= 8.0)
+  python extensions/fastgen.py --model random:llama-2-7b --backend hf  # the first run builds its kernels (minutes)
+
+FastGen does not wrap a transformers model as init_inference() does: build_hf_engine() reads a checkpoint folder into
+its own implementation of the architecture (q/k/v as one matmul, a KV cache in blocks, ragged batches: sequences of
+different lengths in one forward, no padding). So this decoder saves the model the lesson loaded and builds FastGen
+from that folder: both hold the same weights, and the lesson's verification compares FastGen with that model.
+
+How FastGen is fed (what its put() takes): token ids on the host, one tensor a sequence, without padding; each put()
+is one forward and returns each sequence's last logits. A sequence is a uid: its KV blocks stay until flush(uid).
+So prefill puts the prompts, and each decode step puts one token a sequence. Its KV cache is allocated once, sized
+for this run (run()), where FastGen's default takes all free GPU memory. Greedy only.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import itertools
+import math
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ds_bnb_infer as lesson  # noqa: E402
+
+KV_BLOCK_TOKENS = 64     # FastGen's smallest KV block (get_kv_block_size: 64 tokens, 128 for heads of <= 64)
+
+class FastGenGreedy:
+    """FastGen behind transformers' interface: __call__ gives every position's logits (what verification compares),
+    generate() decodes greedily. The transformers model leaves the GPU once FastGen holds its own copy; it stays on
+    the host for the report (weight bytes) and for the lesson's timer of the first token."""
+
+    warmup_runs = 1
+
+    def __init__(self, engine, sequences: int, positions: int):
+        import torch
+        from deepspeed.inference.v2 import RaggedInferenceEngineConfig, build_hf_engine
+        self.module = getattr(engine, "module", engine)        # a DeepSpeed engine wraps the model in .module
+        self.mode = "fastgen"
+        blocks = sequences * math.ceil(positions / KV_BLOCK_TOKENS)
+        config = RaggedInferenceEngineConfig(state_manager={
+            "max_tracked_sequences": sequences, "max_ragged_sequence_count": sequences, "max_context": positions,
+            "max_ragged_batch_size": sequences * positions,             # a prefill of every sequence in one put()
+            "memory_config": {"mode": "allocate", "size": blocks}})
+        if not torch.distributed.is_initialized():
+            # FastGen makes its tensor-parallel group through deepspeed.comm, which without a launcher's environment
+            # looks for MPI; one rank needs neither: a process group of one, over an in-memory store.
+            torch.distributed.init_process_group("nccl", store=torch.distributed.HashStore(), rank=0, world_size=1)
+        with tempfile.TemporaryDirectory(prefix="ds_bnb_infer-fastgen-") as tmp:
+            self.module.save_pretrained(tmp)                     # safetensors, with config.json (its dtype too)
+            self.engine = build_hf_engine(tmp, config)
+        self.module.to("cpu")
+        lesson.free_memory()
+        self.uids = itertools.count()
+
+    @staticmethod
+    def validate(config) -> None:
+        """Refuse what FastGen cannot do here, before anything is loaded."""
+        import torch
+        for refused, message in [
+            (config.tp_size > 1, "fastgen.py runs FastGen on one GPU; drop --tp-size."),
+            (config.quant != "none", "FastGen loads fp16/bf16 checkpoints, not bitsandbytes weights; drop --quant."),
+            (config.dtype == "fp32", "FastGen runs in fp16 or bf16; use --dtype fp16 or bf16."),
+            (config.do_sample, "fastgen.py decodes greedily; drop --do-sample."),
+            (config.device == "cpu" or not torch.cuda.is_available(),
+             "DeepSpeed-FastGen runs on CUDA GPUs only (compute capability 8.0 or newer); run fastgen.py on a GPU."),
+            (importlib.util.find_spec("deepspeed_kernels") is None,
+             "DeepSpeed-FastGen needs its CUDA kernels: pip install deepspeed-kernels."),
+        ]:
+            if refused:
+                raise lesson.UsageError(message)
+
+    def parameters(self):
+        """FastGen's weights: one flat buffer on its GPU (the lesson puts the inputs where the parameters are)."""
+        yield self.engine._model.flattened_params
+
+    def forward_rows(self, rows: list):
+        """One put() of new sequences, flushed after: each row's last logits."""
+        uids = [next(self.uids) for _ in rows]
+        try:
+            return self.engine.put(uids, rows, do_checks=False)
+        finally:
+            for uid in uids:
+                self.engine.flush(uid)
+
+    def __call__(self, input_ids, attention_mask):
+        """Every position's logits, as a model's forward gives them: FastGen returns only a sequence's last logits,
+        so position j is the last of a prefill of the row's first j + 1 tokens (padding positions stay 0)."""
+        import torch
+        logits = None
+        for b, (ids, mask) in enumerate(zip(input_ids.cpu(), attention_mask.cpu().bool())):
+            real = ids[mask]
+            out = torch.cat([self.forward_rows([real[:j + 1]]) for j in range(len(real))]).float()
+            if logits is None:
+                logits = torch.zeros(*input_ids.shape, out.shape[-1], device=out.device)
+            logits[b, mask.nonzero().squeeze(-1).to(out.device)] = out
+        return argparse.Namespace(logits=logits)
+
+    def first_logits(self, logits) -> None:
+        """The lesson times the first token (TTFT) with a forward hook on the model (first_token_timer); FastGen never
+        calls that model, so its forward hooks are called here, once FastGen's first logits exist."""
+        for hook in list(self.module._forward_hooks.values()):
+            hook(self.module, (), logits)
+
+    def generate(self, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int = 0, do_sample=False,
+                 min_new_tokens: int = 0, output_logits=False, return_dict_in_generate=False):
+        """Greedy decoding as transformers' generate() does it (EOS, padding after it, min_new_tokens), one put() a
+        step; each step's tokens go to the host, where put() takes them."""
+        import torch
+        assert not do_sample, "greedy only: FastGenGreedy.validate() refuses --do-sample"
+        dev = input_ids.device
+        rows = [ids[mask.bool()].cpu() for ids, mask in zip(input_ids, attention_mask)]   # no padding: ragged
+        uids = [next(self.uids) for _ in rows]
+        eos = torch.tensor(sorted(lesson.eos_ids(self.module) - {None}), dtype=torch.long, device=dev)
+        done, tokens, step_logits = torch.zeros(len(rows), dtype=torch.bool, device=dev), [], []
+        try:
+            logits = self.engine.put(uids, rows, do_checks=False)          # prefill: every prompt in one forward
+            self.first_logits(logits)
+            for i in range(max_new_tokens):
+                logits = logits.float()
+                if output_logits:
+                    step_logits.append(logits.cpu())
+                if i < min_new_tokens:
+                    logits = logits.index_fill(-1, eos, -math.inf)        # EOS banned, as generate() does
+                token = torch.where(done, pad_token_id, logits.argmax(-1))
+                done |= torch.isin(token, eos)
+                tokens.append(token)
+                if i == max_new_tokens - 1 or bool(done.all()):
+                    break
+                logits = self.engine.put(uids, list(token.cpu()[:, None]), do_checks=False)
+        finally:
+            for uid in uids:
+                self.engine.flush(uid)
+        sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+        return argparse.Namespace(sequences=sequences, logits=step_logits) if return_dict_in_generate else sequences
+
+    def close(self) -> None:
+        """Free FastGen's weights and KV cache; end the process group of one made for it."""
+        import torch
+        del self.engine
+        lesson.free_memory()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1:
+            torch.distributed.destroy_process_group()
+
+def run(config: lesson.DeployConfig, decoder=FastGenGreedy) -> int:
+    """The lesson's run, with FastGen's KV cache sized for it: the batch (verification decodes up to 4 prompts at
+    once) and the longest prompt plus the tokens decoded after it."""
+    import torch
+    lesson.validate(config, lesson.dist_env(config)[2], torch.cuda.is_available())
+    decoder.validate(config)
+    tokenizer = lesson.load_tokenizer(config)
+    prompts = lesson.as_chat(tokenizer, lesson.load_prompts(config))
+    longest = max(len(tokenizer(p)["input_ids"]) for p in prompts)
+    sized = functools.partial(decoder, sequences=max(config.batch_size, min(len(prompts), 4)),
+                              positions=longest + max(config.max_new_tokens, lesson.VERIFY_TOKENS))
+    return lesson.run(config, sized)
+
+def main(argv=None) -> int:
+    return lesson.main(argv, prog="extensions/fastgen.py", job=lambda config, decoder: run(config))
+
+if __name__ == "__main__":
+    sys.exit(main())
