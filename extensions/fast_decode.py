@@ -162,8 +162,8 @@ def row_parallel_fp32_class():
 
     class RowParallelFp32(torch.nn.Module):
         """An AutoTP row-parallel layer (LinearAllreduce: o_proj, down_proj; LmHeadLinearAllreduce: lm_head) whose
-        partial sums are added in fp32, then rounded to the model's dtype once. For 2 ranks that is the very fp16
-        number NCCL's fp16 sum gives (the exact sum of two fp16 values, rounded once)."""
+        partial sums are added in fp32, then rounded to the model's dtype once. For 2 ranks that is the very
+        number NCCL's fp16 or bf16 sum gives (the exact sum of two such values, rounded once)."""
 
         def __init__(self, layer):
             super().__init__()
@@ -194,8 +194,9 @@ def symmetric_all_reduce(model) -> bool:
     every rank reads and adds them all. NCCL's ring pays its protocol's fixed cost on each of the step's 65
     all-reduces (two a layer and the head's), which at batch 1 is much of the step. Inductor does this itself
     (config._collective.auto_select) for process groups with symmetric memory enabled. Its kernel adds bf16 and fp32
-    only ("not implemented for 'Half'"), so an fp16 model's row-parallel layers add in fp32 (RowParallelFp32).
-    FAST_DECODE_SYMM=0 turns it off; returns whether it is on."""
+    only ("not implemented for 'Half'"), so the row-parallel layers add in fp32 (RowParallelFp32); bf16 models too,
+    as the lowering of AutoTP's own in-place sum of a matmul's output failed there ("a previous allocation with the
+    same alloc_id is still active"). FAST_DECODE_SYMM=0 turns it off; returns whether it is on."""
     import torch
     dist = torch.distributed
     if os.environ.get("FAST_DECODE_SYMM", "1") == "0" or not (dist.is_available() and dist.is_initialized()):
@@ -204,11 +205,10 @@ def symmetric_all_reduce(model) -> bool:
     if not groups or any(dist.get_backend(g) != "nccl" for g in groups):
         return False                                  # one GPU, or CPU ranks (gloo): nothing to lower
     from deepspeed.module_inject.layers import LinearAllreduce
-    if next(model.parameters()).dtype == torch.float16:
-        for name, layer in list(model.named_modules()):
-            if isinstance(layer, LinearAllreduce):
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent), attr, row_parallel_fp32_class()(layer))
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, LinearAllreduce):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, row_parallel_fp32_class()(layer))
     import torch._inductor.config as inductor
     from torch.distributed._symmetric_memory import enable_symm_mem_for_group
     for group in groups:
