@@ -70,7 +70,7 @@ class FastGenGreedy:
             (config.do_sample, "fastgen.py decodes greedily; drop --do-sample."),
             (config.device == "cpu" or not torch.cuda.is_available(),
              "DeepSpeed-FastGen runs on CUDA GPUs only (compute capability 8.0 or newer); run fastgen.py on a GPU."),
-            (importlib.util.find_spec("deepspeed_kernels") is None,
+            (importlib.util.find_spec("dskernels") is None,     # the deepspeed-kernels package
              "DeepSpeed-FastGen needs its CUDA kernels: pip install deepspeed-kernels."),
         ]:
             if refused:
@@ -81,10 +81,12 @@ class FastGenGreedy:
         yield self.engine._model.flattened_params
 
     def forward_rows(self, rows: list):
-        """One put() of new sequences, flushed after: each row's last logits."""
+        """One put() of new sequences, flushed after: each row's last logits, copied (put() returns a view of its
+        logits buffer, which the next put() overwrites)."""
+        import torch
         uids = [next(self.uids) for _ in rows]
         try:
-            return self.engine.put(uids, rows, do_checks=False)
+            return self.engine.put(uids, rows, do_checks=False).to(torch.float32, copy=True)
         finally:
             for uid in uids:
                 self.engine.flush(uid)
@@ -96,7 +98,7 @@ class FastGenGreedy:
         logits = None
         for b, (ids, mask) in enumerate(zip(input_ids.cpu(), attention_mask.cpu().bool())):
             real = ids[mask]
-            out = torch.cat([self.forward_rows([real[:j + 1]]) for j in range(len(real))]).float()
+            out = torch.cat([self.forward_rows([real[:j + 1]]) for j in range(len(real))])
             if logits is None:
                 logits = torch.zeros(*input_ids.shape, out.shape[-1], device=out.device)
             logits[b, mask.nonzero().squeeze(-1).to(out.device)] = out
@@ -123,7 +125,7 @@ class FastGenGreedy:
             logits = self.engine.put(uids, rows, do_checks=False)          # prefill: every prompt in one forward
             self.first_logits(logits)
             for i in range(max_new_tokens):
-                logits = logits.float()
+                logits = logits.to(torch.float32, copy=True)    # the next put() overwrites its buffer
                 if output_logits:
                     step_logits.append(logits.cpu())
                 if i < min_new_tokens:
