@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """extensions/compare.py — 第十节: every deployment mode on the same model and prompts, in one table, JSON and chart.
 
-Each mode is the lesson (ds_bnb_infer.py), extensions/fast_decode.py or static_generate.py run with a few flags, in a process of its own
-(no mode inherits another's GPU memory or compiled kernels), verified as always; a mode that fails is a row that says
-why. On top of each run's own report this file measures the device's memory bandwidth once, so that every row gets
+Each mode is the lesson (ds_bnb_infer.py) or an extension (fast_decode.py, static_generate.py, bnb_settings.py,
+int8_weight_only.py, fastgen.py) run with a few flags, in a process of its own (no mode inherits another's GPU memory
+or compiled kernels), verified as always; a mode that fails is a row that says why. On top of each run's own report this file measures the device's memory bandwidth once, so that every row gets
 its MBU (model bandwidth utilisation: achieved GB/s over the bandwidth) and its roofline (the decode tok/s that
 bandwidth would allow, weight bytes per step being what they are).
 
