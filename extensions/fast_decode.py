@@ -254,6 +254,16 @@ def release_step(step, mode: str) -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
+def greedy_token(logits, i: int, done, eos, pad_token_id: int, min_new_tokens: int):
+    """generate()'s greedy choice of new token i: EOS banned before min_new_tokens, padding for the rows that have
+    ended; `done` (a row has ended) is updated in place."""
+    import torch
+    if i < min_new_tokens:
+        logits = logits.index_fill(-1, eos, -math.inf)
+    token = torch.where(done, pad_token_id, logits.argmax(-1))
+    done |= torch.isin(token, eos)
+    return token
+
 class FastGreedy:
     """Greedy decoding written out (gpt-fast's recipe) behind transformers' generate() interface.
 
@@ -331,10 +341,7 @@ class FastGreedy:
             logits = logits.float()
             if output_logits:
                 step_logits.append(logits.cpu())
-            if i < min_new_tokens:
-                logits = logits.index_fill(-1, eos, -math.inf)             # EOS banned, as generate() does
-            token = torch.where(done, pad_token_id, logits.argmax(-1))
-            done |= torch.isin(token, eos)
+            token = greedy_token(logits, i, done, eos, pad_token_id, min_new_tokens)
             tokens.append(token)
             if i == max_new_tokens - 1 or (i % 16 == 15 and self.all_ended(done)):
                 break

@@ -28,6 +28,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
+from extensions.fast_decode import greedy_token  # noqa: E402
 
 KV_BLOCK_TOKENS = 64     # FastGen's smallest KV block (get_kv_block_size: 64 tokens, 128 for heads of <= 64)
 
@@ -128,10 +129,7 @@ class FastGenGreedy:
                 logits = logits.to(torch.float32, copy=True)    # the next put() overwrites its buffer
                 if output_logits:
                     step_logits.append(logits.cpu())
-                if i < min_new_tokens:
-                    logits = logits.index_fill(-1, eos, -math.inf)        # EOS banned, as generate() does
-                token = torch.where(done, pad_token_id, logits.argmax(-1))
-                done |= torch.isin(token, eos)
+                token = greedy_token(logits, i, done, eos, pad_token_id, min_new_tokens)
                 tokens.append(token)
                 if i == max_new_tokens - 1 or bool(done.all()):
                     break
