@@ -7,13 +7,12 @@ bitsandbytes → 五 init_engine (deepspeed.init_inference), checked against the
 八 latency, throughput, GPU memory → the report → main(), also under the deepspeed launcher (六). README.md is the
 tutorial made true for today's libraries, extensions/ its 第十节; benchmarks/README.md holds measured results.
 
-What generation costs (第八节). Prefill: the prompt goes through the model in one pass, many tokens per weight
-read (compute-bound). Decode: one new token per sequence per step, every weight read once per step, so at small
-batch a step takes at least weight bytes / memory bandwidth. Fewer bytes (8-bit, 4-bit) lower that bound; the
-dequantisation kernels, and Python launching hundreds of kernels a step, decide how near decode gets to it.
-TTFT (time to first token) is about the prefill; decode time per token is the rest over the steps after it.
-Throughput counts the tokens actually generated: not the prompt, not padding, nothing after a sequence's EOS.
-Achieved bandwidth = weight bytes read per step x steps per second; over the card's bandwidth it is the MBU.
+What generation costs (第八节). Prefill: the prompt in one pass, many tokens per weight read (compute-bound).
+Decode: one new token per sequence per step, every weight read once a step, so at small batch a step takes at least
+weight bytes / memory bandwidth; fewer bytes (8-bit, 4-bit) lower that bound, and the dequantisation kernels and
+Python launching hundreds of kernels a step decide how near decode gets. TTFT (time to first token) is the prefill;
+decode time per token is the rest over the later steps. Throughput counts the tokens actually generated (not the
+prompt, not padding, nothing after EOS). Weight bytes read per step x steps per second, over the bandwidth: MBU.
 
 Commands (random:* presets have random weights built in code: no download, meaningless text, real time and memory):
   python ds_bnb_infer.py --model real:smollm2-135m     # a trained chat model (extensions/real_model.py converts it)
@@ -21,7 +20,6 @@ Commands (random:* presets have random weights built in code: no download, meani
   python ds_bnb_infer.py --model random:llama-2-7b --quant 8bit           # one GPU, the Llama-2-7B shape
   deepspeed --num_gpus=2 ds_bnb_infer.py --tp-size 2 --model random:llama-2-7b   # tensor parallel (第六节)
   python extensions/fast_decode.py --model random:llama-2-7b --backend hf # static KV cache + CUDA graphs (第十节)
-  python extensions/compare.py --model random:tiny --plot compare.png     # every mode in one table (第十节)
 """
 from __future__ import annotations
 
@@ -209,7 +207,6 @@ def batches_of(prompts: list[str], batch_size: int) -> list[list[str]]:
     n = -(-len(prompts) // batch_size) * batch_size
     filled = [prompts[i % len(prompts)] for i in range(n)]
     return [filled[i:i + batch_size] for i in range(0, n, batch_size)]
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # 第七节 bitsandbytes: the tokenizer and the model object, plain or quantized, loaded before DeepSpeed sees it.
@@ -406,7 +403,6 @@ def load_quantized(config: DeployConfig, device: str, tokenizer) -> tuple:
                                        usage=isinstance(e, ImportError)))
             quant = QUANT_FALLBACK[quant]
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 第五节 init_engine: the model object handed to deepspeed.init_inference, then checked against itself unwrapped.
 
@@ -457,6 +453,17 @@ def import_deepspeed(config: DeployConfig) -> tuple:
         if type(handler) is logging.StreamHandler:
             handler.setStream(sys.__stderr__)
     return deepspeed, []
+
+def meet_ranks(deepspeed, device: str) -> None:
+    """第六节: the ranks meet, NCCL between GPUs and gloo between CPU ranks. CPU ranks all-reduce through a /dev/shm
+    file each (66 MB) that DeepSpeed never deletes; once every rank has mapped them all, each deletes its own name."""
+    with contextlib.redirect_stdout(sys.stderr):
+        deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
+    if device == "cpu":
+        deepspeed.comm.barrier()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove("/dev/shm/deepspeed_allreduce_buffer_{}_{MASTER_ADDR}_{MASTER_PORT}_{RANK}".format(
+                os.getuid(), **os.environ))
 
 def greedy_with_logits(model, inputs) -> dict:
     """Greedy tokens and every step's logits (the prompt's too): what verification compares."""
@@ -556,8 +563,7 @@ def init_engine(config: DeployConfig, decoder=None) -> tuple:
         else:
             notes.append("tensor parallel on CPU ranks (gloo) shows how AutoTP shards the model; it is slower than "
                          "--tp-size 1 on a CPU: the speed is for GPUs (第六节)")
-        with contextlib.redirect_stdout(sys.stderr):
-            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        meet_ranks(deepspeed, device)
     # Kernel injection: off with a note where it cannot work, unless asked for (then tried, verified, fallen back).
     inject = deepspeed is not None and config.kernel_inject is not False
     why_not = "bitsandbytes weights cannot be kernel-injected" if quant != "none" else \
@@ -607,7 +613,6 @@ def init_engine(config: DeployConfig, decoder=None) -> tuple:
             del engine, model
             free_memory()
             model, inject = load_model(config, "none", device), False
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # 第五节 generate: one batch of prompts through engine.generate(), timed: latency, TTFT, decode time, tokens.
@@ -666,7 +671,6 @@ def generate(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dic
             "latency_s": latency, "ttft_s": first["t"] - t0, "new_tokens": counts, "steps": steps,
             "decode_s_per_token": decode_time_per_token(latency, first["t"] - t0, steps),
             "prompt_tokens": int(enc["attention_mask"].sum())}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # 第八节 性能度量与显存统计: pure functions of numbers (tested without a model), then measure().
@@ -745,7 +749,6 @@ def measure(engine, tokenizer, prompts: list[str], config: DeployConfig, world_s
         "weight_gb": weight_bytes(module) / 1e9, "decode_read_gb": step_bytes / 1e9,
         "achieved_gb_s": step_bytes / step_s / 1e9 if step_s else None}}
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 报告: rank 0 prints a card, the texts and a metrics table; --json writes the same as one JSON object.
 
@@ -810,10 +813,8 @@ def render(report: dict) -> str:
 
 def finite(x):
     """NaN and inf become null, so that the report stays valid JSON."""
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite(v) for v in x]
+    if isinstance(x, (dict, list, tuple)):
+        return {k: finite(v) for k, v in x.items()} if isinstance(x, dict) else [finite(v) for v in x]
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 def write_json(report: dict, path: str) -> None:
@@ -833,7 +834,6 @@ def write_json(report: dict, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
     log(f"[json] report written to {path}")
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # main (第三节 快速开始; 第六节: `deepspeed --num_gpus=N` starts it on every rank): validate -> init_engine ->

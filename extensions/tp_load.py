@@ -278,8 +278,7 @@ def start(config) -> tuple:
     if on_gpu:
         torch.cuda.set_device(device)
     if config.tp_size > 1:                        # (tp_quant.py at tp 1 runs alone, as the lesson does)
-        with contextlib.redirect_stdout(sys.stderr):
-            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        lesson.meet_ranks(deepspeed, device)
     enc = tokenizer(lesson.as_chat(tokenizer, prompts[:4]), return_tensors="pt", padding=True)
     inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
     return device, dtype_of(config, on_gpu), tokenizer, max_positions, inputs

@@ -1,5 +1,6 @@
 """init_engine / generate / measure / the report, with the real libraries on the CPU and the random:tiny preset."""
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -314,8 +315,11 @@ def test_tensor_parallel_2_cpu_ranks_equals_tp_1(tmp_path):
               "--prompt", "tensor parallel", "--prompt", "two ranks", "--batch-size", "2"]
     r1 = run_cli(*common, "--json", str(tmp_path / "tp1.json"))
     assert r1.returncode == 0, r1.stderr
+    shm_files = lambda: set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"))  # noqa: E731
+    before = shm_files()
     r2 = launch(*common, "--json", str(tmp_path / "tp2.json"))
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert shm_files() <= before           # DeepSpeed's all-reduce files (66 MB a rank) left with the ranks
     tp1, tp2 = (json.loads((tmp_path / f).read_text()) for f in ("tp1.json", "tp2.json"))
     assert tp2["hardware"]["world_size"] == 2 and len(tp2["memory"]["per_rank"]) == 2
     assert all(rank["host_peak_rss"] > 0.1 for rank in tp2["memory"]["per_rank"])     # each rank's own
