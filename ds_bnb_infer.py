@@ -456,7 +456,7 @@ def import_deepspeed(config: DeployConfig) -> tuple:
 
 def meet_ranks(deepspeed, device: str) -> None:
     """第六节: the ranks meet, NCCL between GPUs and gloo between CPU ranks. CPU ranks all-reduce through a /dev/shm
-    file each (66 MB) that DeepSpeed never deletes; once every rank has mapped them all, each deletes its own name."""
+    file each (66 MiB) that DeepSpeed never deletes; once every rank has mapped them all, each deletes its own name."""
     with contextlib.redirect_stdout(sys.stderr):
         deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
     if device == "cpu":
