@@ -1,0 +1,124 @@
+"""Device harness (issues 11 and 13): the peer, gpt-fast, timed on the card where this script's rows run.
+
+gpt-fast (pytorch-labs/gpt-fast, BSD-3-Clause) is not part of this project and is not copied into it: a device call
+carries its files in an ignored folder (default .peer/gpt-fast, filled by benchmarks/gpu_peer.sh's header command)
+and this harness runs its own generate.main(), its recipe unchanged: torch.compile(mode="reduce-overhead") of its
+decode step, coordinate-descent tuning, its own tensor parallel under torchrun. Only what cannot be had offline is
+replaced: the checkpoint (random bf16 weights of the Llama-2-7B shape, built as its _load_model() builds a model:
+meta device, then its apply_tp() under torchrun) and the tokenizer (main() takes a synthetic prompt of N random ids).
+
+Its own figure, "tokens/sec", divides a row's new tokens by the whole generate() (prefill included). The figure
+compared here is this script's: decode tokens per second, batch x (new tokens - 1) over the time of its
+decode_n_tokens() (the timer synchronizes the GPU at both ends), the median over its timed samples.
+
+  python3 benchmarks/peer_gpt_fast.py --batch-size 1 --json $OUT/peer-b1.json
+  torchrun --standalone --nproc_per_node=2 benchmarks/peer_gpt_fast.py --json $OUT/peer-tp2.json
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+
+def stub_tokenizer_modules():
+    """gpt-fast's tokenizer.py imports sentencepiece and tiktoken at the top; the GPU image may lack them and the
+    synthetic prompt needs neither."""
+    for name in ("sentencepiece", "tiktoken", "tiktoken.load"):
+        try:
+            __import__(name)
+        except ImportError:
+            module = types.ModuleType(name)
+            module.load_tiktoken_bpe = None
+            sys.modules[name] = module
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gpt-fast", default=".peer/gpt-fast")
+    p.add_argument("--model", default="Llama-2-7b-chat-hf", help="a name from gpt-fast's transformer_configs")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--samples", type=int, default=3, help="timed samples, after its one compiling sample")
+    p.add_argument("--top-k", type=int, default=1, help="1: greedy, as this script's rows")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+
+    import torch
+    stub_tokenizer_modules()
+    sys.path.insert(0, os.path.abspath(args.gpt_fast))
+    import generate as G  # gpt-fast's generate.py
+    from model import Transformer
+
+    def load_random(checkpoint_path, device, precision, use_tp):          # its _load_model(), random weights
+        torch.manual_seed(0)                                               # every rank the same full model
+        with torch.device("meta"):
+            model = Transformer.from_name(checkpoint_path.parent.name)
+        model = model.to(dtype=precision).to_empty(device=device)     # (its checkpoint would come in bf16)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0, 0.02) if param.dim() > 1 else param.fill_(1.0)
+        if use_tp:
+            from tp import apply_tp
+            apply_tp(model)
+        return model.to(device=device, dtype=precision).eval()
+
+    class SyntheticTokenizer:
+        def bos_id(self):
+            return 1
+
+        def decode(self, ids):
+            return ""
+
+    decode_s = []
+    original = G.decode_n_tokens
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def timed_decode(*a, **kw):
+        sync()
+        t0 = time.perf_counter()
+        out = original(*a, **kw)
+        sync()
+        decode_s.append(time.perf_counter() - t0)
+        return out
+
+    G._load_model, G.get_tokenizer, G.decode_n_tokens = load_random, lambda *a: SyntheticTokenizer(), timed_decode
+    folder = Path("/tmp/peer-checkpoint") / args.model          # main() asserts both files exist; neither is read
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("model.pth", "tokenizer.model"):
+        (folder / name).touch()
+    G.main(prompt=args.prompt_tokens, num_samples=args.samples, max_new_tokens=args.max_new_tokens,
+           batch_size=args.batch_size, top_k=args.top_k, temperature=1.0, checkpoint_path=folder / "model.pth")
+
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    timed = decode_s[1:]                                              # the first sample compiles
+    rates = [args.batch_size * (args.max_new_tokens - 1) / s for s in timed]
+    if rank == 0:
+        stamp = os.path.join(args.gpt_fast, "COMMIT")           # written when the folder was filled
+        commit = open(stamp).read().strip() if os.path.exists(stamp) else None
+        report = {"peer": "gpt-fast", "peer_commit": commit, "model": args.model, "dtype": "bf16",
+                  "tp": world, "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens,
+                  "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
+                  "decode_s": timed, "decode_tokens_per_s": rates,
+                  "decode_tokens_per_s_median": statistics.median(rates),
+                  "gpu_peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+                  "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "versions": {"torch": torch.__version__, "cuda": torch.version.cuda}}
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"peer decode tok/s (median of {len(rates)}): {report['decode_tokens_per_s_median']:.1f}")
+    if world > 1:                 # its CUDA graphs captured NCCL calls: leave without NCCL's teardown (it waits on them)
+        torch.distributed.barrier()
+        sys.stdout.flush()
+        os._exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
