@@ -42,6 +42,10 @@ class FastGenGreedy:
     def __init__(self, engine, sequences: int, positions: int):
         import torch
         from deepspeed.inference.v2 import RaggedInferenceEngineConfig, build_hf_engine
+        from deepspeed.ops.op_builder import InferenceCoreBuilder
+        # FastGen's modules load their core kernels (built on first use) inside a support check that reports any
+        # failure as "Config ... is not supported"; loaded here first, a failed build says what failed.
+        InferenceCoreBuilder().load()
         self.module = getattr(engine, "module", engine)        # a DeepSpeed engine wraps the model in .module
         self.mode = "fastgen"
         blocks = sequences * math.ceil(positions / KV_BLOCK_TOKENS)
