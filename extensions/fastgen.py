@@ -23,6 +23,7 @@ import importlib.util
 import itertools
 import math
 import os
+import re
 import sys
 import tempfile
 
@@ -31,6 +32,12 @@ import ds_bnb_infer as lesson  # noqa: E402
 from extensions.fast_decode import greedy_token  # noqa: E402
 
 KV_BLOCK_TOKENS = 64     # FastGen's smallest KV block (get_kv_block_size: 64 tokens, 128 for heads of <= 64)
+
+def deepspeed_arch_list(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed's kernel builder can read it: "9.0a" (torch's name for sm_90a, set by some
+    CUDA images) becomes "9.0". The builder (0.19.8) reads each entry's minor as an int and fails on "0a", and FastGen's
+    support check then reports that as "Config ... is not supported". Built for "9.0", its kernels run verified on H100."""
+    return re.sub(r"(\d+\.\d+)[af]\b", r"\1", arch_list)
 
 class FastGenGreedy:
     """FastGen behind transformers' interface: __call__ gives every position's logits (what verification compares),
@@ -45,6 +52,11 @@ class FastGenGreedy:
         from deepspeed.ops.op_builder import InferenceCoreBuilder
         # FastGen's modules load their core kernels (built on first use) inside a support check that reports any
         # failure as "Config ... is not supported"; loaded here first, a failed build says what failed.
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        if deepspeed_arch_list(arch_list) != arch_list:
+            print(f"  fastgen: TORCH_CUDA_ARCH_LIST={arch_list!r} -> {deepspeed_arch_list(arch_list)!r} for "
+                  "DeepSpeed's kernel build, which cannot read an 'a'/'f' suffix", file=sys.stderr)
+            os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch_list)
         InferenceCoreBuilder().load()
         self.module = getattr(engine, "module", engine)        # a DeepSpeed engine wraps the model in .module
         self.mode = "fastgen"

@@ -34,3 +34,13 @@ def test_gpu_fastgen_is_verified_against_the_same_weights(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["engine"]["decode"] == "fastgen" and report["engine"]["verify"]["passed"]
     assert report["memory"]["per_rank"][0]["peak_reserved"] < 4
+
+
+@pytest.mark.parametrize("arch_list, readable", [
+    ("9.0a", "9.0"), ("8.0;9.0a+PTX", "8.0;9.0+PTX"), ("7.5 8.6 10.0f", "7.5 8.6 10.0"), ("8.6+PTX", "8.6+PTX"),
+    ("", "")])
+def test_fastgen_gives_deepspeeds_kernel_builder_an_arch_list_it_can_read(arch_list, readable):
+    """Some CUDA images set TORCH_CUDA_ARCH_LIST=9.0a; DeepSpeed 0.19.8's builder fails on the suffix, and FastGen's
+    support check reports that as "Config ... rms_norm ... is not supported" (benchmarks/README.md, fastgen-5/-7)."""
+    from extensions.fastgen import deepspeed_arch_list
+    assert deepspeed_arch_list(arch_list) == readable
