@@ -6,14 +6,9 @@ Variants: NCCL in-place all_reduce issued eagerly; the same 64 captured in one C
 compiled / cuda-graph step does); torch's symmetric-memory one-shot all-reduce (P2P loads over NVLink, no
 multicast) captured likewise. Each: 64 calls a replay, 5 warm-up + 30 timed replays, median per call.
 
-`--push` adds what fast_decode.py's step uses today, the one-shot all-reduce of fp32 partial sums (16 KB a row), beside
-a candidate for it, push_all_reduce(): each rank stores its partial sum straight into its peers' symmetric buffers,
-and each reads what its peers stored there, word by word, until no word holds the "empty" mark (-0.0, which a sender
-never sends: it sends +0.0 instead, the same number in a sum). The data is its own flag, so there is no barrier
-before or after (the one-shot kernel has two: ~8-13 us a call in the tp 2 profile). Three slots a buffer, used in
-turn: a peer can be at most one call ahead, and a reader empties what it read. Sums are taken in rank order, so every
-rank gets the same bits. Checked against NCCL's fp32 sum, bit for bit, over calls of several sizes in a row; the
-protocol itself also on a CPU, under Triton's interpreter (push_all_reduce_interpret.py)."""
+`--push` adds the one-shot all-reduce of fp32 partial sums (16 KB a row) beside push_all_reduce()
+(extensions/push_all_reduce.py: each rank stores its partial sum into its peers' symmetric buffers, no barrier), with
+the check against NCCL's fp32 sum, bit for bit, over calls of several sizes in a row."""
 import os
 import statistics
 import sys
@@ -48,69 +43,12 @@ def graph_of(body):
         body()
     return g
 
-def push_kernel():
-    """The Triton kernel of push_all_reduce() (built on first use: Triton loads only where a run needs it)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(x_ptr, out_ptr, buffer_ptr_addrs, counters, numel, MAX: tl.constexpr, RANK: tl.constexpr,
-               WORLD: tl.constexpr, BLOCK: tl.constexpr, EMPTY: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        slot = tl.load(counters + pid) % 3               # this program's call count: the same on every rank
-        bits = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.int32, bitcast=True)
-        x = tl.where(bits == EMPTY, 0, bits).to(tl.float32, bitcast=True)   # -0.0 -> +0.0: -0.0 marks an empty word
-        addrs = buffer_ptr_addrs.to(tl.pointer_type(tl.uint64))
-        mine = slot * WORLD * MAX + RANK * MAX + offs    # where this rank's words go, in every peer's buffer
-        for p in tl.static_range(WORLD):
-            if p != RANK:
-                peer = tl.load(addrs + p).to(tl.pointer_type(tl.float32))
-                tl.store(peer + mine, x, mask=mask)
-        own = tl.load(addrs + RANK).to(tl.pointer_type(tl.float32))
-        empty = tl.full([BLOCK], EMPTY, tl.int32).to(tl.float32, bitcast=True)
-        acc = tl.zeros([BLOCK], tl.float32)
-        for p in tl.static_range(WORLD):
-            if p == RANK:
-                acc += x
-            else:
-                src = own + slot * WORLD * MAX + p * MAX + offs
-                v = tl.load(src, mask=mask, other=0.0, volatile=True)
-                waiting = tl.sum(((v.to(tl.int32, bitcast=True) == EMPTY) & mask).to(tl.int32), axis=0)
-                while waiting > 0:
-                    v = tl.load(src, mask=mask, other=0.0, volatile=True)
-                    waiting = tl.sum(((v.to(tl.int32, bitcast=True) == EMPTY) & mask).to(tl.int32), axis=0)
-                acc += v
-                tl.store(src, empty, mask=mask)          # emptied for this slot's next use, three calls on
-        tl.store(out_ptr + offs, acc, mask=mask)
-        tl.store(counters + pid, tl.load(counters + pid) + 1)
-    return kernel
-
-def push_all_reduce_factory(group, max_numel: int):
-    """push_all_reduce(x: fp32 CUDA tensor, numel <= max_numel) -> a new tensor, the sum over the group's ranks."""
-    import triton
-    import torch.distributed._symmetric_memory as symm_mem
-    kernel, block = push_kernel(), 1024
-    buf = symm_mem.empty(3 * dist.get_world_size(group) * max_numel, dtype=torch.float32, device="cuda")
-    buf.fill_(-0.0)
-    handle = symm_mem.rendezvous(buf, group.group_name)
-    counters = torch.zeros(triton.cdiv(max_numel, block), dtype=torch.int32, device="cuda")
-    torch.cuda.synchronize()
-    dist.barrier(group)                                  # every buffer is empty before anyone writes
-
-    def push_all_reduce(x):
-        assert x.dtype == torch.float32 and x.is_contiguous() and x.numel() <= max_numel
-        out = torch.empty_like(x)
-        kernel[(triton.cdiv(x.numel(), block),)](x, out, handle.buffer_ptrs_dev, counters, x.numel(), MAX=max_numel,
-                                                 RANK=handle.rank, WORLD=handle.world_size, BLOCK=block,
-                                                 EMPTY=-2147483648, num_warps=4)   # EMPTY: -0.0's bits as int32
-        return out
-    return push_all_reduce
-
 def push_rows(group, graphs) -> list:
-    """--push: fp32 one-shot (today's step) against push_all_reduce, at batch 1 and 16, and the checks."""
+    """--push: fp32 one-shot against push_all_reduce (extensions/push_all_reduce.py), at batch 1 and 16, and the
+    checks."""
     import torch.distributed._symmetric_memory as symm_mem
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from extensions.push_all_reduce import push_all_reduce_factory
     rows, sizes = [], {"batch 1 (16 KB)": 4096, "lm_head, batch 1 (125 KB)": 32000, "batch 16 (256 KB)": 16 * 4096}
     push = push_all_reduce_factory(group, max(sizes.values()))
     # the checks: calls of every size in a row, each against NCCL's fp32 sum (two ranks: one rounding, same bits)

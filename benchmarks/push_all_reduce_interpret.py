@@ -1,4 +1,4 @@
-"""The protocol of gpu2_allreduce_probe.py's push_all_reduce() checked without a GPU (issue 11).
+"""The protocol of push_all_reduce() (extensions/push_all_reduce.py) checked without a GPU (issue 11).
 
 Triton's interpreter (TRITON_INTERPRET=1) runs the very kernel on the CPU. Two processes play two ranks; their buffers
 are shared memory, each process builds its own table of both buffers' addresses (what symmetric memory hands each
@@ -13,7 +13,7 @@ import os
 import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import triton  # noqa: E402
@@ -28,8 +28,8 @@ def inputs(step, n, rank):
     return x
 
 def worker(rank, bufs, outs):
-    import gpu2_allreduce_probe as probe
-    kernel = probe.push_kernel()
+    from extensions.push_all_reduce import push_kernel
+    kernel = push_kernel()
     addrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)   # this process's view of both buffers
     counters = torch.zeros(triton.cdiv(MAX, BLOCK), dtype=torch.int32)
     for step, n in enumerate(SIZES):                  # back to back: a rank may run one call ahead of the other

@@ -14,7 +14,7 @@ one CUDA graph. Everything else, verification included, is the lesson's:
 
 Two more steps close the gap to the bandwidth bound, each one small function (measured: benchmarks/README.md):
 fuse_projections() makes q/k/v and gate/up one matmul each, and inductor_tuning() lets torch.compile tune its kernels.
-Under tensor parallel, symmetric_all_reduce() makes each small all-reduce one kernel over NVLink.
+Under tensor parallel, symmetric_all_reduce() makes each small all-reduce one kernel over NVLink without a barrier.
 
 Under tensor parallel (第六节) the step is the same one over each rank's shard: AutoTP's all-reduces (two a layer, one
 for lm_head) are traced into the compiled step, or captured in the CUDA graph (NCCL supports both), and every rank
@@ -165,9 +165,10 @@ def row_parallel_fp32_class():
         partial sums are added in fp32, then rounded to the model's dtype once. For 2 ranks that is the very
         number NCCL's fp16 or bf16 sum gives (the exact sum of two such values, rounded once)."""
 
-        def __init__(self, layer):
+        def __init__(self, layer, push_group: str | None):
             super().__init__()
             self.layer = layer
+            self.push_group = push_group    # the group whose push_all_reduce adds the small sums; None: NCCL's
 
         @property
         def weight(self):               # this rank's shard, where the lesson's report reads it (lm_head's)
@@ -180,12 +181,16 @@ def row_parallel_fp32_class():
                 start = sum(sizes[:layer.tp_index])
                 x = x[..., start:start + sizes[layer.tp_index]]
             out = torch.matmul(x, layer.weight.transpose(-1, -2)).float()
-            torch.distributed.all_reduce(out, group=layer.mp_group)
+            if self.push_group is not None and out.numel() <= PUSH_NUMEL:
+                out = torch.ops.ds_bnb_infer.push_all_reduce(out, self.push_group)
+            else:
+                torch.distributed.all_reduce(out, group=layer.mp_group)
             out = out.to(x.dtype)
             return out if layer.bias is None else out + layer.bias
     return RowParallelFp32
 
 ONE_SHOT_BYTES = 512 * 1024   # all-reduces up to this size run one-shot: the fp32 hidden state of up to 32 rows (7B)
+PUSH_NUMEL = ONE_SHOT_BYTES // 4   # and up to this many fp32 words, push_all_reduce() (FAST_DECODE_PUSH=0: one-shot)
 
 def symmetric_all_reduce(model) -> bool:
     """Under tensor parallel on GPUs (NCCL), let torch.compile lower each all-reduce of the decode step that is
@@ -196,7 +201,9 @@ def symmetric_all_reduce(model) -> bool:
     (config._collective.auto_select) for process groups with symmetric memory enabled. Its kernel adds bf16 and fp32
     only ("not implemented for 'Half'"), so the row-parallel layers add in fp32 (RowParallelFp32); bf16 models too,
     as the lowering of AutoTP's own in-place sum of a matmul's output failed there ("a previous allocation with the
-    same alloc_id is still active"). FAST_DECODE_SYMM=0 turns it off; returns whether it is on."""
+    same alloc_id is still active"). The one-shot kernel still makes two cross-GPU barriers a call; sums of up to
+    PUSH_NUMEL words go to push_all_reduce() instead (extensions/push_all_reduce.py: no barrier; FAST_DECODE_PUSH=0
+    keeps the one-shot). FAST_DECODE_SYMM=0 turns all of it off; returns whether it is on."""
     import torch
     dist = torch.distributed
     if os.environ.get("FAST_DECODE_SYMM", "1") == "0" or not (dist.is_available() and dist.is_initialized()):
@@ -204,15 +211,21 @@ def symmetric_all_reduce(model) -> bool:
     groups = {m.mp_group for m in model.modules() if getattr(m, "mp_group", None) is not None}
     if not groups or any(dist.get_backend(g) != "nccl" for g in groups):
         return False                                  # one GPU, or CPU ranks (gloo): nothing to lower
+    import torch._inductor.config as inductor
     from deepspeed.module_inject.layers import LinearAllreduce
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    from extensions import push_all_reduce
+    push = os.environ.get("FAST_DECODE_PUSH", "1") != "0"
+    for group in sorted(groups, key=lambda g: g.group_name):     # collective calls: the same order on every rank
+        enable_symm_mem_for_group(group.group_name)
+        if push:
+            push_all_reduce.enable(group, PUSH_NUMEL)
     for name, layer in list(model.named_modules()):
         if isinstance(layer, LinearAllreduce):
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, row_parallel_fp32_class()(layer))
-    import torch._inductor.config as inductor
-    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
-    for group in groups:
-        enable_symm_mem_for_group(group.group_name)
+            setattr(model.get_submodule(parent), attr,
+                    row_parallel_fp32_class()(layer, layer.mp_group.group_name if push else None))
     inductor._collective.auto_select = True
     # Inductor's default limit (128 KB) would leave batch 16's sums (256 KB) to NCCL, whose fixed cost per call is
     # what one-shot avoids. The head's all-reduce at batch 16 (vocab-wide rows, 2 MB) stays NCCL's.
@@ -251,6 +264,8 @@ def release_step(step, mode: str) -> None:
         step.release()
     if mode == "compiled":
         torch._dynamo.reset()                     # drops the compiled step and its CUDA graphs (cudagraph trees)
+        from extensions import push_all_reduce
+        push_all_reduce.disable()                 # its buffers, once no graph launches the kernel
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -281,6 +296,8 @@ class FastGreedy:
         self.step, self.mode = decode_step(self.module, next(self.module.parameters()).device,
                                            mode or os.environ.get("FAST_DECODE_MODE") or None)
         self.symmetric = self.mode == "compiled" and isinstance(self.step, GraphStep)    # symmetric_all_reduce()
+        # symmetric_all_reduce() with push_all_reduce(): the largest sum it takes (0: none)
+        self.push_numel = PUSH_NUMEL if self.symmetric and os.environ.get("FAST_DECODE_PUSH", "1") != "0" else 0
         self.caches = {}
         # Tensor parallel: the ranks, which must all run the same number of steps (each step all-reduces).
         dist = torch.distributed

@@ -309,7 +309,10 @@ def init_engine(config, decoder=None) -> tuple:
              "model (README 第六节)" if config.verify else "each rank built only its shard (tp_load.py)"]
     if getattr(engine, "fused", 0):
         notes.append(f"{engine.fused} groups of projections fused into one matmul each (fast_decode.py)")
-    if getattr(engine, "symmetric", False):
+    if getattr(engine, "push_numel", 0):
+        notes.append("the compiled step's all-reduces run over symmetric memory: push_all_reduce() for sums of up to "
+                     f"{engine.push_numel} fp32 words (fast_decode.py)")
+    elif getattr(engine, "symmetric", False):
         notes.append("the compiled step's all-reduces run one-shot over symmetric memory (fast_decode.py)")
     return engine, tokenizer, lesson.EngineInfo(device, "deepspeed", "none", str(dtype).replace("torch.", ""), False,
                                                 mode, [], notes, result, seconds)

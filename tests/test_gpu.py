@@ -126,22 +126,24 @@ def test_gpu_tensor_parallel_2_gpus_is_verified(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (device kind nvidia-h100-x2)")
 def test_gpu_tp_compiled_step_all_reduces_over_symmetric_memory(tmp_path):
-    """tp_load.py --fast-decode over 2 GPUs: the compiled step's all-reduces are lowered to the one-shot kernel over
-    symmetric memory (fp16: summed in fp32, as the kernel adds bf16 and fp32 only), and the loop is verified against
-    the engine; FAST_DECODE_SYMM=0 keeps NCCL's."""
+    """tp_load.py --fast-decode over 2 GPUs: the compiled step's small all-reduces are push_all_reduce() calls
+    (FAST_DECODE_PUSH=0: lowered to the one-shot kernel over symmetric memory; fp16 summed in fp32, as that kernel adds
+    bf16 and fp32 only), and the loop is verified against the engine; FAST_DECODE_SYMM=0 keeps NCCL's."""
     from conftest import launch_cmd
     import os
     import subprocess
-    for symm, dtype in (("1", "fp16"), ("0", "fp16"), ("1", "bf16")):
-        out = tmp_path / f"symm{symm}{dtype}.json"
+    for symm, push, dtype in (("1", "1", "fp16"), ("1", "0", "fp16"), ("0", "1", "fp16"), ("1", "1", "bf16")):
+        out = tmp_path / f"symm{symm}push{push}{dtype}.json"
         r = subprocess.run(launch_cmd("--fast-decode", "--model", "random:tiny", "--device", "cuda", "--dtype", dtype,
                                       "--max-new-tokens", "16", "--iters", "1", "--warmup", "2", "--json", str(out),
                                       script=ROOT / "extensions" / "tp_load.py"),
                            capture_output=True, text=True, timeout=900, cwd=ROOT,
-                           env={**os.environ, "FAST_DECODE_SYMM": symm, "FAST_DECODE_TUNE": "0", "TORCH_LOGS": "output_code"})
+                           env={**os.environ, "FAST_DECODE_SYMM": symm, "FAST_DECODE_PUSH": push,
+                                "FAST_DECODE_TUNE": "0", "TORCH_LOGS": "output_code"})
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         report = json.loads(out.read_text())
         assert report["engine"]["verify"]["passed"] and report["engine"]["decode"] == "compiled"
-        on = symm == "1"
-        assert any("symmetric memory" in n for n in report["engine"]["notes"]) == on
-        assert ("symm_mem.one_shot_all_reduce" in r.stdout + r.stderr) == on   # the generated code
+        code = r.stdout + r.stderr                                        # with the generated code
+        assert any("symmetric memory" in n for n in report["engine"]["notes"]) == (symm == "1")
+        assert ("ds_bnb_infer.push_all_reduce" in code) == (symm == "1" and push == "1")
+        assert ("symm_mem.one_shot_all_reduce" in code) == (symm == "1" and push == "0")
