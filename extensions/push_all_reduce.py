@@ -1,9 +1,9 @@
 """extensions/push_all_reduce.py — 第六节 张量并行: an all-reduce for the small sums of a tensor-parallel decode step.
 
 At batch 1, tp 2 all-reduces 65 times a token (two a layer and the head's), 16 KB each in fp32 for Llama-2-7B: the
-time of each is the protocol's, not the bytes'. NCCL's ring costs ~12 us a call inside a CUDA graph, PyTorch's
-symmetric-memory one-shot ~9-10 us (it makes two cross-GPU barriers a call); push_all_reduce() ~3 us on two H100s
-(benchmarks/gpu2_allreduce_probe.py --push; numbers in benchmarks/README.md).
+time of each is the protocol's, not the bytes'. NCCL's ring and PyTorch's symmetric-memory one-shot (two cross-GPU
+barriers a call) both pay a fixed cost per call; this kernel has no barrier, and takes about a third of the one-shot's
+time (benchmarks/gpu2_allreduce_probe.py --push; its numbers, card and date in benchmarks/README.md).
 
 How: each rank stores its partial sum straight into its peers' symmetric buffers (P2P stores over NVLink), and each
 reads what its peers stored there, word by word, until no word holds the "empty" mark (-0.0, which a sender never
@@ -13,7 +13,7 @@ Sums are taken in rank order, so every rank gets the same bits; for two ranks, t
 
 Conditions: every rank makes the same calls in the same order with the same sizes (a tensor-parallel step does), the
 whole grid is resident at once (<= a few hundred blocks of 1024 words: max_numel), and the ranks' GPUs reach each
-other's memory (NVLink or PCIe P2P). fast_decode.py registers it as the custom op ds_bnb_infer::push_all_reduce, so
+other's memory (NVLink or PCIe P2P). enable() registers it as the custom op ds_bnb_infer::push_all_reduce, so
 torch.compile keeps it as one call in the compiled step. Checked: against NCCL's sum on GPUs (the probe), and the
 protocol on a CPU under Triton's interpreter (benchmarks/push_all_reduce_interpret.py).
 """
