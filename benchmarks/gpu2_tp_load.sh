@@ -23,6 +23,7 @@
 #   gputest   the two-GPU tests of tests/test_gpu.py (tensor parallel, symmetric all-reduce) -> gpu-tests.log
 #   tp1pair   tp 1 baselines on one GPU each, at once: fast7tp1 (fast_decode.py, fp16, 128 tokens) and lesson7q
 #             (the lesson's --quant 4bit, generate(), 32 tokens, as quant7)
+# TP1_LIMIT: tp1fast's limit in seconds (240; a fresh machine's first batch-16 compile took longer).
 # Prompt: the default; 128 new tokens (quant runs: 32); 3 timed runs. A run whose ranks are alive 45 s after its JSON
 # appeared is killed and recorded as "hang". env.log: card, versions, each run's exit; runs.log: the consoles.
 # MODEL7=random:tiny MODEL70=random:tiny EXTRA="--dtype fp32" smoke-tests it on a CPU machine.
@@ -69,9 +70,9 @@ for name in $RUNS; do
                  --max-new-tokens 128 --batch-size 16 "${TAIL[@]}" ;;
     load7nccl) run load7nccl 240 env FAST_DECODE_SYMM=0 "${DS2[@]}" extensions/tp_load.py --fast-decode \
                  --model "$MODEL7" --max-new-tokens 128 "${TAIL[@]}" ;;
-    tp1fast)   run fast7tp1 240 env CUDA_VISIBLE_DEVICES=0 python3 extensions/fast_decode.py --model "$MODEL7" \
+    tp1fast)   run fast7tp1 "${TP1_LIMIT:-240}" env CUDA_VISIBLE_DEVICES=0 python3 extensions/fast_decode.py --model "$MODEL7" \
                  --max-new-tokens 128 --iters 3 "${EXTRA[@]}" &
-               run fast7tp1b16 240 env CUDA_VISIBLE_DEVICES=1 python3 extensions/fast_decode.py --model "$MODEL7" \
+               run fast7tp1b16 "${TP1_LIMIT:-240}" env CUDA_VISIBLE_DEVICES=1 python3 extensions/fast_decode.py --model "$MODEL7" \
                  --max-new-tokens 128 --batch-size 16 --iters 3 "${EXTRA[@]}" &
                wait ;;
     qfast70)   run qfast70 420 "${DS2[@]}" extensions/tp_quant.py --quant 4bit --fast-decode --model "$MODEL70" \

@@ -32,8 +32,8 @@ def push_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(x_ptr, out_ptr, buffer_ptr_addrs, counters, numel, MAX: tl.constexpr, RANK: tl.constexpr,
-               WORLD: tl.constexpr, BLOCK: tl.constexpr, EMPTY: tl.constexpr):
+    def push_all_reduce_kernel(x_ptr, out_ptr, buffer_ptr_addrs, counters, numel, MAX: tl.constexpr,
+                               RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, EMPTY: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
@@ -63,7 +63,7 @@ def push_kernel():
                 tl.store(src, empty, mask=mask)          # emptied for this slot's next use, three calls on
         tl.store(out_ptr + offs, acc, mask=mask)
         tl.store(counters + pid, tl.load(counters + pid) + 1)
-    return kernel
+    return push_all_reduce_kernel   # (its name is what a profile shows)
 
 def push_all_reduce_factory(group, max_numel: int):
     """push_all_reduce(x: fp32 CUDA tensor, numel <= max_numel) -> a new tensor, the sum over the group's ranks."""
