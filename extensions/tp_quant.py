@@ -65,6 +65,11 @@ def nf4_shard(w, gather, rank: int, row_parallel: bool):
     import bitsandbytes.functional as F
     packed, state = F.quantize_4bit(w, blocksize=BLOCK, compress_statistics=False, quant_type="nf4")
     parts = gather(state.absmax)
+    if len(parts) == 1:
+        # One rank: the lesson's own state, its block scales kept 8-bit (nested). bitsandbytes' GPU matmul of several
+        # rows takes another path for fp32 scales: at Llama-2-70B's 8192-wide outputs it gave other bits from the same
+        # dequantized weights (benchmarks/gpu_nf4_check.py).
+        return F.quantize_4bit(w, blocksize=BLOCK, compress_statistics=True, quant_type="nf4")
     rows = w.shape[0]
     # The whole matrix's block scales in its row-major order: a row-parallel shard holds a band of each row.
     full = torch.cat([p.view(rows, -1) for p in parts], 1).flatten() if row_parallel else torch.cat(parts)

@@ -40,6 +40,17 @@ def test_4bit_shards_dequantize_to_the_slices_of_the_unsharded_layer(row_paralle
         assert not torch.equal(alone, full.chunk(2, dim)[rank])
 
 
+def test_4bit_at_tp_1_keeps_the_lessons_nested_block_scales():
+    """At tp 1 the quantized-while-filled layer holds the lesson's very state: 8-bit block scales with their own
+    scales (double quant), not the fp32 scales a shard gets; bitsandbytes' GPU matmul computes differently from those."""
+    w = _weight()
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    codes, st = nf4_shard(w, lambda t: [t], 0, False)
+    assert st.nested and st.absmax.dtype == torch.uint8 and torch.equal(codes, packed)
+    assert torch.equal(st.absmax, state.absmax) and torch.equal(st.state2.absmax, state.state2.absmax)
+    assert torch.equal(st.offset, state.offset)
+
+
 @pytest.mark.parametrize("row_parallel", [False, True])
 def test_8bit_shards_dequantize_to_the_slices_of_the_unsharded_layer(row_parallel):
     """LLM.int8 scales each row by its absmax: a column-parallel shard holds whole rows; a row-parallel shard holds
