@@ -14,39 +14,19 @@ Python launching hundreds of kernels a step decide how near decode gets. TTFT (t
 decode time per token is the rest over the later steps. Throughput counts the tokens actually generated (not the
 prompt, not padding, nothing after EOS). Weight bytes read per step x steps per second, over the bandwidth: MBU.
 
-Commands (random:* presets have random weights built in code: no download, meaningless text, real time and memory):
-  python ds_bnb_infer.py --model real:smollm2-135m     # a trained chat model (extensions/real_model.py converts it)
+Commands (random:* presets: random weights built in code, no download, meaningless text, real time and memory):
   python ds_bnb_infer.py --model random:tiny                              # CPU, offline, seconds
-  python ds_bnb_infer.py --model random:llama-2-7b --quant 8bit           # one GPU, the Llama-2-7B shape
+  python ds_bnb_infer.py --model random:llama-2-7b --quant 4bit           # one GPU, the Llama-2-7B shape
   deepspeed --num_gpus=2 ds_bnb_infer.py --tp-size 2 --model random:llama-2-7b   # tensor parallel (第六节)
-  python extensions/fast_decode.py --model random:llama-2-7b --backend hf # static KV cache + CUDA graphs (第十节)
 """
-from __future__ import annotations
-
-import argparse
-import contextlib
-import dataclasses
-import gc
-import json
-import logging
-import math
-import os
-import platform
-import resource
-import sys
-import tempfile
-import time
-import types
-import typing
+import argparse, contextlib, dataclasses, gc, json, logging, math, os, platform, resource, sys, tempfile, time, typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
-
 # torch, transformers, deepspeed and bitsandbytes are imported where used: --help and bad flags answer at once.
 
 # ----------------------------------------------------------------------------------------------------------------
 # 第四节 DeployConfig: every setting of a run, each default written once; the command line is derived from it.
-
 PRESETS = {
     # A small Llama (2 layers) that runs on a CPU in seconds. Sizes are multiples of 32: on CPUs with AVX512-BF16,
     # bitsandbytes' 4-bit kernel packs weights in blocks of 32 output rows.
@@ -58,7 +38,7 @@ PRESETS = {
                                       rms_norm_eps=1e-5) for size, h, ffn, n, a, kv in [("7b", 4096, 11008, 32, 32, 32),
                                       ("13b", 5120, 13824, 40, 40, 40), ("70b", 8192, 28672, 80, 64, 8)]},
 }
-REAL_MODELS = {"real:smollm2-135m": "SmolLM2-135M-Instruct"}   # trained, offline: extensions/real_model.py
+REAL_MODELS = {"real:smollm2-135m": "SmolLM2-135M-Instruct"}   # trained, offline: setup/real_model.py
 
 @dataclass
 class DeployConfig:
@@ -73,6 +53,10 @@ class DeployConfig:
     backend: Annotated[Literal["deepspeed", "hf"], "deepspeed.init_inference, or plain transformers"] = "deepspeed"
     quant: Annotated[Literal["none", "8bit", "4bit"], "bitsandbytes: 8bit LLM.int8, 4bit nf4 + double quant"] = "none"
     int8_threshold: Annotated[float, "8bit: LLM.int8's outlier threshold; 0 = plain int8 (another format)"] = 6.0
+    # 第七节's 4-bit BitsAndBytesConfig fields, under their own names.
+    bnb_4bit_quant_type: Annotated[Literal["nf4", "fp4"], "4bit code book: nf4 (normal quantiles) or fp4"] = "nf4"
+    bnb_4bit_use_double_quant: Annotated[bool, "4bit: quantize the block scales again (~0.4 bit/weight less)"] = True
+    bnb_4bit_compute_dtype: Annotated[Literal["bf16", "fp16", "fp32"], "4bit: dtype the matmuls run in"] = "bf16"
     dtype: Annotated[Literal["auto", "fp16", "bf16", "fp32"], "unquantized weights; auto: GPU fp16, CPU fp32"] = "auto"
     kernel_inject: Annotated[bool | None, "DeepSpeed's fused kernels, verified (default: on unless broken)"] = None
     device: Annotated[Literal["auto", "cuda", "cpu"], "auto = cuda when a GPU is visible"] = "auto"
@@ -90,19 +74,26 @@ class DeployConfig:
     top_p: Annotated[float, "nucleus sampling mass, in (0, 1]"] = 1.0
     seed: Annotated[int, "seed of the presets' random weights and of sampling"] = 0
     json_path: Annotated[str | None, "write the JSON report here ('-': as the last stdout line)"] = None
+    text_chars: Annotated[int, "characters of each generated text the console shows; 0 = all"] = 100
     debug: Annotated[bool, "show tracebacks and library warnings"] = False
     local_rank: Annotated[int, "set by the deepspeed launcher (LOCAL_RANK is read too)"] = -1
+    # An extension's settings subclass DeployConfig (their flags: a group of their own); fields it has no use for:
+    not_flags: typing.ClassVar[tuple] = ()
 
 FLAG_NAMES = {"model_name": "--model", "prompts": "--prompt", "json_path": "--json", "local_rank": "--local_rank"}
-
-def build_parser(prog: str = "ds_bnb_infer.py") -> argparse.ArgumentParser:
-    """The command line, one flag per DeployConfig field; a flag not given keeps the dataclass default."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
-                                     epilog="Every mode in one table: python extensions/compare.py --help")
-    hints, defaults = typing.get_type_hints(DeployConfig, include_extras=True), DeployConfig()
-    for f in dataclasses.fields(DeployConfig):
+# Hand-written rather than transformers' HfArgumentParser, which would name the flags after the fields (--model_name).
+def build_parser(prog: str = "ds_bnb_infer.py", config_class: type = DeployConfig) -> argparse.ArgumentParser:
+    """The command line: one flag per field of config_class; a flag not given keeps the dataclass default."""
+    doc = sys.modules[config_class.__module__].__doc__ or __doc__      # the running script's: --help's first line
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0],
+                                     epilog="Every mode in one table: python measure/compare.py --help")
+    hints, defaults = typing.get_type_hints(config_class, include_extras=True), config_class()
+    group, lesson_fields = parser, {f.name for f in dataclasses.fields(DeployConfig)}
+    for f in [f for f in dataclasses.fields(config_class) if f.name not in config_class.not_flags]:
+        if f.name not in lesson_fields and group is parser:
+            group = parser.add_argument_group(config_class.__doc__.split("\n")[0])
         kind, help = typing.get_args(hints[f.name])
-        kind = typing.get_args(kind)[0] if isinstance(kind, types.UnionType) else kind     # X | None -> X
+        kind = typing.get_args(kind)[0] if type(None) in typing.get_args(kind) else kind     # X | None -> X
         default = getattr(defaults, f.name)
         kw = dict(dest=f.name, default=argparse.SUPPRESS,
                   help=help if default in (None, -1) else f"{help} (default: {default})")
@@ -115,30 +106,27 @@ def build_parser(prog: str = "ds_bnb_infer.py") -> argparse.ArgumentParser:
         else:
             kw.update(type=kind, metavar=f.name.split("_")[-1].upper())      # model_name -> NAME
         flag = FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
-        parser.add_argument(*[flag, "--local-rank"][:2 if f.name == "local_rank" else 1], **kw)
+        group.add_argument(*[flag, "--local-rank"][:2 if f.name == "local_rank" else 1], **kw)
     return parser
 
-def config_from_args(argv=None, prog: str = "ds_bnb_infer.py") -> DeployConfig:
-    """Parse argv into a DeployConfig; argparse exits 2 with one line on an unknown flag or a bad value."""
-    return DeployConfig(**vars(build_parser(prog).parse_args(argv)))
+def config_from_args(argv=None, prog: str = "ds_bnb_infer.py", config_class: type = DeployConfig) -> DeployConfig:
+    """Parse argv into a config_class; argparse exits 2 with one line on an unknown flag or a bad value."""
+    return config_class(**vars(build_parser(prog, config_class).parse_args(argv)))
 
 class UsageError(Exception):
     """Bad input: the message names the problem and the fix. Exit code 2."""
-
 class RunFailure(Exception):
     """The run itself failed (a mode that cannot run, a file that cannot be written). Exit code 1."""
 
 def dist_env(config: DeployConfig) -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from the launcher's environment (deepspeed, torchrun) or --local_rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", config.local_rank if config.local_rank >= 0 else 0))
-    return int(os.environ.get("RANK", local)), local, world
+    return int(os.environ.get("RANK", local)), local, int(os.environ.get("WORLD_SIZE", "1"))
 
 def print0(text: str, file=None) -> None:
     """Print on rank 0 only (every rank runs this file), in one write so that no other rank's line lands inside."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(text + "\n", end="", file=file or sys.stdout, flush=True)
-
 def log(text: str) -> None:
     print0(text, file=sys.stderr)         # progress and notes: stdout holds the report alone
 
@@ -147,7 +135,7 @@ def validate(config: DeployConfig, world_size: int, cuda_available: bool) -> Non
     c = config
     refusals = [(getattr(c, name) < low, f"--{name.replace('_', '-')} must be at least {low}, got {getattr(c, name)}.")
                 for name, low in [("tp_size", 1), ("pp_size", 1), ("max_new_tokens", 1), ("batch_size", 1),
-                                  ("warmup", 0), ("iters", 1)]] + [
+                                  ("warmup", 0), ("iters", 1), ("text_chars", 0)]] + [
         (not c.temperature > 0, f"--temperature must be > 0, got {c.temperature}."),
         (not 0 < c.top_p <= 1, f"--top-p must be in (0, 1], got {c.top_p}."),
         (c.device == "cuda" and not cuda_available,
@@ -164,8 +152,9 @@ def validate(config: DeployConfig, world_size: int, cuda_available: bool) -> Non
          f"--quant {c.quant} cannot be combined with --tp-size > 1: AutoTP slices weight matrices and bitsandbytes' "
          "packed weights cannot be sliced that way; use --tp-size 1 (a 4-bit 7B model fits one GPU) or --quant none."),
         (not c.int8_threshold >= 0, f"--int8-threshold must be >= 0, got {c.int8_threshold}."),        # NaN too
-        (c.int8_threshold != DeployConfig.int8_threshold and c.quant != "8bit",
-         "--int8-threshold applies to --quant 8bit only; add --quant 8bit or drop --int8-threshold."),
+        *[(getattr(c, name) != getattr(DeployConfig, name) and c.quant != q, f"--{name.replace('_', '-')} applies to "
+           f"--quant {q} only; add --quant {q} or drop it.") for name, q in [("int8_threshold", "8bit"), *[(
+               f"bnb_4bit_{n}", "4bit") for n in ("quant_type", "use_double_quant", "compute_dtype")]]],
         (c.prompts_file and c.prompts != DeployConfig().prompts, "give --prompt or --prompts-file, not both."),
     ]
     for refused, message in refusals:
@@ -210,8 +199,13 @@ def batches_of(prompts: list[str], batch_size: int) -> list[list[str]]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # 第七节 bitsandbytes: the tokenizer and the model object, plain or quantized, loaded before DeepSpeed sees it.
-
 QUANT_FALLBACK = {"4bit": "8bit", "8bit": "none"}     # 第七节: "若遇到不支持，可退回 8bit 或 FP16"
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}      # the flags' names -> torch's
+
+def weights_dtype(config: DeployConfig, device: str):
+    """The dtype of the weights bitsandbytes leaves unquantized: --dtype; auto = fp16 on a GPU, fp32 on a CPU."""
+    import torch
+    return getattr(torch, DTYPES[config.dtype if config.dtype != "auto" else "fp16" if "cuda" in device else "fp32"])
 
 def byte_tokenizer(vocab_size: int):
     """The presets' tokenizer, built in code (no download): one token per UTF-8 byte, ids up to vocab_size."""
@@ -231,15 +225,15 @@ def model_source(name: str, converted: bool = True) -> str:
     folder = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ds_bnb_infer",
                           REAL_MODELS[name])
     if converted and not os.path.isfile(os.path.join(folder, "config.json")):
-        raise UsageError(f"{name} is not converted yet; run python extensions/real_model.py once (README 二).")
+        raise UsageError(f"{name} is not converted yet; run python setup/real_model.py once (README 二).")
     return folder
 
 def check_model_source(name: str) -> None:
     """A folder must hold a model; a hub id must be cached or the hub answer in 3 s (its own retries take a minute)."""
     folder, fix = os.path.expanduser(name), f"give a local model folder, a hub id, or a preset ({', '.join(PRESETS)})"
-    if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
-        raise UsageError(f"{name} is a folder but not a model (no config.json); {fix}.")
     if os.path.isdir(folder):
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise UsageError(f"{name} is a folder but not a model (no config.json); {fix}.")
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UsageError(f"model path {name} does not exist; {fix}.")
@@ -271,11 +265,10 @@ def load_tokenizer(config: DeployConfig):
     if config.model_name in PRESETS:
         tok = byte_tokenizer(PRESETS[config.model_name]["vocab_size"])
     else:
-        check_model_source(model_source(config.model_name))
+        check_model_source(source := model_source(config.model_name))
         from transformers import AutoTokenizer
         with loading_errors(config.model_name):
-            tok = AutoTokenizer.from_pretrained(model_source(config.model_name),
-                                                trust_remote_code=config.trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token      # Llama has no pad token; padded positions are masked anyway
@@ -309,19 +302,20 @@ def eos_ids(model, tokenizer=None) -> set[int]:
     ids = cfg.eos_token_id if cfg is not None and cfg.eos_token_id is not None else tokenizer.eos_token_id
     return set(ids) if isinstance(ids, (list, tuple)) else {ids}
 
-def bnb_config(quant: str, int8_threshold: float):
+def bnb_config(config: DeployConfig, quant: str):
     """第七节's BitsAndBytesConfig. LLM.int8 multiplies the input columns holding a value >= int8_threshold (the
-    outlier features of trained LLMs) in fp16 and the rest in int8; threshold 0 is plain int8."""
-    import torch
+    outlier features of trained LLMs) in fp16 and the rest in int8; threshold 0 is plain int8. 4-bit: the
+    tutorial's nf4 + double quant + bf16 compute unless the bnb_4bit_* flags say otherwise."""
     from transformers import BitsAndBytesConfig
     try:
         import bitsandbytes  # noqa: F401 — fail here, in one sentence, rather than deep inside transformers
     except ImportError as e:
         raise ImportError("bitsandbytes is not installed (pip install bitsandbytes)") from e
     if quant == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=int8_threshold)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=config.int8_threshold)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=DTYPES[config.bnb_4bit_compute_dtype])
 
 def free_memory() -> None:
     import torch
@@ -343,18 +337,15 @@ def load_model(config: DeployConfig, quant: str, device: str):
     CPU: init_inference moves each rank's shard to its GPU, so no GPU holds the whole model (第七节's 提示)."""
     import torch
     from transformers import AutoModelForCausalLM
-    name = config.dtype if config.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
+    dtype = weights_dtype(config, device)
     def from_pretrained(source):
         kw = dict(dtype=dtype, trust_remote_code=config.trust_remote_code)
         if quant != "none":
-            kw.update(quantization_config=bnb_config(quant, config.int8_threshold), device_map={"": device})
+            kw.update(quantization_config=bnb_config(config, quant), device_map={"": device})
         elif config.tp_size == 1:
             kw.update(device_map={"": device})
         with loading_errors(config.model_name):
             return AutoModelForCausalLM.from_pretrained(source, **kw).eval()
-
     if config.model_name not in PRESETS:
         return from_pretrained(model_source(config.model_name))
     from transformers.initialization import no_init_weights
@@ -394,10 +385,8 @@ def load_quantized(config: DeployConfig, device: str, tokenizer) -> tuple:
                 with torch.no_grad():
                     model(input_ids=torch.tensor([[tokenizer.bos_token_id or 0]], device=device))
             return model, quant, fallbacks
-        except (UsageError, torch.OutOfMemoryError):
-            raise
         except Exception as e:
-            if quant == "none":
+            if quant == "none" or isinstance(e, (UsageError, torch.OutOfMemoryError)):
                 raise
             fallbacks.append(fall_back(config, "quant", quant, QUANT_FALLBACK[quant], reason_of(e),
                                        usage=isinstance(e, ImportError)))
@@ -416,15 +405,17 @@ VERIFY_TOKENS = 16
 # injected layers predate transformers' decoder-layer interface (tuples, their own KV cache, no position_ids).
 INJECTION_BROKEN = {"deepspeed_upto": "0.19.8", "transformers_from": "4.53"}
 
+def kernel_tol(dtype) -> float:
+    """The rounding tolerance of fused or reordered kernels (and compiled steps) computing in `dtype`."""
+    return KERNEL_TOL[{v: k for k, v in DTYPES.items()}.get(str(dtype).removeprefix("torch."), "fp32")]
+
 def injection_known_broken() -> str | None:
     """Why kernel injection cannot work with the installed versions; None when not known (then: try, verify)."""
-    from importlib import metadata
-    from packaging.version import Version
-    ds, tf = metadata.version("deepspeed"), metadata.version("transformers")
-    if Version(ds) <= Version(INJECTION_BROKEN["deepspeed_upto"]) and \
-            Version(tf) >= Version(INJECTION_BROKEN["transformers_from"]):
+    from importlib.metadata import version
+    from packaging.version import Version as V
+    ds, tf = version("deepspeed"), version("transformers")
+    if V(ds) <= V(INJECTION_BROKEN["deepspeed_upto"]) and V(tf) >= V(INJECTION_BROKEN["transformers_from"]):
         return f"deepspeed {ds}'s injected kernels do not work with transformers {tf} (README 第九节)"
-    return None
 
 @contextlib.contextmanager
 def keep_model_as_loaded():
@@ -432,8 +423,7 @@ def keep_model_as_loaded():
     already, and the cast re-rounds fp32 buffers transformers keeps on purpose (Llama's rotary inv_freq) and, on a
     bitsandbytes model, raises (fp16, fp32) or silently re-rounds it (bf16). Tests prove the logits bit-identical."""
     from deepspeed.inference.engine import InferenceEngine
-    original = InferenceEngine._convert_to_dtype
-    InferenceEngine._convert_to_dtype = lambda self, config: None
+    original, InferenceEngine._convert_to_dtype = InferenceEngine._convert_to_dtype, lambda self, config: None
     try:
         yield
     finally:
@@ -483,17 +473,14 @@ def reference(model, inputs, tp_size: int) -> dict:
         return dict(greedy_with_logits(model, inputs), of=f"the unwrapped model ({model.dtype})")
     import torch.distributed as tdist
     ref = [None]
-    if tdist.get_rank() == 0:
-        # Parameters to fp32 and back in place (exact for fp16/bf16); buffers such as the fp32 rotary inv_freq stay.
+    if tdist.get_rank() == 0:         # parameters to fp32 and back (exact); fp32 buffers (rotary inv_freq) stay
         dtypes = [p.dtype for p in model.parameters()]
         for p in model.parameters():
             p.data = p.data.float()
-        try:
-            ref[0] = greedy_with_logits(model, {k: v.cpu() for k, v in inputs.items()})
-        finally:
-            for p, dtype in zip(model.parameters(), dtypes):
-                p.data = p.data.to(dtype)
-        ref[0]["of"] = "the unwrapped model in fp32 on the CPU (rank 0)"
+        ref[0] = dict(greedy_with_logits(model, {k: v.cpu() for k, v in inputs.items()}),
+                      of="the unwrapped model in fp32 on the CPU (rank 0)")
+        for p, dtype in zip(model.parameters(), dtypes):
+            p.data = p.data.to(dtype)
     tdist.broadcast_object_list(ref, src=0)
     return ref[0]
 
@@ -525,11 +512,31 @@ class EngineInfo:
     quant: str                   # "none", "8bit" or "4bit"
     dtype: str                   # of the weights bitsandbytes leaves unquantized
     kernel_inject: bool
-    decode: str                  # "generate", or a decoder's mode (extensions/fast_decode.py: "compiled", ...)
+    decode: str                  # "generate", or a Decoder's mode (extensions/fast_decode.py: "compiled", ...)
     fallbacks: list              # {what, from, to, reason}
     notes: list                  # what was left off by default, and why
     verify: dict | None          # verify()'s result; None when nothing replaced the model's computation
     seconds: dict                # load, reference, init_inference, verify: the steps that ran
+
+class Decoder:
+    """A decode loop of 第十节: Decoder(engine, config) answers like the model it wraps (a forward; generate() under
+    transformers' greedy contract), checked by verify(), timed by generate(). validate() refuses what it cannot do
+    before loading; prepare_model() may alter the model the reference is taken from; close() frees its CUDA graphs."""
+    mode, warmup_runs = "generate", 0       # for the report; measure() warms up at least that often (compiling)
+    def __init__(self, engine, config: DeployConfig):
+        self.engine, self.config = engine, config
+        self.module = getattr(engine, "module", engine)        # a DeepSpeed engine wraps the model in .module
+
+    @classmethod
+    def validate(cls, config: DeployConfig) -> None: ...
+    @classmethod
+    def prepare_model(cls, model, config: DeployConfig):
+        return model
+    def __call__(self, **inputs):
+        return self.engine(**inputs)
+    def parameters(self):
+        return self.module.parameters()
+    def close(self) -> None: ...
 
 @contextlib.contextmanager
 def step_timer(seconds: dict, step: str, doing: str):
@@ -540,83 +547,85 @@ def step_timer(seconds: dict, step: str, doing: str):
     seconds[step] = round(time.perf_counter() - t0, 2)
     log(f"[{step}] done in {seconds[step]:.1f} s")
 
-def init_engine(config: DeployConfig, decoder=None) -> tuple:
+def init_engine(config: DeployConfig, decoder: type[Decoder] | None = None) -> tuple:
     """第五节: (engine, tokenizer, info): the model object loaded first (第七节: init_inference takes a module, not the
-    tutorial's name), wrapped, verified; `decoder` (第十节 fast_decode.py) wraps the engine in its own decode loop."""
+    tutorial's name), wrapped by deepspeed.init_inference (and `decoder`, 第十节), checked against itself unwrapped."""
     import torch
     on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    device, seconds, fallbacks, notes = f"cuda:{dist_env(config)[1]}" if on_gpu else "cpu", {}, [], []
+    device, seconds, notes = f"cuda:{dist_env(config)[1]}" if on_gpu else "cpu", {}, []
     # 1) The tokenizer, and the positions check before any weight is loaded.
-    tokenizer = load_tokenizer(config)
-    prompts = load_prompts(config)
+    tokenizer, prompts = load_tokenizer(config), load_prompts(config)
     max_positions = check_positions(config, tokenizer, prompts)
     # 2) The model object (第七节), plain or quantized by bitsandbytes.
     with step_timer(seconds, "load", f"{config.model_name}, quant {config.quant}, on {device}"):
-        model, quant, fb = load_quantized(config, device, tokenizer)
+        model, quant, fallbacks = load_quantized(config, device, tokenizer)
+        model = decoder.prepare_model(model, config) if decoder else model
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    # 3) DeepSpeed, the ranks (第六节), and whether to inject its kernels.
-    deepspeed, fb2 = import_deepspeed(config)
-    fallbacks += fb + fb2
-    if config.tp_size > 1:               # the ranks meet here: NCCL between GPUs, gloo between CPU ranks
-        if on_gpu:
-            torch.cuda.set_device(device)
-        else:
+    # 3) DeepSpeed, the ranks (第六节: NCCL between GPUs, gloo between CPU ranks), and kernel injection.
+    deepspeed, fb = import_deepspeed(config)
+    fallbacks += fb
+    if config.tp_size > 1:
+        if not on_gpu:
             notes.append("tensor parallel on CPU ranks (gloo) shows how AutoTP shards the model; it is slower than "
                          "--tp-size 1 on a CPU: the speed is for GPUs (第六节)")
         meet_ranks(deepspeed, device)
-    # Kernel injection: off with a note where it cannot work, unless asked for (then tried, verified, fallen back).
-    inject = deepspeed is not None and config.kernel_inject is not False
-    why_not = "bitsandbytes weights cannot be kernel-injected" if quant != "none" else \
-        injection_known_broken() if inject and config.kernel_inject is None else None
-    if inject and why_not and config.kernel_inject:
-        fallbacks.append(fall_back(config, "kernel_inject", "on", "off", why_not, usage=True))
-    elif inject and why_not:
-        notes.append(f"kernel injection off by default: {why_not}")
-    inject = inject and not why_not
+    inject = deepspeed is not None and injection_wanted(config, quant, fallbacks, notes)
     # 4) The reference, from the unwrapped model (injection rewrites its layers in place). Whatever replaces the
-    #    model's computation is checked: DeepSpeed's wrapper, its kernels, tensor parallel, a decoder passed in.
-    check = (deepspeed is not None and (config.verify or inject)) or decoder is not None
-    if check:
+    #    model's computation is checked: DeepSpeed's wrapper, its kernels, tensor parallel, a decoder.
+    ref = None
+    if (deepspeed is not None and (config.verify or inject)) or decoder is not None:
         enc = tokenizer(as_chat(tokenizer, prompts[:4]), return_tensors="pt", padding=True)
         verify_ids = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
         with step_timer(seconds, "reference", "greedy tokens and logits of the unwrapped model"):
             ref = reference(model, verify_ids, config.tp_size)
-    # 5) Wrap and check; a failed injection falls back to none (第九节), on a fresh copy of the model.
-    while True:
-        try:
-            engine, result = model, None
-            if deepspeed is not None:
-                with step_timer(seconds, "init_inference", f"deepspeed.init_inference, kernel injection {inject}"), \
-                        keep_model_as_loaded(), contextlib.redirect_stdout(sys.stderr):
-                    engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=inject,
-                                                      tensor_parallel={"tp_size": config.tp_size},
-                                                      max_tokens=max_positions)
-            if decoder is not None:
-                engine = decoder(engine)
-            if check:
-                exact = not (inject or config.tp_size > 1 or decoder is not None)
-                tol = EXACT_TOL if exact else \
-                    KERNEL_TOL[{torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")]
-                with step_timer(seconds, "verify", f"the engine against {ref['of']}"):
-                    result = verify(engine, verify_ids, ref, tol)
-                if not result["passed"]:
-                    raise RunFailure("its output differs from the unwrapped model: " + result["summary"])
-            return engine, tokenizer, EngineInfo(
-                device, "deepspeed" if deepspeed else "hf", quant, str(dtype).replace("torch.", ""), inject,
-                getattr(engine, "mode", "generate"), fallbacks, notes, result, seconds)
-        except (UsageError, torch.OutOfMemoryError):
+    # 5) The tutorial's call, on the model object in its own dtype (no cast: keep_model_as_loaded), then the check.
+    engine, result = model, None
+    try:
+        if deepspeed is not None:
+            with step_timer(seconds, "init_inference", f"deepspeed.init_inference, kernel injection {inject}"), \
+                    keep_model_as_loaded(), contextlib.redirect_stdout(sys.stderr):
+                engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=inject,
+                                                  tensor_parallel={"tp_size": config.tp_size}, max_tokens=max_positions)
+        engine = decoder(engine, config) if decoder else engine
+        if ref is not None:
+            exact = not (inject or config.tp_size > 1 or decoder)
+            with step_timer(seconds, "verify", f"the engine against {ref['of']}"):
+                result = verify(engine, verify_ids, ref, EXACT_TOL if exact else kernel_tol(dtype))
+            if not result["passed"]:
+                raise RunFailure("its output differs from the unwrapped model: " + result["summary"])
+    except Exception as e:
+        if not inject or isinstance(e, (UsageError, torch.OutOfMemoryError)):
             raise
-        except Exception as e:
-            if not inject:
-                raise
-            fallbacks.append(fall_back(config, "kernel_inject", "on", "off", reason_of(e)))
-            del engine, model
-            free_memory()
-            model, inject = load_model(config, "none", device), False
+        del engine, model
+        return without_injection(config, decoder, e)
+    return engine, tokenizer, EngineInfo(device, "deepspeed" if deepspeed else "hf", quant, str(dtype)[6:], inject,
+                                         engine.mode if isinstance(engine, Decoder) else "generate", fallbacks, notes,
+                                         result, seconds)
+
+def injection_wanted(config: DeployConfig, quant: str, fallbacks: list, notes: list) -> bool:
+    """Kernel injection: off, with a note, where it cannot work (bitsandbytes weights, known-broken versions), unless
+    --kernel-inject asks for it (then a fallback, said); else on unless --no-kernel-inject (then tried, verified)."""
+    if config.kernel_inject is False:
+        return False
+    why_not = "bitsandbytes weights cannot be kernel-injected" if quant != "none" else \
+        injection_known_broken() if config.kernel_inject is None else None
+    if why_not and config.kernel_inject:
+        fallbacks.append(fall_back(config, "kernel_inject", "on", "off", why_not, usage=True))
+    elif why_not:
+        notes.append(f"kernel injection off by default: {why_not}")
+    return not why_not
+
+def without_injection(config: DeployConfig, decoder, error: Exception) -> tuple:
+    """第九节: injection failed (an exception, or output that fails verification): said, then the whole of
+    init_engine again on a fresh copy of the model (injection rewrote the first in place), without injection."""
+    record = fall_back(config, "kernel_inject", "on", "off", reason_of(error))
+    free_memory()
+    engine, tokenizer, info = init_engine(dataclasses.replace(config, kernel_inject=False), decoder)
+    info.fallbacks.insert(0, record)
+    return engine, tokenizer, info
 
 # ----------------------------------------------------------------------------------------------------------------
 # 第五节 generate: one batch of prompts through engine.generate(), timed: latency, TTFT, decode time, tokens.
-
 def sync(device) -> None:
     """Wait for the GPU: its work is asynchronous, and a clock read without waiting times only the launches."""
     import torch
@@ -628,7 +637,6 @@ def first_token_timer(module, device):
     """TTFT: a forward hook that fires once, after the prefill forward (the first new token's logits exist): it
     synchronizes, notes the time and removes itself, so that the decode steps run with no hook at all."""
     mark = {"t": None}
-
     def hook(mod, args, output):
         sync(device)
         mark["t"] = time.perf_counter()
@@ -648,8 +656,7 @@ def decode_time_per_token(latency_s: float, ttft_s: float, steps: int) -> float 
     return (latency_s - ttft_s) / (steps - 1) if steps > 1 else None
 
 def generate(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dict:
-    """第五节: one batch of prompts through engine.generate(): texts, latency, TTFT, decode time, token counts.
-    Each sequence counts its tokens up to its first EOS, not max_new_tokens (the tutorial's 可替换/增强)."""
+    """One batch, timed: a sequence counts its tokens up to its first EOS, not max_new_tokens (第五节 可替换/增强)."""
     import torch
     device = next(engine.parameters()).device
     enc = tokenizer(as_chat(tokenizer, prompts), return_tensors="pt", padding=True)
@@ -674,7 +681,6 @@ def generate(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dic
 
 # ----------------------------------------------------------------------------------------------------------------
 # 第八节 性能度量与显存统计: pure functions of numbers (tested without a model), then measure().
-
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile, interpolating linearly between order statistics (numpy's default)."""
     xs, pos = sorted(values), (len(values) - 1) * q / 100
@@ -682,8 +688,7 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 def summarize(values: list[float]) -> dict:
-    return {"mean": sum(values) / len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
-            "n": len(values)}
+    return dict(mean=sum(values) / len(values), p50=percentile(values, 50), p95=percentile(values, 95), n=len(values))
 
 def gpu_mem_gb(device=None) -> dict:
     """第八节: this process's GPU memory in GiB (2**30 bytes), now and at the peak; None on a CPU. Allocated =
@@ -721,20 +726,15 @@ def measure(engine, tokenizer, prompts: list[str], config: DeployConfig, world_s
     from tqdm import tqdm
     batches = batches_of(prompts, config.batch_size)
     # Warm-up: cuBLAS picks its kernels and the allocator grows; a decoder may need more (its first calls compile).
-    warmup = max(config.warmup, getattr(engine, "warmup_runs", 0))
-    if warmup:
-        log(f"[warmup] {warmup} untimed run(s)")
+    warmup = max(config.warmup, engine.warmup_runs if isinstance(engine, Decoder) else 0)
+    log(f"[warmup] {warmup} untimed run(s)" if warmup else "[warmup] none")
     for _ in range(warmup):
         generate(engine, tokenizer, batches[0], config)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    runs = []
-    with tqdm(total=config.iters * len(batches), desc="[measure] timed runs", file=sys.stderr, leave=False,
+    with tqdm(batches * config.iters, desc="[measure] timed runs", file=sys.stderr, leave=False,
               disable=int(os.environ.get("RANK", "0")) != 0) as bar:
-        for _ in range(config.iters):
-            for batch in batches:
-                runs.append(generate(engine, tokenizer, batch, config))
-                bar.update()
+        runs = [generate(engine, tokenizer, batch, config) for batch in bar]
     tokens, seconds = sum(sum(r["new_tokens"]) for r in runs), sum(r["latency_s"] for r in runs)
     decode = [r["decode_s_per_token"] for r in runs if r["decode_s_per_token"] is not None]
     module = getattr(engine, "module", engine)
@@ -751,7 +751,6 @@ def measure(engine, tokenizer, prompts: list[str], config: DeployConfig, world_s
 
 # ----------------------------------------------------------------------------------------------------------------
 # 报告: rank 0 prints a card, the texts and a metrics table; --json writes the same as one JSON object.
-
 def versions() -> dict:
     from importlib.metadata import distributions
     import torch
@@ -777,12 +776,14 @@ def build_report(config: DeployConfig, info: EngineInfo, prompts, result, memory
 def render(report: dict) -> str:
     """The report for a person: card, generated texts (shortened), metrics, GPU memory, fallbacks and notes."""
     c, e, m, h, v = (report[k] for k in ("config", "engine", "metrics", "hardware", "versions"))
-    cut = lambda text, width: text if len(text) <= width else f"{text[:width]}... ({len(text)} characters)"  # noqa
+    cut = lambda text, width: text if len(text) <= width or not width else \
+        f"{text[:width]}... ({len(text)} characters; --text-chars 0 shows all)"  # noqa
     vf, lat, ttft, dec = e["verify"], m["latency_s"], m["ttft_s"], m["decode_s_per_token"]
     lines = [f"model    {c['model_name']}" + (f"   ({report['note']})" if report["note"] else ""),
              f"engine   backend={e['backend']} quant={e['quant']}"
              + (f" (int8 threshold {c['int8_threshold']:g})" if e["quant"] == "8bit" else "")
-             + f" dtype={e['dtype']}" + (" (4-bit matmuls in bfloat16)" if e["quant"] == "4bit" else "")
+             + f" dtype={e['dtype']}" + (f" (4-bit {c['bnb_4bit_quant_type']}, matmuls in "
+                                         f"{c['bnb_4bit_compute_dtype']})" if e["quant"] == "4bit" else "")
              + f" kernel_inject={e['kernel_inject']} decode={e['decode']} tp={c['tp_size']}",
              f"hardware {h['gpu'] or h['device']} x{h['world_size']} rank(s)",
              f"versions torch {v['torch']}, transformers {v['transformers']}, deepspeed {v['deepspeed']}, "
@@ -790,18 +791,16 @@ def render(report: dict) -> str:
              "verify   " + (f"against {vf['reference']}: {vf['summary']} {'PASSED' if vf['passed'] else 'FAILED'}"
                            if vf else "not run: plain transformers is its own reference" if e["backend"] == "hf"
                            else "off (--no-verify)"), ""]
-    lines += [f"> {cut(repr(o['prompt']), 40)} -> {cut(repr(o['text']), 100)} ({o['new_tokens']} tokens)"
-              for o in report["outputs"][:8]]
+    lines += [f"> {cut(repr(o['prompt']), min(40, c['text_chars']))} -> {cut(repr(o['text']), c['text_chars'])} "
+              f"({o['new_tokens']} tokens)" for o in report["outputs"][:8]]
     lines += ["", f"{'metric':<30}{'mean':>10}{'p50':>10}{'p95':>10}"]
-    for name, s, scale, fmt in [("latency per batch (s)", lat, 1, ".4f"), ("TTFT (s)", ttft, 1, ".4f"),
-                                ("decode per token (ms)", dec, 1e3, ".2f")]:
-        if s:
-            lines.append(f"{name:<30}" + "".join(f"{s[k] * scale:>10{fmt}}" for k in ("mean", "p50", "p95")))
+    lines += [f"{name:<30}" + "".join(f"{s[k] * scale:>10{fmt}}" for k in ("mean", "p50", "p95"))
+              for name, s, scale, fmt in [("latency per batch (s)", lat, 1, ".4f"), ("TTFT (s)", ttft, 1, ".4f"),
+                                          ("decode per token (ms)", dec, 1e3, ".2f")] if s]
     lines.append(f"tokens generated {m['generated_tokens']} in {m['timed_seconds']:.3f} s over {lat['n']} batches "
                  f"of {m['batch_size']}: {m['tokens_per_s_cluster']:.1f} tok/s (cluster), "
                  f"{m['tokens_per_s_per_gpu']:.1f} tok/s per rank")
-    if m["achieved_gb_s"] is not None:
-        gb_s = m["achieved_gb_s"]
+    if (gb_s := m["achieved_gb_s"]) is not None:
         lines.append(f"decode {m['decode_tokens_per_s']:.1f} tok/s; each step reads {m['decode_read_gb']:.3f} GB of "
                      f"weights: {gb_s:.{0 if gb_s >= 10 else 2}f} GB/s achieved (memory bandwidth is the ceiling)")
     lines += [f"rank {rank} host memory: peak RSS {mem['host_peak_rss']:.2f} GiB" + ("" if mem["peak_allocated"] is None
@@ -836,14 +835,14 @@ def write_json(report: dict, path: str) -> None:
     log(f"[json] report written to {path}")
 
 # ----------------------------------------------------------------------------------------------------------------
-# main (第三节 快速开始; 第六节: `deepspeed --num_gpus=N` starts it on every rank): validate -> init_engine ->
-# measure -> report. Errors: one sentence and exit 2 (bad input) or 1 (the run failed); Ctrl-C: exit 130.
-
-def run(config: DeployConfig, decoder=None, init_engine=init_engine) -> int:   # an extension may build its own
+# main (第三节 快速开始; 第六节: every rank runs it). Errors: one sentence; exit 2 (bad input) or 1, Ctrl-C 130.
+def run(config: DeployConfig, decoder: type[Decoder] | None = None, init_engine=init_engine, validate=validate) -> int:
+    """validate, init_engine, measure, report on every rank; an extension may pass its own init_engine and validate."""
     import torch
     rank, _, world_size = dist_env(config)
     validate(config, world_size, torch.cuda.is_available())
-    getattr(decoder, "validate", lambda config: None)(config)   # a decoder refuses what it cannot do, as validate()
+    if decoder is not None:
+        decoder.validate(config)
     prompts = load_prompts(config)
     engine, tokenizer, info = init_engine(config, decoder)
     loading_peak = gpu_mem_gb()["peak_allocated"]    # loading, wrapping, verifying (measure() resets the peak)
@@ -856,7 +855,8 @@ def run(config: DeployConfig, decoder=None, init_engine=init_engine) -> int:   #
     print0(render(report))
     if config.json_path and rank == 0:
         write_json(report, config.json_path)
-    getattr(engine, "close", lambda: None)()   # a decoder frees its CUDA graphs (NCCL's teardown waits for those)
+    if isinstance(engine, Decoder):
+        engine.close()                             # its CUDA graphs: NCCL's teardown waits for those
     if world_size > 1:
         torch.distributed.destroy_process_group()      # a clean exit (NCCL warns of leaked resources otherwise)
     return 0
@@ -874,12 +874,12 @@ def quiet_libraries(debug: bool = False) -> None:
     for name in ("bitsandbytes", "DeepSpeed", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
-def main(argv=None, decoder=None, prog="ds_bnb_infer.py", job=run) -> int:
-    """The command line: parse (or take a DeployConfig), run `job` (a server has its own), one sentence per failure."""
-    config = argv if isinstance(argv, DeployConfig) else config_from_args(argv, prog)
+def main(argv=None, prog: str = "ds_bnb_infer.py", config_class: type = DeployConfig, job=run) -> int:
+    """The command line: parse into config_class (or take a config), run job(config), one sentence per failure."""
+    config = argv if isinstance(argv, DeployConfig) else config_from_args(argv, prog, config_class)
     quiet_libraries(config.debug)
     try:
-        return job(config, decoder)
+        return job(config)
     except (KeyboardInterrupt, Exception) as e:
         if config.debug:
             raise

@@ -10,31 +10,54 @@ one CUDA graph. Everything else, verification included, is the lesson's:
   python extensions/fast_decode.py --model random:tiny --backend hf                 # CPU: the same loop, eager
   python extensions/fast_decode.py --model random:llama-2-7b --backend hf           # one GPU, fp16: compiled
   python extensions/fast_decode.py --model random:llama-2-7b --backend hf --quant 4bit   # cuda-graph
+  python extensions/fast_decode.py --model random:llama-2-7b --backend hf --loop transformers   # the library's own
   deepspeed --num_gpus=2 extensions/fast_decode.py --tp-size 2 --model random:llama-2-7b   # AutoTP shards, compiled
 
-Two more steps close the gap to the bandwidth bound, each one small function (measured: benchmarks/README.md):
-fuse_projections() makes q/k/v and gate/up one matmul each, and inductor_tuning() lets torch.compile tune its kernels.
-Under tensor parallel, symmetric_all_reduce() makes each small all-reduce one kernel over NVLink without a barrier.
+How a step runs (--step): "compiled" (torch.compile: fused kernels in CUDA graphs) for a plain model on a GPU;
+"cuda-graph" (the eager step's kernels captured as one graph) for bitsandbytes; "eager" on a CPU and for LLM.int8 with
+outliers, whose every matmul waits for the host. Two more steps close the gap to the bandwidth bound, each a small
+function: fuse_projections() (--no-fuse to compare) and inductor_tuning() (--no-tune). Under tensor parallel (第六节)
+the step is the same one over each rank's shard, its all-reduces traced into the compiled step or captured in the
+graph; extensions/tp_all_reduce.py makes them one kernel each (--all-reduce).
 
-Under tensor parallel (第六节) the step is the same one over each rank's shard: AutoTP's all-reduces (two a layer, one
-for lm_head) are traced into the compiled step, or captured in the CUDA graph (NCCL supports both), and every rank
-runs the same steps. FAST_DECODE_MODE=compiled|cuda-graph|eager overrides the choice (to measure one against another).
-
-The output is checked against the unwrapped model like any engine (rounding tolerance: a compiled step fuses
-kernels). Measured speeds, with card and date: benchmarks/README.md.
+--loop transformers is the library's answer to the same problem: generate(..., cache_implementation="static"), whose
+decode step transformers compiles itself on its first calls; it samples too. Both loops are checked against the
+unwrapped model like any engine (rounding tolerance: a compiled step fuses kernels). Measured: benchmarks/README.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import os
 import sys
+from typing import Annotated, Literal
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
 
-MODES = ("compiled", "cuda-graph", "eager")             # how a decode step runs (decode_step)
+STEPS = ("compiled", "cuda-graph", "eager")             # how a decode step runs (decode_step)
+
+@dataclasses.dataclass
+class FastDecodeConfig(lesson.DeployConfig):
+    """extensions/fast_decode.py: the decode loop and how its step runs"""
+    loop: Annotated[Literal["ours", "transformers"], "ours: the greedy loop of this file; transformers: generate() "
+                    "on a static KV cache, compiled by transformers"] = "ours"
+    step: Annotated[Literal["auto", *STEPS], "how a decode step runs; auto: compiled (plain model on a GPU), "
+                    "cuda-graph (bitsandbytes), eager (CPU; LLM.int8 with outliers)"] = "auto"
+    fuse: Annotated[bool, "one matmul for q/k/v and one for gate/up, where they are plain linears"] = True
+    tune: Annotated[bool, "torch.compile's coordinate-descent tuning of a compiled step's kernels"] = True
+    all_reduce: Annotated[Literal["push", "one-shot", "nccl"], "tensor parallel, compiled step: push (no barrier), "
+                          "one-shot (symmetric memory) or NCCL's (extensions/tp_all_reduce.py)"] = "push"
+
+def validate(config: FastDecodeConfig) -> None:
+    """The loop's own refusals (the lesson's validate() runs first)."""
+    loop_flags = [f for f in ("step", "fuse", "tune", "all_reduce")
+                  if getattr(config, f) != getattr(FastDecodeConfig, f)]
+    if config.loop == "transformers" and loop_flags:
+        raise lesson.UsageError(f"--{loop_flags[0].replace('_', '-')} sets how this file's loop runs; drop it, or "
+                                "drop --loop transformers.")
 
 def forward_last(model, ids, pos, slots, mask, cache):
     """One forward on the static KV cache (prefill: the prompt; decode: one token a row): the last logits."""
@@ -124,10 +147,8 @@ def fuse_projections(model) -> int:
     at tp N each rank's column-parallel shards): what DeepSpeed's injected kernels and gpt-fast do. At batch 1 a decode
     step is a chain of matrix-vector products; three that read the same input become one bigger kernel. bitsandbytes
     layers are left as they are. Checked like the rest of the step: the engine against the unwrapped model. Returns
-    how many groups were fused; FAST_DECODE_FUSE=0 turns it off (to measure one against the other)."""
+    how many groups were fused (--no-fuse: none, to measure one against the other)."""
     import torch
-    if os.environ.get("FAST_DECODE_FUSE", "1") == "0":
-        return 0
     count = 0
     for module in list(model.modules()):
         for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
@@ -146,115 +167,35 @@ def fuse_projections(model) -> int:
             count += 1
     return count
 
-def inductor_tuning() -> bool:
+def inductor_tuning(on: bool) -> None:
     """torch.compile's coordinate-descent tuning of each generated kernel's block sizes (gpt-fast turns it on): the
-    decode step's matrix-vector kernels get sizes that read memory faster, at a longer first compile.
-    FAST_DECODE_TUNE=0 turns it off."""
+    decode step's matrix-vector kernels get sizes that read memory faster, at a longer first compile."""
     import torch._inductor.config as inductor
-    inductor.coordinate_descent_tuning = os.environ.get("FAST_DECODE_TUNE", "1") != "0"
-    return inductor.coordinate_descent_tuning
+    inductor.coordinate_descent_tuning = on
 
-@functools.cache
-def row_parallel_fp32_class():
-    """RowParallelFp32 (defined on first use: torch loads only when a run needs it)."""
-    import torch
-    from deepspeed.module_inject.layers import LmHeadLinearAllreduce
-
-    class RowParallelFp32(torch.nn.Module):
-        """An AutoTP row-parallel layer (LinearAllreduce: o_proj, down_proj; LmHeadLinearAllreduce: lm_head) whose
-        partial sums are added in fp32, then rounded to the model's dtype once. For 2 ranks that is the very
-        number NCCL's fp16 or bf16 sum gives (the exact sum of two such values, rounded once)."""
-
-        def __init__(self, layer, push_group: str | None):
-            super().__init__()
-            self.layer = layer
-            self.push_group = push_group    # the group whose push_all_reduce adds the small sums; None: NCCL's
-
-        @property
-        def weight(self):               # this rank's shard, where the lesson's report reads it (lm_head's)
-            return self.layer.weight
-
-        def forward(self, x):
-            layer = self.layer
-            if type(layer) is LmHeadLinearAllreduce:          # its shard of the input features, as its forward
-                sizes = layer._partition_sizes
-                start = sum(sizes[:layer.tp_index])
-                x = x[..., start:start + sizes[layer.tp_index]]
-            out = torch.matmul(x, layer.weight.transpose(-1, -2)).float()
-            if self.push_group is not None and out.numel() <= PUSH_NUMEL:
-                out = torch.ops.ds_bnb_infer.push_all_reduce(out, self.push_group)
-            else:
-                torch.distributed.all_reduce(out, group=layer.mp_group)
-            out = out.to(x.dtype)
-            return out if layer.bias is None else out + layer.bias
-    return RowParallelFp32
-
-ONE_SHOT_BYTES = 512 * 1024   # all-reduces up to this size run one-shot: the fp32 hidden state of up to 32 rows (7B)
-PUSH_NUMEL = ONE_SHOT_BYTES // 4   # and up to this many fp32 words, push_all_reduce() (FAST_DECODE_PUSH=0: one-shot)
-
-def symmetric_all_reduce(model) -> bool:
-    """Under tensor parallel on GPUs (NCCL), let torch.compile lower each all-reduce of the decode step that is
-    small (up to ONE_SHOT_BYTES; Llama-2-7B's hidden state is 16 KB a row in fp32) to PyTorch's one-shot all-reduce
-    over symmetric memory: each rank's partial sum is written where its peers can read it over NVLink, and one kernel on
-    every rank reads and adds them all. NCCL's ring pays its protocol's fixed cost on each of the step's 65
-    all-reduces (two a layer and the head's), which at batch 1 is much of the step. Inductor does this itself
-    (config._collective.auto_select) for process groups with symmetric memory enabled. Its kernel adds bf16 and fp32
-    only ("not implemented for 'Half'"), so the row-parallel layers add in fp32 (RowParallelFp32); bf16 models too,
-    as the lowering of AutoTP's own in-place sum of a matmul's output failed there ("a previous allocation with the
-    same alloc_id is still active"). The one-shot kernel still makes two cross-GPU barriers a call; sums of up to
-    PUSH_NUMEL words go to push_all_reduce() instead (extensions/push_all_reduce.py: no barrier; FAST_DECODE_PUSH=0
-    keeps the one-shot). FAST_DECODE_SYMM=0 turns all of it off; returns whether it is on."""
-    import torch
-    dist = torch.distributed
-    if os.environ.get("FAST_DECODE_SYMM", "1") == "0" or not (dist.is_available() and dist.is_initialized()):
-        return False
-    groups = {m.mp_group for m in model.modules() if getattr(m, "mp_group", None) is not None}
-    if not groups or any(dist.get_backend(g) != "nccl" for g in groups):
-        return False                                  # one GPU, or CPU ranks (gloo): nothing to lower
-    import torch._inductor.config as inductor
-    from deepspeed.module_inject.layers import LinearAllreduce
-    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
-
-    from extensions import push_all_reduce
-    push = os.environ.get("FAST_DECODE_PUSH", "1") != "0"
-    for group in sorted(groups, key=lambda g: g.group_name):     # collective calls: the same order on every rank
-        enable_symm_mem_for_group(group.group_name)
-        if push:
-            push_all_reduce.enable(group, PUSH_NUMEL)
-    for name, layer in list(model.named_modules()):
-        if isinstance(layer, LinearAllreduce):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr,
-                    row_parallel_fp32_class()(layer, layer.mp_group.group_name if push else None))
-    inductor._collective.auto_select = True
-    # Inductor's default limit (128 KB) would leave batch 16's sums (256 KB) to NCCL, whose fixed cost per call is
-    # what one-shot avoids. The head's all-reduce at batch 16 (vocab-wide rows, 2 MB) stays NCCL's.
-    inductor._collective.one_shot_all_reduce_threshold_bytes = ONE_SHOT_BYTES
-    return True
-
-def decode_step(model, device, mode: str | None = None) -> tuple:
-    """(step, mode): the one-token forward and how it runs. "compiled" (torch.compile: fused kernels in
-    CUDA graphs) for a plain model on a GPU; "cuda-graph" (GraphStep) for bitsandbytes on a GPU; "eager" on a CPU
-    and for LLM.int8 with outliers (threshold > 0): each of its matmuls waits for the host, which no graph holds."""
+def decode_step(model, device, config: FastDecodeConfig) -> tuple:
+    """(step, mode, all_reduce): the one-token forward, how it runs (config.step; auto: see the module docstring),
+    and the kind of all-reduce a compiled tensor-parallel step uses (None: none lowered)."""
     import torch
     step = functools.partial(forward_last, model)
-    # bitsandbytes layers, whether transformers put them there or tp_quant.py did (its shards)
+    # bitsandbytes layers, whether transformers put them there or tensor_parallel.py did (its shards)
     quantized = [m for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
     outliers = any(getattr(getattr(m, "state", None), "threshold", 0) > 0 for m in quantized)
-    if mode is None:
-        mode = "eager" if device.type != "cuda" or outliers else "cuda-graph" if quantized else "compiled"
+    mode = config.step if config.step != "auto" else \
+        "eager" if device.type != "cuda" or outliers else "cuda-graph" if quantized else "compiled"
     if mode == "cuda-graph":
-        return GraphStep(step), mode
+        return GraphStep(step), mode, None
     if mode == "compiled":
-        inductor_tuning()
-        if symmetric_all_reduce(model):
+        inductor_tuning(config.tune)
+        from extensions.tp_all_reduce import symmetric_all_reduce
+        if symmetric_all_reduce(model, config.all_reduce):
             # The symmetric buffers are allocated on the compiled step's first run and kept; torch.compile's own
             # CUDA graphs (cudagraph trees) would hold them in their memory pool ("tensors in the cudagraph pool not
             # tracked as outputs"), so the compiled step is captured by GraphStep instead.
             return GraphStep(torch.compile(step, fullgraph=True, dynamic=False,
-                                           options={"triton.cudagraphs": False})), mode
-        return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False), mode
-    return step, mode
+                                           options={"triton.cudagraphs": False})), mode, config.all_reduce
+        return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False), mode, None
+    return step, mode, None
 
 def release_step(step, mode: str) -> None:
     """Free what decode_step() captured, then wait for the GPU; before the ranks leave, graphs that captured NCCL
@@ -264,14 +205,14 @@ def release_step(step, mode: str) -> None:
         step.release()
     if mode == "compiled":
         torch._dynamo.reset()                     # drops the compiled step and its CUDA graphs (cudagraph trees)
-        from extensions import push_all_reduce
-        push_all_reduce.disable()                 # its buffers, once no graph launches the kernel
+        from extensions import tp_all_reduce
+        tp_all_reduce.disable()                   # its buffers, once no graph launches the kernel
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 def greedy_token(logits, i: int, done, eos, pad_token_id: int, min_new_tokens: int):
-    """generate()'s greedy choice of new token i: EOS banned before min_new_tokens, padding for the rows that have
-    ended; `done` (a row has ended) is updated in place."""
+    """generate()'s greedy choice of new token i, for every greedy loop here (serve.py's and fastgen.py's too): EOS
+    banned before min_new_tokens, padding for the rows that have ended; `done` (a row has ended) updated in place."""
     import torch
     if i < min_new_tokens:
         logits = logits.index_fill(-1, eos, -math.inf)
@@ -279,7 +220,12 @@ def greedy_token(logits, i: int, done, eos, pad_token_id: int, min_new_tokens: i
     done |= torch.isin(token, eos)
     return token
 
-class FastGreedy:
+def eos_tensor(module, device):
+    """The model's EOS ids as a tensor on `device`, what greedy_token() takes."""
+    import torch
+    return torch.tensor(sorted(lesson.eos_ids(module) - {None}), dtype=torch.long, device=device)
+
+class FastGreedy(lesson.Decoder):
     """Greedy decoding written out (gpt-fast's recipe) behind transformers' generate() interface.
 
     A static KV cache (one per batch shape, kept) gives every decode step the same shapes, so on a GPU a step is one
@@ -289,28 +235,21 @@ class FastGreedy:
 
     warmup_runs = 2          # the lesson's measure() warms up at least this often: the first two calls compile
 
-    def __init__(self, engine, mode: str | None = None):
+    def __init__(self, engine, config: FastDecodeConfig):
         import torch
-        self.module = getattr(engine, "module", engine)        # a DeepSpeed engine wraps the model in .module
-        self.fused = fuse_projections(self.module)
-        self.step, self.mode = decode_step(self.module, next(self.module.parameters()).device,
-                                           mode or os.environ.get("FAST_DECODE_MODE") or None)
-        self.symmetric = self.mode == "compiled" and isinstance(self.step, GraphStep)    # symmetric_all_reduce()
-        # symmetric_all_reduce() with push_all_reduce(): the largest sum it takes (0: none)
-        self.push_numel = PUSH_NUMEL if self.symmetric and os.environ.get("FAST_DECODE_PUSH", "1") != "0" else 0
+        super().__init__(engine, config)
+        self.fused = fuse_projections(self.module) if config.fuse else 0
+        self.step, self.mode, self.all_reduce = decode_step(self.module, next(self.module.parameters()).device, config)
         self.caches = {}
         # Tensor parallel: the ranks, which must all run the same number of steps (each step all-reduces).
         dist = torch.distributed
         self.ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-    @staticmethod
-    def validate(config) -> None:
-        """Refuse what this loop cannot do, before anything is loaded (the lesson calls it after its validate())."""
+    @classmethod
+    def validate(cls, config: FastDecodeConfig) -> None:
         if config.do_sample:
-            raise lesson.UsageError("fast_decode.py is a greedy decode loop; drop --do-sample, or run ds_bnb_infer.py.")
-        if os.environ.get("FAST_DECODE_MODE", "") not in ("", *MODES):
-            raise lesson.UsageError(f"FAST_DECODE_MODE={os.environ['FAST_DECODE_MODE']} is not one of "
-                                    f"{', '.join(MODES)}; unset it to let fast_decode.py choose.")
+            raise lesson.UsageError("this decode loop is greedy; drop --do-sample, or add --loop transformers.")
+        validate(config)
 
     def all_ended(self, done) -> bool:
         """Has every row ended? Under tensor parallel every rank computes the same logits (the all-reduce hands each
@@ -327,12 +266,6 @@ class FastGreedy:
         release_step(self.step, self.mode)
         self.caches.clear()
 
-    def __call__(self, **inputs):
-        return self.module(**inputs)
-
-    def parameters(self):
-        return self.module.parameters()
-
     def generate(self, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int = 0, do_sample=False,
                  min_new_tokens: int = 0, output_logits=False, return_dict_in_generate=False):
         import torch
@@ -348,7 +281,7 @@ class FastGreedy:
         #    every step) and is left out when nothing is padded.
         full_mask = None if bool(mask.all()) else torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        eos = torch.tensor(sorted(lesson.eos_ids(self.module) - {None}), dtype=torch.long, device=dev)
+        eos = eos_tensor(self.module, dev)
         done, tokens, step_logits = torch.zeros(b, dtype=torch.bool, device=dev), [], []
         # 3) Prefill: the whole prompt in one forward.
         logits = forward_last(self.module, input_ids, pos, torch.arange(t, device=dev), full_mask, cache)
@@ -369,8 +302,28 @@ class FastGreedy:
         sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
         return argparse.Namespace(sequences=sequences, logits=step_logits) if return_dict_in_generate else sequences
 
+class StaticGenerate(lesson.Decoder):
+    """--loop transformers: the engine's own generate() on a static KV cache, which transformers compiles (CUDA graphs
+    included) on its first calls on a GPU. Greedy and sampled decoding alike."""
+    mode, warmup_runs = "static-generate", 2        # transformers compiles on the first two calls
+
+    @classmethod
+    def validate(cls, config: FastDecodeConfig) -> None:
+        if config.tp_size > 1:
+            raise lesson.UsageError("--loop transformers runs on one device: transformers' compiled static-cache step "
+                                    "does not know DeepSpeed's tensor-parallel shards; drop --tp-size.")
+        validate(config)
+
+    def generate(self, **kwargs):
+        return self.module.generate(**kwargs, cache_implementation="static")
+
+def decoder_of(config: FastDecodeConfig) -> type[lesson.Decoder]:
+    """The loop --loop asks for."""
+    return FastGreedy if config.loop == "ours" else StaticGenerate
+
 def main(argv=None) -> int:
-    return lesson.main(argv, decoder=FastGreedy, prog="extensions/fast_decode.py")
+    return lesson.main(argv, prog="extensions/fast_decode.py", config_class=FastDecodeConfig,
+                       job=lambda config: lesson.run(config, decoder_of(config)))
 
 if __name__ == "__main__":
     sys.exit(main())

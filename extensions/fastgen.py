@@ -13,7 +13,7 @@ from that folder: both hold the same weights, and the lesson's verification comp
 How FastGen is fed (what its put() takes): token ids on the host, one tensor a sequence, without padding; each put()
 is one forward and returns each sequence's last logits. A sequence is a uid: its KV blocks stay until flush(uid).
 So prefill puts the prompts, and each decode step puts one token a sequence. Its KV cache is allocated once, sized
-for this run (run()), where FastGen's default takes all free GPU memory. Greedy only.
+for this run (kv_sizes()), where FastGen's default takes all free GPU memory. Greedy only.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
-from extensions.fast_decode import greedy_token  # noqa: E402
+from extensions.fast_decode import eos_tensor, greedy_token  # noqa: E402
 
 KV_BLOCK_TOKENS = 64     # FastGen's smallest KV block (get_kv_block_size: 64 tokens, 128 for heads of <= 64)
 
@@ -39,14 +39,22 @@ def deepspeed_arch_list(arch_list: str) -> str:
     support check then reports that as "Config ... is not supported". Built for "9.0", its kernels run verified on H100."""
     return re.sub(r"(\d+\.\d+)[af]\b", r"\1", arch_list)
 
-class FastGenGreedy:
+def kv_sizes(config) -> tuple[int, int]:
+    """(sequences, positions) FastGen's KV cache must hold in this run: the batch (verification decodes up to 4
+    prompts at once), and the longest prompt plus the tokens decoded after it."""
+    tokenizer = lesson.load_tokenizer(config)
+    prompts = lesson.as_chat(tokenizer, lesson.load_prompts(config))
+    longest = max(len(tokenizer(p)["input_ids"]) for p in prompts)
+    return max(config.batch_size, min(len(prompts), 4)), longest + max(config.max_new_tokens, lesson.VERIFY_TOKENS)
+
+class FastGenGreedy(lesson.Decoder):
     """FastGen behind transformers' interface: __call__ gives every position's logits (what verification compares),
     generate() decodes greedily. The transformers model leaves the GPU once FastGen holds its own copy; it stays on
     the host for the report (weight bytes) and for the lesson's timer of the first token."""
 
-    warmup_runs = 1
+    mode, warmup_runs = "fastgen", 1
 
-    def __init__(self, engine, sequences: int, positions: int):
+    def __init__(self, engine, config):
         import torch
         from deepspeed.inference.v2 import RaggedInferenceEngineConfig, build_hf_engine
         from deepspeed.ops.op_builder import InferenceCoreBuilder
@@ -58,8 +66,8 @@ class FastGenGreedy:
                   "DeepSpeed's kernel build, which cannot read an 'a'/'f' suffix", file=sys.stderr)
             os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch_list)
         InferenceCoreBuilder().load()
-        self.module = getattr(engine, "module", engine)        # a DeepSpeed engine wraps the model in .module
-        self.mode = "fastgen"
+        super().__init__(engine, config)
+        sequences, positions = kv_sizes(config)
         blocks = sequences * math.ceil(positions / KV_BLOCK_TOKENS)
         config = RaggedInferenceEngineConfig(state_manager={
             "max_tracked_sequences": sequences, "max_ragged_sequence_count": sequences, "max_context": positions,
@@ -76,8 +84,8 @@ class FastGenGreedy:
         lesson.free_memory()
         self.uids = itertools.count()
 
-    @staticmethod
-    def validate(config) -> None:
+    @classmethod
+    def validate(cls, config) -> None:
         """Refuse what FastGen cannot do here, before anything is loaded."""
         import torch
         for refused, message in [
@@ -136,7 +144,7 @@ class FastGenGreedy:
         dev = input_ids.device
         rows = [ids[mask.bool()].cpu() for ids, mask in zip(input_ids, attention_mask)]   # no padding: ragged
         uids = [next(self.uids) for _ in rows]
-        eos = torch.tensor(sorted(lesson.eos_ids(self.module) - {None}), dtype=torch.long, device=dev)
+        eos = eos_tensor(self.module, dev)
         done, tokens, step_logits = torch.zeros(len(rows), dtype=torch.bool, device=dev), [], []
         try:
             logits = self.engine.put(uids, rows, do_checks=False)          # prefill: every prompt in one forward
@@ -164,21 +172,8 @@ class FastGenGreedy:
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1:
             torch.distributed.destroy_process_group()
 
-def run(config: lesson.DeployConfig, decoder=FastGenGreedy) -> int:
-    """The lesson's run, with FastGen's KV cache sized for it: the batch (verification decodes up to 4 prompts at
-    once) and the longest prompt plus the tokens decoded after it."""
-    import torch
-    lesson.validate(config, lesson.dist_env(config)[2], torch.cuda.is_available())
-    decoder.validate(config)
-    tokenizer = lesson.load_tokenizer(config)
-    prompts = lesson.as_chat(tokenizer, lesson.load_prompts(config))
-    longest = max(len(tokenizer(p)["input_ids"]) for p in prompts)
-    sized = functools.partial(decoder, sequences=max(config.batch_size, min(len(prompts), 4)),
-                              positions=longest + max(config.max_new_tokens, lesson.VERIFY_TOKENS))
-    return lesson.run(config, sized)
-
 def main(argv=None) -> int:
-    return lesson.main(argv, prog="extensions/fastgen.py", job=lambda config, decoder: run(config))
+    return lesson.main(argv, prog="extensions/fastgen.py", job=functools.partial(lesson.run, decoder=FastGenGreedy))
 
 if __name__ == "__main__":
     sys.exit(main())

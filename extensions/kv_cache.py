@@ -7,18 +7,27 @@ longer the sequence, and the total grows with the square of the length. This fil
 ways, one token a step on the engine the lesson built and verified (init_engine), times every step, and checks that
 both ways pick the same tokens (they compute the same function; in half precision the summation order may differ).
 
-  python extensions/kv_cache.py --model real:smollm2-135m --max-new-tokens 128 --json kv.json --plot kv.png
-Any lesson flag works (python ds_bnb_infer.py --help); batch 1, greedy.
+  python extensions/kv_cache.py --model real:smollm2-135m --max-new-tokens 128 --json /tmp/kv.json --plot /tmp/kv.png
+The lesson's flags for the model (python ds_bnb_infer.py --help); batch 1, greedy; --json writes both runs' step
+times and the comparison.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import sys
 import time
+from typing import Annotated
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
+
+
+@dataclasses.dataclass
+class KvCacheConfig(lesson.DeployConfig):
+    """extensions/kv_cache.py: the comparison"""
+    plot: Annotated[str | None, "draw seconds per step against position here (matplotlib)"] = None
+    not_flags = ("batch_size", "warmup", "iters", "do_sample", "temperature", "top_p", "text_chars")
 
 
 def decode(model, ids, new_tokens: int, use_cache: bool) -> tuple[list[int], list[float]]:
@@ -38,32 +47,21 @@ def decode(model, ids, new_tokens: int, use_cache: bool) -> tuple[list[int], lis
     return tokens, seconds
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="extensions/kv_cache.py", description=__doc__.split("\n")[0],
-                                     epilog="Any other flag is the lesson's: python ds_bnb_infer.py --help")
-    parser.add_argument("--json", metavar="PATH", help="write both runs' step times and the comparison")
-    parser.add_argument("--plot", metavar="PATH", help="draw seconds per step against position (matplotlib)")
-    args, rest = parser.parse_known_args(argv)
-    config = lesson.config_from_args(rest, prog="extensions/kv_cache.py")
-    lesson.quiet_libraries(config.debug)
-    try:
-        import torch
-        lesson.validate(config, 1, torch.cuda.is_available())
-        for flag, path in (("--json", args.json), ("--plot", args.plot)):
-            if path:
-                lesson.check_writable(path, flag)
-        engine, tokenizer, info = lesson.init_engine(config)
-        module = getattr(engine, "module", engine)
-        prompt = lesson.as_chat(tokenizer, lesson.load_prompts(config)[:1])
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(next(module.parameters()).device)
-        decode(module, ids, 2, True)                                      # warm-up
-        runs = {}
-        for use_cache in (True, False):
-            lesson.log(f"[kv_cache] {config.max_new_tokens} steps with the cache {'on' if use_cache else 'off'} ...")
-            runs["on" if use_cache else "off"] = decode(module, ids, config.max_new_tokens, use_cache)
-    except (lesson.UsageError, lesson.RunFailure) as e:
-        lesson.log(f"error: {e}")
-        return 2 if isinstance(e, lesson.UsageError) else 1
+def compare(config: KvCacheConfig) -> int:
+    """Decode the first prompt with the cache on, then off, on the engine the lesson built and verified."""
+    import torch
+    lesson.validate(config, 1, torch.cuda.is_available())
+    if config.plot:
+        lesson.check_writable(config.plot, "--plot")
+    engine, tokenizer, info = lesson.init_engine(config)
+    module = getattr(engine, "module", engine)
+    prompt = lesson.as_chat(tokenizer, lesson.load_prompts(config)[:1])
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(next(module.parameters()).device)
+    decode(module, ids, 2, True)                                      # warm-up
+    runs = {}
+    for use_cache in (True, False):
+        lesson.log(f"[kv_cache] {config.max_new_tokens} steps with the cache {'on' if use_cache else 'off'} ...")
+        runs["on" if use_cache else "off"] = decode(module, ids, config.max_new_tokens, use_cache)
     (on, on_s), (off, _) = runs["on"], runs["off"]
     agree = next((i for i, (a, b) in enumerate(zip(on, off)) if a != b), len(on))
     quarter = max(1, len(on_s) // 4)
@@ -76,7 +74,7 @@ def main(argv=None) -> int:
         print(f"{name:<10}{r['total_s']:>9.2f}{r['tokens_per_s']:>9.1f}{r['first_quarter_step_ms']:>16.1f}"
               f"{r['last_quarter_step_ms']:>15.1f}")
     print(f"greedy tokens equal with and without the cache: {agree}/{len(on)}")
-    if args.plot:
+    if config.plot:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -88,13 +86,17 @@ def main(argv=None) -> int:
         ax.legend()
         ax.set_title(f"{config.model_name}, {info.device}, {time.strftime('%Y-%m-%d')}")
         fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-    if args.json:
+        fig.savefig(config.plot, dpi=120)
+    if config.json_path:
         lesson.write_json({"date": time.strftime("%Y-%m-%d"), "model": config.model_name, "device": info.device,
                            "dtype": info.dtype, "quant": info.quant, "prompt_tokens": int(ids.shape[1]),
                            "versions": lesson.versions(), "tokens_equal": agree, "tokens": len(on), "rows": rows,
-                           "step_s": {name: s for name, (_, s) in runs.items()}}, args.json)
+                           "step_s": {name: s for name, (_, s) in runs.items()}}, config.json_path)
     return 0
+
+
+def main(argv=None) -> int:
+    return lesson.main(argv, prog="extensions/kv_cache.py", config_class=KvCacheConfig, job=compare)
 
 
 if __name__ == "__main__":

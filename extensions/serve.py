@@ -21,13 +21,13 @@ passed in as the decoder, so the loop that serves is the loop that was verified.
 The cost: attention reads all --max-model-len positions of every row each step (masked ones too), so pick
 --max-model-len to fit your longest request. Measured figures, with card and date: benchmarks/README.md.
 """
+from __future__ import annotations
+
 import argparse
 import asyncio
 import dataclasses
-import functools
 import importlib.util
 import json
-import math
 import os
 import queue
 import signal
@@ -36,27 +36,46 @@ import sys
 import threading
 import time
 import uuid
+from typing import Annotated
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
-from extensions.fast_decode import decode_step, forward_last, fuse_projections, release_step  # noqa: E402
+from extensions.fast_decode import (FastDecodeConfig, decode_step, eos_tensor, forward_last,  # noqa: E402
+                                    fuse_projections, greedy_token, release_step)
+
+@dataclasses.dataclass
+class ServeConfig(FastDecodeConfig):
+    """extensions/serve.py: the server"""
+    host: Annotated[str, "address to listen on"] = "127.0.0.1"
+    port: Annotated[int, "port to listen on"] = 8000
+    max_num_seqs: Annotated[int, "rows decoded together: requests in flight at once"] = 16
+    max_model_len: Annotated[int | None, "positions per row: prompt + max_tokens (default: the model's, at most "
+                             "2048)"] = None
+    max_queue: Annotated[int, "requests waiting for a row; beyond it the answer is 429"] = 64
+    # The offline measurement's settings (a server takes sampling settings per request, rows with --max-num-seqs),
+    # and the loop choice (a server runs this file's loop):
+    not_flags = ("batch_size", "warmup", "iters", "do_sample", "temperature", "top_p", "json_path", "prompts_file",
+                 "text_chars", "loop")
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model side: rows of one static KV cache, a request per row, stepped together (the same on every rank).
 
-class SlotBatch:
+class SlotBatch(lesson.Decoder):
     """--max-num-seqs rows over one static KV cache with one write pointer (`slot`); see the module docstring.
     admit() prefills new rows, step() decodes one token in every row. Under tensor parallel every rank makes the
-    same calls in the same order (rank 0 decides, the others follow: Worker.follow)."""
+    same calls in the same order (rank 0 decides, the others follow: Worker.follow). The cache has one position
+    more than --max-model-len: the worker runs one spare step after a row's answer ended."""
 
-    def __init__(self, engine, rows: int, max_len: int, mode: str | None = None):
+    def __init__(self, engine, config: ServeConfig):
         import torch
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
-        self.module = getattr(engine, "module", engine)          # a DeepSpeed engine wraps the model in .module
-        fuse_projections(self.module)                                 # as fast_decode.py's loop (verified the same)
+        super().__init__(engine, config)
+        if config.fuse:
+            fuse_projections(self.module)                             # as fast_decode.py's loop (verified the same)
         self.device = next(self.module.parameters()).device
-        self.rows, self.max_len = rows, max_len
+        self.rows, self.max_len = config.max_num_seqs, config.max_model_len + 1
+        rows, max_len = self.rows, self.max_len
         self.cache = StaticCache(self.module.config, max_cache_len=max_len)
         if any(type(layer) is not StaticLayer for layer in self.cache.layers):
             raise lesson.UsageError("serve.py batches models whose every layer attends to all positions (Llama "
@@ -70,7 +89,7 @@ class SlotBatch:
             forward_last(self.module, *self.step_inputs(torch.zeros(rows, dtype=torch.long, device=self.device)))
         self.slot = 0
         self.seek()
-        self.step_fn, self.mode = decode_step(self.module, self.device, mode)
+        self.step_fn, self.mode, _ = decode_step(self.module, self.device, self.config)
         self.step(torch.zeros(rows, dtype=torch.long, device=self.device))
         self.step(torch.zeros(rows, dtype=torch.long, device=self.device))
         self.mask.zero_()
@@ -141,13 +160,6 @@ class SlotBatch:
         """Free the captured step before the ranks leave (fast_decode.py's release_step says why)."""
         release_step(self.step_fn, self.mode)
 
-    # The lesson's verification calls the decoder as it calls a model: a forward, and generate().
-    def __call__(self, **inputs):
-        return self.module(**inputs)
-
-    def parameters(self):
-        return self.module.parameters()
-
     def generate(self, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int = 0, do_sample=False,
                  min_new_tokens: int = 0, output_logits=False, return_dict_in_generate=False):
         """generate()'s greedy contract on this batch's machinery (rows admitted together, stepped), so that the
@@ -171,17 +183,14 @@ class SlotBatch:
             return argparse.Namespace(sequences=sequences, logits=logits) if return_dict_in_generate else sequences
         prompts = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
         rows = list(range(len(prompts)))
-        eos = torch.tensor(sorted(lesson.eos_ids(self.module) - {None}), dtype=torch.long, device=self.device)
+        eos = eos_tensor(self.module, self.device)
         logits = self.admit(rows, prompts)
         tokens, step_logits, done = [], [], torch.zeros(len(rows), dtype=torch.bool, device=self.device)
         for i in range(max_new_tokens):
             logits = logits.float()
             if output_logits:
                 step_logits.append(logits.cpu())
-            if i < min_new_tokens:
-                logits = logits.index_fill(-1, eos, -math.inf)
-            token = torch.where(done, pad_token_id, logits.argmax(-1))
-            done |= torch.isin(token, eos)
+            token = greedy_token(logits, i, done, eos, pad_token_id, min_new_tokens)
             tokens.append(token)
             if i == max_new_tokens - 1 or bool(done.all()):
                 break
@@ -614,24 +623,6 @@ def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_
 # ----------------------------------------------------------------------------------------------------------------
 # The command line: the lesson's flags (the engine) plus the server's; the lesson's main() handles every failure.
 
-OFFLINE_ONLY = ["batch_size", "warmup", "iters", "do_sample", "temperature", "top_p", "json_path", "prompts_file"]
-
-def build_parser(prog: str = "extensions/serve.py") -> argparse.ArgumentParser:
-    parser = lesson.build_parser(prog)
-    parser.description = __doc__.split("\n")[0]
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    server.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    server.add_argument("--max-num-seqs", type=int, default=16,
-                        help="rows decoded together: requests in flight at once (default: 16)")
-    server.add_argument("--max-model-len", type=int, default=None,
-                        help="positions per row: prompt + max_tokens (default: the model's, at most 2048)")
-    server.add_argument("--max-queue", type=int, default=64,
-                        help="requests waiting for a row; beyond it the answer is 429 (default: 64)")
-    server.add_argument("--decode", choices=["auto", "compiled", "cuda-graph", "eager"], default="auto",
-                        help="how a decode step runs (extensions/fast_decode.py decode_step; default: auto)")
-    return parser
-
 def check_port(host: str, port: int) -> None:
     """Bind the port now: a server that loads a model for minutes must not then find its port taken."""
     try:
@@ -641,41 +632,39 @@ def check_port(host: str, port: int) -> None:
     except OSError as e:
         raise lesson.UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port.") from None
 
-def serve(args, config: lesson.DeployConfig, _decoder=None) -> int:
+def serve(config: ServeConfig) -> int:
     import torch
     rank, _, world_size = lesson.dist_env(config)
     lesson.validate(config, world_size, torch.cuda.is_available())
     for name, low in [("port", 0), ("max_num_seqs", 1), ("max_queue", 1), ("max_model_len", 2)]:
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            raise lesson.UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}.")
+        if getattr(config, name) is not None and getattr(config, name) < low:
+            raise lesson.UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(config, name)}.")
     on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if args.decode in ("compiled", "cuda-graph") and not on_gpu:
-        raise lesson.UsageError(f"--decode {args.decode} captures CUDA graphs and needs a GPU; on a CPU use "
-                                "--decode eager (or auto).")
+    if config.step in ("compiled", "cuda-graph") and not on_gpu:
+        raise lesson.UsageError(f"--step {config.step} captures CUDA graphs and needs a GPU; on a CPU use "
+                                "--step eager (or auto).")
     if rank == 0:
         missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
         if missing:
             raise lesson.UsageError(f"the server needs {' and '.join(missing)}: pip install -r requirements-serve.txt")
-        check_port(args.host, args.port)
+        check_port(config.host, config.port)
     positions = lesson.model_config(config).max_position_embeddings
-    max_len = args.max_model_len or min(positions, 2048)
+    max_len = config.max_model_len or min(positions, 2048)
     if max_len > positions:
         raise lesson.UsageError(f"--max-model-len {max_len} is beyond the model's {positions} positions.")
     if config.max_new_tokens >= max_len:
         raise lesson.UsageError(f"--max-new-tokens {config.max_new_tokens} (a request's default max_tokens) must "
                                 f"be below --max-model-len {max_len}.")
-    # One position more than a request may use: the worker runs one spare step after a row's answer ended.
-    decoder = functools.partial(SlotBatch, rows=args.max_num_seqs, max_len=max_len + 1,
-                                mode=None if args.decode == "auto" else args.decode)
-    engine, tokenizer, info = lesson.init_engine(config, decoder)
-    lesson.log(f"[serve] verified: {info.verify['summary']}; decode {engine.mode}, {args.max_num_seqs} rows x "
+    config = dataclasses.replace(config, max_model_len=max_len)
+    engine, tokenizer, info = lesson.init_engine(config, SlotBatch)
+    lesson.log(f"[serve] verified: {info.verify['summary']}; decode {engine.mode}, {config.max_num_seqs} rows x "
                f"{max_len} positions" if info.verify else f"[serve] decode {engine.mode}")
-    worker = Worker(engine, tokenizer, args.max_queue, world_size)
+    worker = Worker(engine, tokenizer, config.max_queue, world_size)
     if rank != 0:
         worker.follow()
     else:
         import uvicorn
-        about = {"model": config.model_name, "max_num_seqs": args.max_num_seqs, "max_model_len": max_len,
+        about = {"model": config.model_name, "max_num_seqs": config.max_num_seqs, "max_model_len": max_len,
                  "world_size": world_size, "engine": dataclasses.asdict(info), "versions": lesson.versions(),
                  "gpu": torch.cuda.get_device_name(info.device) if info.device.startswith("cuda") else None}
         app = build_app(worker, tokenizer, config.model_name, max_len, config.max_new_tokens, lesson.finite(about))
@@ -685,9 +674,9 @@ def serve(args, config: lesson.DeployConfig, _decoder=None) -> int:
                 super().handle_exit(sig, frame)
                 if sig == signal.SIGTERM:      # a stop asked for and done (in-flight answers finished): exit 0,
                     self._captured_signals.remove(sig)     # where uvicorn would re-raise it and die of it (143)
-        server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                               timeout_graceful_shutdown=600))
-        lesson.log(f"[serve] listening on http://{args.host}:{args.port} (OpenAI API: /v1/completions, "
+        server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                       timeout_graceful_shutdown=600))
+        lesson.log(f"[serve] listening on http://{config.host}:{config.port} (OpenAI API: /v1/completions, "
                    "/v1/chat/completions; /health, /metrics)")
         server.run()                 # SIGTERM / Ctrl-C: stop taking requests, finish those in flight, return
         worker.stopping.set()
@@ -701,17 +690,7 @@ def serve(args, config: lesson.DeployConfig, _decoder=None) -> int:
     return 0
 
 def main(argv=None) -> int:
-    prog = "extensions/serve.py"
-    ns = vars(build_parser(prog).parse_args(argv))
-    given = [f for f in OFFLINE_ONLY if f in ns]
-    server = argparse.Namespace(**{k: ns.pop(k) for k in ("host", "port", "max_num_seqs", "max_model_len",
-                                                         "max_queue", "decode")})
-    if given:
-        flag = lesson.FLAG_NAMES.get(given[0], "--" + given[0].replace("_", "-"))
-        print(f"error: {flag} is a setting of the offline measurement (ds_bnb_infer.py); a server takes sampling "
-              "settings per request and rows with --max-num-seqs.", file=sys.stderr)
-        return 2
-    return lesson.main(lesson.DeployConfig(**ns), prog=prog, job=functools.partial(serve, server))
+    return lesson.main(argv, prog="extensions/serve.py", config_class=ServeConfig, job=serve)
 
 if __name__ == "__main__":
     sys.exit(main())

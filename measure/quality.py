@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""extensions/quality.py — what 8-bit and 4-bit cost in quality on a trained model (第七节, 第八节), on a CPU.
+"""measure/quality.py — what 8-bit and 4-bit cost in quality on a trained model (第七节, 第八节), on a CPU.
 
-For real:smollm2-135m (extensions/real_model.py converts it once) and each weight format (fp32, bf16, LLM.int8,
+For real:smollm2-135m (setup/real_model.py converts it once) and each weight format (fp32, bf16, LLM.int8,
 plain int8, 4-bit nf4 and fp4 with and without double quant): the perplexity on a fixed English text shipped in the
 repository (the Apache-2.0 LICENSE, its first --tokens tokens), the bytes of weights, and the greedy answers to a few
 chat prompts. Each model is also wrapped by deepspeed.init_inference the lesson's way (keep_model_as_loaded): its
 logits must stay bit-identical, so whatever DeepSpeed is used for, the quality is the format's.
 
-  python extensions/quality.py --json benchmarks/cpu-quality.json
-  python extensions/quality.py --formats fp32,int8,nf4-dq --tokens 256 --answers 0     # faster
+  python measure/quality.py --json /tmp/quality.json
+  python measure/quality.py --formats fp32,int8,nf4-dq --tokens 256 --answers 0     # faster
 
 Perplexity = exp(mean negative log-likelihood of each next token). Lower is better; what matters is the change
 from fp32, not the value (a license is not the text the model was trained for).
@@ -95,7 +95,7 @@ def evaluate(fmt: str, ids, tokenizer, new_tokens: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="extensions/quality.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="measure/quality.py", description=__doc__.split("\n")[0])
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, from: {', '.join(FORMATS)}")
     parser.add_argument("--tokens", type=int, default=512, help="tokens of the text to score (default: 512)")
     parser.add_argument("--answers", type=int, default=32, help="new tokens per greedy answer; 0 = none (default: 32)")

