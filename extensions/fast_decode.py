@@ -220,6 +220,30 @@ def greedy_token(logits, i: int, done, eos, pad_token_id: int, min_new_tokens: i
     done |= torch.isin(token, eos)
     return token
 
+def greedy_loop(logits, next_logits, max_new_tokens: int, eos, pad_token_id: int, min_new_tokens: int,
+                output_logits: bool, ended) -> tuple[list, list]:
+    """generate()'s greedy decode over any step, for every loop here: from the prefill's last `logits`, choose a token
+    (greedy_token), then next_logits(token) gives the logits after it, until max_new_tokens or ended(i, done) (has
+    every row ended?). Returns the tokens chosen and, if asked, each step's logits (on the host, for verify())."""
+    import torch
+    done, tokens, step_logits = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), [], []
+    for i in range(max_new_tokens):
+        logits = logits.float()
+        if output_logits:
+            step_logits.append(logits.cpu())
+        token = greedy_token(logits, i, done, eos, pad_token_id, min_new_tokens)
+        tokens.append(token)
+        if i == max_new_tokens - 1 or ended(i, done):
+            break
+        logits = next_logits(token)
+    return tokens, step_logits
+
+def generate_output(input_ids, tokens: list, step_logits: list, return_dict_in_generate: bool):
+    """What generate() returns: the sequences (prompt and new tokens), with the step logits when asked."""
+    import torch
+    sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+    return argparse.Namespace(sequences=sequences, logits=step_logits) if return_dict_in_generate else sequences
+
 def eos_tensor(module, device):
     """The model's EOS ids as a tensor on `device`, what greedy_token() takes."""
     import torch
@@ -281,26 +305,21 @@ class FastGreedy(lesson.Decoder):
         #    every step) and is left out when nothing is padded.
         full_mask = None if bool(mask.all()) else torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        eos = eos_tensor(self.module, dev)
-        done, tokens, step_logits = torch.zeros(b, dtype=torch.bool, device=dev), [], []
         # 3) Prefill: the whole prompt in one forward.
         logits = forward_last(self.module, input_ids, pos, torch.arange(t, device=dev), full_mask, cache)
-        pos, slot = pos[:, -1:] + 1, torch.tensor([t], device=dev)       # where the first new token goes
+        at = {"pos": pos[:, -1:] + 1, "slot": torch.tensor([t], device=dev)}     # where the first new token goes
+
         # 4) Decode: argmax, then one step (one CUDA graph on a GPU) per token.
-        for i in range(max_new_tokens):
-            logits = logits.float()
-            if output_logits:
-                step_logits.append(logits.cpu())
-            token = greedy_token(logits, i, done, eos, pad_token_id, min_new_tokens)
-            tokens.append(token)
-            if i == max_new_tokens - 1 or (i % 16 == 15 and self.all_ended(done)):
-                break
+        def next_logits(token):
             if self.mode == "compiled":
                 torch.compiler.cudagraph_mark_step_begin()    # the last step's outputs are consumed: reuse them
-            logits = self.step(token[:, None], pos, slot, full_mask, cache)
-            pos, slot = pos + 1, slot + 1
-        sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
-        return argparse.Namespace(sequences=sequences, logits=step_logits) if return_dict_in_generate else sequences
+            out = self.step(token[:, None], at["pos"], at["slot"], full_mask, cache)
+            at["pos"], at["slot"] = at["pos"] + 1, at["slot"] + 1
+            return out
+        tokens, step_logits = greedy_loop(logits, next_logits, max_new_tokens, eos_tensor(self.module, dev),
+                                          pad_token_id, min_new_tokens, output_logits,
+                                          lambda i, done: i % 16 == 15 and self.all_ended(done))
+        return generate_output(input_ids, tokens, step_logits, return_dict_in_generate)
 
 class StaticGenerate(lesson.Decoder):
     """--loop transformers: the engine's own generate() on a static KV cache, which transformers compiles (CUDA graphs

@@ -29,7 +29,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
-from extensions.fast_decode import eos_tensor, greedy_token  # noqa: E402
+from extensions.fast_decode import eos_tensor, generate_output, greedy_loop  # noqa: E402
 
 KV_BLOCK_TOKENS = 64     # FastGen's smallest KV block (get_kv_block_size: 64 tokens, 128 for heads of <= 64)
 
@@ -144,25 +144,19 @@ class FastGenGreedy(lesson.Decoder):
         dev = input_ids.device
         rows = [ids[mask.bool()].cpu() for ids, mask in zip(input_ids, attention_mask)]   # no padding: ragged
         uids = [next(self.uids) for _ in rows]
-        eos = eos_tensor(self.module, dev)
-        done, tokens, step_logits = torch.zeros(len(rows), dtype=torch.bool, device=dev), [], []
+
+        def put(rows):       # one forward; a copy of its logits, as the next put() overwrites its buffer
+            return self.engine.put(uids, rows, do_checks=False).to(torch.float32, copy=True).to(dev)
         try:
-            logits = self.engine.put(uids, rows, do_checks=False)          # prefill: every prompt in one forward
+            logits = put(rows)                                    # prefill: every prompt in one forward
             self.first_logits(logits)
-            for i in range(max_new_tokens):
-                logits = logits.to(torch.float32, copy=True)    # the next put() overwrites its buffer
-                if output_logits:
-                    step_logits.append(logits.cpu())
-                token = greedy_token(logits, i, done, eos, pad_token_id, min_new_tokens)
-                tokens.append(token)
-                if i == max_new_tokens - 1 or bool(done.all()):
-                    break
-                logits = self.engine.put(uids, list(token.cpu()[:, None]), do_checks=False)
+            tokens, step_logits = greedy_loop(logits, lambda token: put(list(token.cpu()[:, None])), max_new_tokens,
+                                              eos_tensor(self.module, dev), pad_token_id, min_new_tokens,
+                                              output_logits, lambda i, done: bool(done.all()))
         finally:
             for uid in uids:
                 self.engine.flush(uid)
-        sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
-        return argparse.Namespace(sequences=sequences, logits=step_logits) if return_dict_in_generate else sequences
+        return generate_output(input_ids, tokens, step_logits, return_dict_in_generate)
 
     def close(self) -> None:
         """Free FastGen's weights and KV cache; end the process group of one made for it."""

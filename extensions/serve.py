@@ -21,8 +21,6 @@ passed in as the decoder, so the loop that serves is the loop that was verified.
 The cost: attention reads all --max-model-len positions of every row each step (masked ones too), so pick
 --max-model-len to fit your longest request. Measured figures, with card and date: benchmarks/README.md.
 """
-from __future__ import annotations
-
 import argparse
 import asyncio
 import dataclasses
@@ -41,7 +39,7 @@ from typing import Annotated
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
 from extensions.fast_decode import (FastDecodeConfig, decode_step, eos_tensor, forward_last,  # noqa: E402
-                                    fuse_projections, greedy_token, release_step)
+                                    fuse_projections, generate_output, greedy_loop, release_step)
 
 @dataclasses.dataclass
 class ServeConfig(FastDecodeConfig):
@@ -183,22 +181,14 @@ class SlotBatch(lesson.Decoder):
             return argparse.Namespace(sequences=sequences, logits=logits) if return_dict_in_generate else sequences
         prompts = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
         rows = list(range(len(prompts)))
-        eos = eos_tensor(self.module, self.device)
-        logits = self.admit(rows, prompts)
-        tokens, step_logits, done = [], [], torch.zeros(len(rows), dtype=torch.bool, device=self.device)
-        for i in range(max_new_tokens):
-            logits = logits.float()
-            if output_logits:
-                step_logits.append(logits.cpu())
-            token = greedy_token(logits, i, done, eos, pad_token_id, min_new_tokens)
-            tokens.append(token)
-            if i == max_new_tokens - 1 or bool(done.all()):
-                break
+        def next_logits(token):                    # every row steps; the rows of this batch are the first ones
             full = torch.full((self.rows,), pad_token_id, dtype=torch.long, device=self.device)
             full[:len(rows)] = token
-            logits = self.step(full, rows)[:len(rows)].clone()
-        sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
-        return argparse.Namespace(sequences=sequences, logits=step_logits) if return_dict_in_generate else sequences
+            return self.step(full, rows)[:len(rows)].clone()
+        tokens, step_logits = greedy_loop(self.admit(rows, prompts), next_logits, max_new_tokens,
+                                          eos_tensor(self.module, self.device), pad_token_id, min_new_tokens,
+                                          output_logits, lambda i, done: bool(done.all()))
+        return generate_output(input_ids, tokens, step_logits, return_dict_in_generate)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ def checkpoint_index(config) -> dict:
     single = os.path.join(folder, "model.safetensors")
     if not os.path.isfile(single):
         raise lesson.UsageError(f"{config.model_name} has no safetensors checkpoint (model.safetensors or its index); "
-                                "tp_load.py slices safetensors only: convert it, or use ds_bnb_infer.py --tp-size N.")
+                                "tensor_parallel.py slices safetensors only: convert it, or use ds_bnb_infer.py "
+                                "--tp-size N.")
     from safetensors import safe_open
     with safe_open(single, framework="pt") as f:
         return {k: single for k in f.keys()}
@@ -137,8 +138,8 @@ def checkpoint_tensors(config, names: list[str]):
     files = checkpoint_index(config)
     for name in names:
         if name not in files:
-            raise lesson.UsageError(f"the checkpoint of {config.model_name} has no tensor {name}; tp_load.py reads "
-                                    "checkpoints whose names are the model's own (as Llama's are).")
+            raise lesson.UsageError(f"the checkpoint of {config.model_name} has no tensor {name}; tensor_parallel.py "
+                                    "reads checkpoints whose names are the model's own (as Llama's are).")
 
         def read(index, name=name):
             with safe_open(files[name], framework="pt") as f:
@@ -165,7 +166,7 @@ def shard_index(module, name: str, local: tuple, full: tuple) -> tuple:
         return (slice(None),) * len(full)
     dims = [d for d in range(len(full)) if local[d] != full[d]]
     if type(module) not in (LinearLayer, LinearAllreduce, LmHeadLinearAllreduce) or len(dims) != 1:
-        raise lesson.UsageError(f"{name} is sharded by {type(module).__name__}, which tp_load.py cannot slice; use "
+        raise lesson.UsageError(f"{name} is sharded by {type(module).__name__}, which tensor_parallel.py cannot slice; use "
                                 "ds_bnb_infer.py --tp-size N (it shards the whole model in host memory).")
     d, sizes, rank = dims[0], module._partition_sizes, module.tp_index
     start = sum(sizes[:rank])
@@ -494,10 +495,10 @@ def validate(config, world_size: int, cuda_available: bool) -> None:
     ]:
         if refused:
             raise lesson.UsageError(message)
+    if c.quant != "none":              # the lesson's own refusals of the quantization flags, as at --tp-size 1
+        lesson.validate(dataclasses.replace(c, tp_size=1), 1, cuda_available)
     lesson.validate(dataclasses.replace(c, quant="none", int8_threshold=default.int8_threshold, bnb_4bit_compute_dtype=
                                         default.bnb_4bit_compute_dtype), world_size, cuda_available)
-    if c.quant != "none":              # the lesson's own refusals of the quantization flags, at --tp-size 1
-        lesson.validate(dataclasses.replace(c, tp_size=1), 1, cuda_available)
 
 def start(config) -> tuple:
     """(device, dtype, tokenizer, max_positions, verify inputs): the lesson's first steps (tokenizer, positions

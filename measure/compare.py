@@ -62,7 +62,8 @@ MODES = {
     # DeepSpeed-FastGen (extensions/fastgen.py): another engine on the same weights; GPU only (refused on a CPU)
     "fastgen": (FASTGEN, ["--backend", "hf"]),
 }
-SET_BY_MODES = ["backend", "quant", "int8_threshold", "kernel_inject", "fallback"]
+SET_BY_MODES = ["backend", "quant", "int8_threshold", "kernel_inject", "fallback", "bnb_4bit_quant_type",
+                "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"]
 
 
 def build_parser() -> argparse.ArgumentParser:

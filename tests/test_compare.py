@@ -1,11 +1,11 @@
-"""extensions/compare.py (第十节): every mode in its own process, one table, JSON and chart; failures are rows."""
+"""measure/compare.py (第十节): every mode in its own process, one table, JSON and chart; failures are rows."""
 import json
 
 import pytest
 
 from conftest import HIDE, ROOT, run_cli
 
-COMPARE = ROOT / "extensions" / "compare.py"
+COMPARE = ROOT / "measure" / "compare.py"
 
 
 def compare(*args, **kw):
@@ -48,6 +48,7 @@ def test_when_every_mode_fails_nothing_is_written(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--modes", "hf,turbo"], "unknown mode(s) turbo"),
     (["--quant", "4bit"], "--quant is set by each mode"),
+    (["--bnb-4bit-compute-dtype", "fp16"], "--bnb-4bit-compute-dtype is set by each mode"),
     (["--plot", "/no/such/dir/c.png"], "--plot /no/such/dir/c.png: its folder does not exist"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--no-such-flag"], "unrecognized arguments"),
@@ -60,11 +61,3 @@ def test_bad_input_is_one_sentence(tiny, args, words):
 def test_plot_without_matplotlib_is_one_sentence(tiny):
     r = compare(*tiny, "--modes", "hf", "--plot", "x.png", prelude=HIDE.format(name="matplotlib"))
     assert r.returncode == 2 and "pip install matplotlib" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_static_generate_refuses_tensor_parallel():
-    import dataclasses
-    import ds_bnb_infer as m
-    from extensions.static_generate import StaticGenerate
-    with pytest.raises(m.UsageError, match="drop --tp-size"):
-        StaticGenerate.validate(dataclasses.replace(m.DeployConfig(), tp_size=2))

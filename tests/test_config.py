@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import time
+import typing  # noqa: F401 — ExtensionConfig's annotation names it
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ def test_parser_defaults_are_the_dataclass_defaults():
 
 
 ARGV = ["--model", "random:tiny", "--tp-size", "2", "--pp-size", "2", "--max-new-tokens", "7", "--backend", "hf",
-        "--quant", "4bit", "--int8-threshold", "0", "--dtype", "bf16", "--no-kernel-inject", "--device", "cpu",
+        "--quant", "4bit", "--int8-threshold", "0", "--bnb-4bit-quant-type", "fp4", "--no-bnb-4bit-use-double-quant",
+        "--bnb-4bit-compute-dtype", "fp16", "--text-chars", "0", "--dtype", "bf16", "--no-kernel-inject", "--device", "cpu",
         "--no-fallback", "--no-verify", "--trust-remote-code", "--prompt", "a", "--prompt", "b", "--prompts-file",
         "p.txt", "--batch-size", "3", "--warmup", "0", "--iters", "5", "--do-sample", "--temperature", "0.5",
         "--top-p", "0.9", "--seed", "3", "--json", "-", "--debug", "--local_rank", "1"]
@@ -36,6 +38,24 @@ def test_every_field_has_a_flag_that_sets_it():
     assert config.prompts == ["a", "b"] and config.kernel_inject is False and config.int8_threshold == 0.0
 
 
+@dataclasses.dataclass
+class ExtensionConfig(m.DeployConfig):
+    """an extension's settings"""
+    rows: "typing.Annotated[int, 'rows at once']" = 4
+    not_flags = ("iters", "warmup")
+
+
+def test_an_extensions_settings_subclass_deployconfig_with_their_own_flags():
+    """An extension's settings are fields of a DeployConfig subclass: flags in a group of their own, defaults from the
+    dataclass; the fields it has no use for (not_flags) are no flags at all."""
+    c = m.config_from_args(["--rows", "8", "--model", "x"], config_class=ExtensionConfig)
+    assert isinstance(c, ExtensionConfig) and (c.rows, c.model_name, c.iters) == (8, "x", 3)
+    help_text = m.build_parser("ext.py", ExtensionConfig).format_help()
+    assert "an extension's settings:\n  --rows ROWS" in help_text and "--iters" not in help_text
+    with pytest.raises(SystemExit):
+        m.config_from_args(["--iters", "2"], config_class=ExtensionConfig)
+
+
 def test_doc_flag_spellings():
     c = m.config_from_args(["--kernel-inject", "--no-fallback", "--do-sample", "--local-rank", "2"])
     assert (c.kernel_inject, c.fallback, c.do_sample, c.local_rank) == (True, False, True, 2)
@@ -47,7 +67,7 @@ def test_help_shows_each_default_once_and_the_choices():
     assert r.returncode == 0
     assert "(default: deepspeed)" in r.stdout and "{none,8bit,4bit}" in r.stdout
     assert "(default: None)" not in r.stdout and r.stdout.count("(default: 64)") == 1
-    assert "extensions/compare.py" in r.stdout
+    assert "measure/compare.py" in r.stdout
 
 
 def test_llama_2_presets_have_the_published_shapes():
@@ -90,6 +110,10 @@ def cfg(**kw):
     (dict(int8_threshold=float("nan"), quant="8bit"), 1, "--int8-threshold must be >= 0"),
     (dict(int8_threshold=0.0), 1, "applies to --quant 8bit only"),
     (dict(int8_threshold=0.0, quant="4bit"), 1, "applies to --quant 8bit only"),
+    (dict(bnb_4bit_quant_type="fp4"), 1, "--bnb-4bit-quant-type applies to --quant 4bit only"),
+    (dict(bnb_4bit_use_double_quant=False, quant="8bit"), 1, "--bnb-4bit-use-double-quant applies to --quant 4bit"),
+    (dict(bnb_4bit_compute_dtype="fp16"), 1, "--bnb-4bit-compute-dtype applies to --quant 4bit only"),
+    (dict(text_chars=-1), 1, "--text-chars must be at least 0"),
 ])
 def test_validate_rejects(kw, world, words):
     with pytest.raises(m.UsageError, match=words.replace("(", r"\(")):

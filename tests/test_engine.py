@@ -284,9 +284,12 @@ def test_console_shortens_long_texts_and_names_where_the_json_went(tmp_path):
     full = json.loads((tmp_path / "r.json").read_text())["outputs"][0]["text"]
     assert len(repr(full)) > 100
     line = next(line for line in r.stdout.splitlines() if line.startswith("> "))
-    assert len(line) < 200 and f"({len(repr(full))} characters)" in line
+    assert len(line) < 200 and f"({len(repr(full))} characters; --text-chars 0 shows all)" in line
     assert f"[json] report written to {tmp_path / 'r.json'}" in r.stderr
     assert "[reference]" in r.stderr and "WARNING" not in r.stdout + r.stderr
+    whole = run_cli("--model", "random:tiny", "--max-new-tokens", "200", "--iters", "1", "--warmup", "0",
+                    "--text-chars", "0")
+    assert f"> 'DeepSpeed is' -> {repr(full)} (200 tokens)" in whole.stdout        # --text-chars 0: all of it
 
 
 def test_ctrl_c_ends_with_one_line_and_exit_130():

@@ -1,6 +1,5 @@
 """extensions/fast_decode.py (第十节 KV Cache): its decode loop gives generate()'s tokens, chooses how to run each kind
 of model, and goes through the lesson's verification and report."""
-import dataclasses
 import json
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 import ds_bnb_infer as m
 from conftest import ROOT, launch, run_cli
-from extensions.fast_decode import FastGreedy, decode_step, fuse_projections
+from extensions.fast_decode import FastDecodeConfig, FastGreedy, StaticGenerate, decode_step, fuse_projections
 
 FAST = ROOT / "extensions" / "fast_decode.py"
 
@@ -17,7 +16,7 @@ def test_decode_loop_equals_generate_with_padding_and_eos():
     """The loop (static cache, left padding, a row ending at EOS) gives generate()'s texts and token counts."""
     config = m.DeployConfig(model_name="random:tiny", backend="hf", max_new_tokens=40, device="cpu")
     model, tok, _ = m.init_engine(config)
-    fast, prompts = FastGreedy(model), ["a", "a much longer prompt than the first", "DeepSpeed is"]
+    fast, prompts = FastGreedy(model, FastDecodeConfig()), ["a", "a much longer prompt than the first", "DeepSpeed is"]
     first = tok.encode(m.generate(model, tok, prompts[:1], config)["texts"][0])
     model.generation_config.eos_token_id = first[5]          # so that the first row ends early (EOS)
     plain, ours = m.generate(model, tok, prompts, config), m.generate(fast, tok, prompts, config)
@@ -34,9 +33,9 @@ def test_decode_loop_equals_generate_with_padding_and_eos():
     assert ours["texts"] == plain["texts"] and ours["new_tokens"] == plain["new_tokens"]
 
 
-def test_fused_projections_give_the_models_logits_and_leave_quantized_layers(monkeypatch):
+def test_fused_projections_give_the_models_logits_and_leave_quantized_layers():
     """q/k/v and gate/up become one matmul each (2 layers x 2 groups), logits equal within fp32 rounding, weights
-    counted once; bitsandbytes layers are not fused; FAST_DECODE_FUSE=0 fuses nothing."""
+    counted once; bitsandbytes layers are not fused; the loop fuses nothing under --no-fuse."""
     config = m.DeployConfig(model_name="random:tiny", dtype="fp32", device="cpu")
     model = m.load_model(config, "none", "cpu")
     ids = torch.tensor([[5, 17, 99, 3, 250]])
@@ -48,8 +47,9 @@ def test_fused_projections_give_the_models_logits_and_leave_quantized_layers(mon
     assert sum(p.numel() for p in model.parameters()) == n_params
     assert torch.allclose(after, before, rtol=0, atol=1e-5) and m.rel_error(after, before) < 1e-6
     assert fuse_projections(m.load_model(config, "4bit", "cpu")) == 0
-    monkeypatch.setenv("FAST_DECODE_FUSE", "0")
-    assert fuse_projections(m.load_model(config, "none", "cpu")) == 0
+    assert FastGreedy(m.load_model(config, "none", "cpu"), FastDecodeConfig()).fused == 4
+    unfused = FastGreedy(m.load_model(config, "none", "cpu"), FastDecodeConfig(fuse=False))
+    assert unfused.fused == 0 and type(unfused.module.model.layers[0].self_attn.k_proj).__name__ == "Linear"
 
 
 @pytest.mark.parametrize("quant, threshold, on_gpu", [("none", 6.0, "compiled"), ("4bit", 6.0, "cuda-graph"),
@@ -59,8 +59,9 @@ def test_decode_step_is_compiled_captured_or_eager_by_kind_of_model(quant, thres
     LLM.int8 with outlier columns is not captured, plain int8 (--int8-threshold 0) is."""
     config = m.DeployConfig(model_name="random:tiny", quant=quant, int8_threshold=threshold)
     model = m.load_model(config, quant, "cpu")
-    assert decode_step(model, torch.device("cuda"))[1] == on_gpu
-    assert decode_step(model, torch.device("cpu"))[1] == "eager"
+    assert decode_step(model, torch.device("cuda"), FastDecodeConfig())[1] == on_gpu
+    assert decode_step(model, torch.device("cpu"), FastDecodeConfig())[1] == "eager"
+    assert decode_step(model, torch.device("cpu"), FastDecodeConfig(step="cuda-graph"))[1] == "cuda-graph"   # --step
 
 
 def test_cli_runs_the_lesson_with_the_loop_and_verifies_it(tmp_path):
@@ -73,7 +74,9 @@ def test_cli_runs_the_lesson_with_the_loop_and_verifies_it(tmp_path):
     assert "[warmup] 2 untimed run(s)" in r.stderr and "decode=eager" in r.stdout
 
 
-@pytest.mark.parametrize("args, words", [(["--do-sample"], "greedy decode loop; drop --do-sample"),
+@pytest.mark.parametrize("args, words", [(["--do-sample"], "loop is greedy; drop --do-sample"),
+                                         (["--loop", "transformers", "--no-fuse"], "drop --loop transformers"),
+                                         (["--step", "graph"], "invalid choice"),
                                          (["--quant", "3bit"], "invalid choice"),
                                          (["--prompt", ""], "--prompt is empty")])
 def test_cli_bad_input_is_one_sentence(args, words):
@@ -82,13 +85,24 @@ def test_cli_bad_input_is_one_sentence(args, words):
     assert "usage: extensions/fast_decode.py" in r.stderr or r.stderr.startswith("error:")
 
 
-def test_validate_takes_tensor_parallel_and_refuses_sampling_and_unknown_modes(monkeypatch):
-    FastGreedy.validate(dataclasses.replace(m.DeployConfig(), tp_size=2))           # AutoTP shards: the same loop
-    with pytest.raises(m.UsageError, match="greedy decode loop"):
-        FastGreedy.validate(dataclasses.replace(m.DeployConfig(), do_sample=True))
-    monkeypatch.setenv("FAST_DECODE_MODE", "graph")
-    with pytest.raises(m.UsageError, match="compiled, cuda-graph, eager"):
-        FastGreedy.validate(m.DeployConfig())
+def test_validate_takes_tensor_parallel_and_refuses_sampling_and_loop_flags_of_the_other_loop():
+    FastGreedy.validate(FastDecodeConfig(tp_size=2))                                 # AutoTP shards: the same loop
+    with pytest.raises(m.UsageError, match="loop is greedy"):
+        FastGreedy.validate(FastDecodeConfig(do_sample=True))
+    StaticGenerate.validate(FastDecodeConfig(loop="transformers", do_sample=True))   # transformers' loop samples
+    with pytest.raises(m.UsageError, match="--step sets how this file's loop runs"):
+        StaticGenerate.validate(FastDecodeConfig(loop="transformers", step="eager"))
+    with pytest.raises(m.UsageError, match="drop --tp-size"):
+        StaticGenerate.validate(FastDecodeConfig(loop="transformers", tp_size=2))
+
+
+def test_the_fast_decode_flags_are_fields_with_the_help_and_defaults_of_the_dataclass():
+    """No environment switch: the loop's choices are FastDecodeConfig fields, parsed like the lesson's."""
+    c = m.config_from_args(["--step", "cuda-graph", "--no-fuse", "--no-tune", "--all-reduce", "one-shot"],
+                           config_class=FastDecodeConfig)
+    assert (c.step, c.fuse, c.tune, c.all_reduce, c.loop) == ("cuda-graph", False, False, "one-shot", "ours")
+    assert m.config_from_args([], config_class=FastDecodeConfig) == FastDecodeConfig()
+    assert "--all-reduce {push,one-shot,nccl}" in m.build_parser("x", FastDecodeConfig).format_help()
 
 
 def test_the_lesson_closes_the_loop_before_the_ranks_leave():
@@ -101,7 +115,7 @@ def test_the_lesson_closes_the_loop_before_the_ranks_leave():
             Closing.seen.append(len(self.caches))          # the loop has run: its static caches exist
             super().close()
             Closing.seen.append(len(self.caches))
-    config = m.DeployConfig(model_name="random:tiny", backend="hf", max_new_tokens=4, iters=1, warmup=0, device="cpu")
+    config = FastDecodeConfig(model_name="random:tiny", backend="hf", max_new_tokens=4, iters=1, warmup=0, device="cpu")
     assert m.run(config, decoder=Closing) == 0
     assert Closing.seen[0] > 0 and Closing.seen[1:] == [0]
 
@@ -144,12 +158,12 @@ def test_tensor_parallel_2_cpu_ranks_verified_and_equal_to_tp_1(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (device kind nvidia-h100-x2)")
 @pytest.mark.parametrize("mode", ["compiled", "cuda-graph"])
-def test_gpu_tensor_parallel_2_gpus_compiled_or_captured_is_verified_and_exits(mode, tmp_path, monkeypatch):
+def test_gpu_tensor_parallel_2_gpus_compiled_or_captured_is_verified_and_exits(mode, tmp_path):
     """On two GPUs the step holds NCCL all-reduces (traced into the compiled step, or captured in the CUDA graph);
     verified against rank 0's fp32 reference, and both ranks leave: the graphs are freed before the process group is
     destroyed (pytorch/pytorch#115388: a hang until killed otherwise, so the time limit fails the test)."""
-    monkeypatch.setenv("FAST_DECODE_MODE", mode)
     r = launch("--model", "random:tiny", "--device", "cuda", "--dtype", "fp32", "--max-new-tokens", "24", "--iters", "1",
+               "--step", mode,
                "--json", str(tmp_path / "tp2.json"), script=FAST, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     engine = json.loads((tmp_path / "tp2.json").read_text())["engine"]

@@ -6,7 +6,7 @@ import torch
 
 import ds_bnb_infer as m
 from conftest import ROOT, launch, run_cli
-from extensions.fast_decode import FastGreedy
+from extensions.fast_decode import FastDecodeConfig, FastGreedy
 
 pytestmark = pytest.mark.gpu
 
@@ -64,11 +64,11 @@ def test_gpu_fast_decode_compiles_one_graph_per_step_and_is_verified(tmp_path):
 
 
 def test_gpu_int8_weight_only_is_compiled_and_verified(tmp_path):
-    """extensions/int8_weight_only.py on a GPU: no bitsandbytes layer is left, so the step is compiled; verified
+    """extensions/quantized_matmul.py on a GPU: no bitsandbytes layer is left, so the step is compiled; verified
     against the weight-only model eager, and near the unquantized weights."""
     r = run_cli("--model", "random:tiny", "--device", "cuda", "--backend", "hf", "--quant", "8bit", "--int8-threshold",
                 "0", "--max-new-tokens", "16", "--iters", "1", "--json", str(tmp_path / "r.json"),
-                script=ROOT / "extensions" / "int8_weight_only.py", timeout=900)
+                script=ROOT / "extensions" / "quantized_matmul.py", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     engine = json.loads((tmp_path / "r.json").read_text())["engine"]
     assert engine["decode"] == "compiled" and engine["verify"]["passed"]
@@ -83,7 +83,7 @@ def test_gpu_quantized_decode_graph_keeps_the_eager_numbers(quant, threshold, mo
     model = m.load_model(cuda_config(backend="hf", quant=quant, int8_threshold=threshold), quant, "cuda:0")
     enc = m.load_tokenizer(cuda_config())(["a", "a longer second prompt"], return_tensors="pt", padding=True)
     enc = {k: enc[k].cuda() for k in ("input_ids", "attention_mask")}
-    eager, fast = FastGreedy(model, mode="eager"), FastGreedy(model)
+    eager, fast = FastGreedy(model, FastDecodeConfig(step="eager")), FastGreedy(model, FastDecodeConfig())
     assert fast.mode == mode
     with torch.no_grad():
         runs = [decoder.generate(**enc, max_new_tokens=24, output_logits=True, return_dict_in_generate=True).logits
@@ -126,24 +126,21 @@ def test_gpu_tensor_parallel_2_gpus_is_verified(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (device kind nvidia-h100-x2)")
 def test_gpu_tp_compiled_step_all_reduces_over_symmetric_memory(tmp_path):
-    """tp_load.py --fast-decode over 2 GPUs: the compiled step's small all-reduces are push_all_reduce() calls
-    (FAST_DECODE_PUSH=0: lowered to the one-shot kernel over symmetric memory; fp16 summed in fp32, as that kernel adds
-    bf16 and fp32 only), and the loop is verified against the engine; FAST_DECODE_SYMM=0 keeps NCCL's."""
-    from conftest import launch_cmd
+    """tensor_parallel.py --fast-decode over 2 GPUs: the compiled step's small all-reduces are push_all_reduce() calls
+    (--all-reduce one-shot: lowered to the one-shot kernel over symmetric memory; fp16 summed in fp32, as that kernel
+    adds bf16 and fp32 only), and the loop is verified against the engine; --all-reduce nccl keeps NCCL's."""
     import os
-    import subprocess
-    for symm, push, dtype in (("1", "1", "fp16"), ("1", "0", "fp16"), ("0", "1", "fp16"), ("1", "1", "bf16")):
-        out = tmp_path / f"symm{symm}push{push}{dtype}.json"
-        r = subprocess.run(launch_cmd("--fast-decode", "--model", "random:tiny", "--device", "cuda", "--dtype", dtype,
-                                      "--max-new-tokens", "16", "--iters", "1", "--warmup", "2", "--json", str(out),
-                                      script=ROOT / "extensions" / "tp_load.py"),
-                           capture_output=True, text=True, timeout=900, cwd=ROOT,
-                           env={**os.environ, "FAST_DECODE_SYMM": symm, "FAST_DECODE_PUSH": push,
-                                "FAST_DECODE_TUNE": "0", "TORCH_LOGS": "output_code"})
+    from conftest import launch_cmd, run_group
+    for kind, dtype in (("push", "fp16"), ("one-shot", "fp16"), ("nccl", "fp16"), ("push", "bf16")):
+        out = tmp_path / f"{kind}-{dtype}.json"
+        r = run_group(launch_cmd("--fast-decode", "--all-reduce", kind, "--no-tune", "--model", "random:tiny",
+                                 "--device", "cuda", "--dtype", dtype, "--max-new-tokens", "16", "--iters", "1",
+                                 "--warmup", "2", "--json", str(out), script=ROOT / "extensions" / "tensor_parallel.py"),
+                      900, env={**os.environ, "TORCH_LOGS": "output_code"})
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         report = json.loads(out.read_text())
         assert report["engine"]["verify"]["passed"] and report["engine"]["decode"] == "compiled"
         code = r.stdout + r.stderr                                        # with the generated code
-        assert any("symmetric memory" in n for n in report["engine"]["notes"]) == (symm == "1")
-        assert ("ds_bnb_infer.push_all_reduce" in code) == (symm == "1" and push == "1")
-        assert ("symm_mem.one_shot_all_reduce" in code) == (symm == "1" and push == "0")
+        assert any(f"all-reduces: {kind}" in n for n in report["engine"]["notes"]) == (kind != "nccl")
+        assert ("ds_bnb_infer.push_all_reduce" in code) == (kind == "push")
+        assert ("symm_mem.one_shot_all_reduce" in code) == (kind == "one-shot")

@@ -1,4 +1,4 @@
-"""real:smollm2-135m (extensions/real_model.py): a trained model offline. Its answer comes through its chat template;
+"""real:smollm2-135m (setup/real_model.py): a trained model offline. Its answer comes through its chat template;
 8-bit and 4-bit keep its perplexity within stated bounds (a broken quantization lands far outside them); the
 fast_decode loop and tensor parallel (two CPU ranks) give the very tokens of plain generate(), every one of them."""
 import json
@@ -6,7 +6,8 @@ import json
 import pytest
 
 from conftest import ROOT, launch, run_cli
-from extensions import quality, real_model
+from measure import quality
+from setup import real_model
 
 MODEL = "real:smollm2-135m"
 PROMPT = "What is tensor parallelism? Answer in one sentence."
@@ -20,7 +21,7 @@ def converted():
 
 def test_a_preset_not_converted_yet_is_one_sentence(tmp_path):
     r = run_cli("--model", MODEL, env={"XDG_CACHE_HOME": str(tmp_path)})
-    assert r.returncode == 2 and "run python extensions/real_model.py once" in r.stderr
+    assert r.returncode == 2 and "run python setup/real_model.py once" in r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 

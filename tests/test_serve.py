@@ -19,17 +19,11 @@ import torch
 from openai import OpenAI
 
 import ds_bnb_infer as m
-from conftest import HIDE, ROOT, run_cli
-from extensions.serve import SlotBatch
+from conftest import HIDE, ROOT, free_port, run_cli
+from extensions.serve import ServeConfig, SlotBatch
 
 SERVE = ROOT / "extensions" / "serve.py"
 TINY = ["--model", "random:tiny", "--max-num-seqs", "4", "--max-queue", "4"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -205,7 +199,7 @@ def test_a_client_that_leaves_frees_its_row(server):
 def test_chat_goes_through_the_models_chat_template():
     """A trained chat model (real:smollm2-135m, converted once by the README's setup command): /v1/chat/completions
     applies its template and answers what the lesson answers for the same user message, streamed or not."""
-    from extensions import real_model
+    from setup import real_model
     real_model.convert("real:smollm2-135m")
     question = "What is tensor parallelism? Answer in one sentence."
     s = Server("--model", "real:smollm2-135m", "--max-num-seqs", "2", "--max-model-len", "256")
@@ -280,7 +274,7 @@ def test_slot_batch_moves_rows_and_keeps_each_ones_tokens(quant):
     config = m.DeployConfig(model_name="random:tiny", backend="hf", device="cpu", quant=quant)
     model, _, info = m.init_engine(config)
     assert info.quant == quant
-    batch = SlotBatch(model, rows=2, max_len=40)
+    batch = SlotBatch(model, ServeConfig(max_num_seqs=2, max_model_len=39))
 
     def alone(prompt, n):
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -306,12 +300,12 @@ def test_cli_refusals_are_one_sentence(tmp_path):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
-    cases = [(["--iters", "2"], "offline measurement"),
+    cases = [(["--iters", "2"], "unrecognized arguments: --iters 2"),     # the offline run's flags are no flags here
              (["--port", str(busy.getsockname()[1])], "pick another --port"),
              (["--max-model-len", "99999"], "beyond the model's 2048 positions"),
              (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
              (["--max-model-len", "20", "--max-new-tokens", "8"], "larger --max-model-len"),
-             (["--device", "cpu", "--decode", "cuda-graph"], "needs a GPU; on a CPU use --decode eager")]
+             (["--device", "cpu", "--step", "cuda-graph"], "needs a GPU; on a CPU use --step eager")]
     for args, words in cases:
         r = run_cli("--model", "random:tiny", *args, script=SERVE)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-800:])
@@ -321,12 +315,12 @@ def test_cli_refusals_are_one_sentence(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("decode", ["compiled", "cuda-graph"])
-def test_gpu_step_modes_serve_verified_batched_answers(decode):
+@pytest.mark.parametrize("step", ["compiled", "cuda-graph"])
+def test_gpu_step_modes_serve_verified_batched_answers(step):
     """On a GPU the batch's step is compiled or captured: the lesson verifies it at start, 8 concurrent requests
     over 4 rows (fp32: no rounding from a row's place) each get their answer alone, and the server exits 0."""
     s = Server("--model", "random:tiny", "--backend", "hf", "--dtype", "fp32", "--max-num-seqs", "4",
-               "--max-model-len", "128", "--decode", decode)
+               "--max-model-len", "128", "--step", step)
     try:
         health = httpx.get(s.url + "/health").json()
         prompts, sizes = [f"gpu {i}: " + "y" * (2 * i) for i in range(8)], [10 + 9 * i for i in range(8)]
@@ -337,17 +331,17 @@ def test_gpu_step_modes_serve_verified_batched_answers(decode):
         code = s.stop()
     finally:
         s.kill()
-    assert health["engine"]["decode"] == decode and health["engine"]["verify"]["passed"]
+    assert health["engine"]["decode"] == step and health["engine"]["verify"]["passed"]
     assert [a["usage"]["completion_tokens"] for a in alone] == sizes
     assert [r.json()["choices"][0]["text"] for r in together] == [a["choices"][0]["text"] for a in alone]
     assert code == 0, s.stderr[-2000:]
 
 
 def test_load_generator_reports_each_level_and_checks_the_answers(server, tmp_path):
-    """extensions/bench_serve.py against the server: every level's counts, rates and latency percentiles, each answer
+    """measure/bench_serve.py against the server: every level's counts, rates and latency percentiles, each answer
     checked against its prompt sent alone (fp32 on a CPU: equal), nothing mixed up; bad flags and a server that is
     not there are one sentence."""
-    bench = ROOT / "extensions" / "bench_serve.py"
+    bench = ROOT / "measure" / "bench_serve.py"
     r = run_cli("--url", server.url, "--concurrency", "1", "12", "--requests", "3", "12", "--max-tokens", "40",
                 "--distinct", "3", "--json", str(tmp_path / "b.json"), script=bench)
     assert r.returncode == 0, r.stderr[-2000:]
