@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Device run (one GPU): extensions/serve.py under load against the offline decode of the same card.
-# random:llama-2-7b fp16, prompts of 32 tokens, 128-token answers, greedy. Start with the pip prefix of the README
-# (第九节; .whl also holds requirements-serve.txt's wheels), carry [".whl"], then:
-#   PART=serve bash benchmarks/gpu_serve.sh     # the server, 16 rows x 256 positions, queue 32; bench at 1, 16, 64
-#   PART=offline bash benchmarks/gpu_serve.sh   # extensions/fast_decode.py batch 1 and 16: the baseline
+# Usage (repo root, after the device prefix of benchmarks/README.md, whose .whl also holds requirements-serve.txt's
+# wheels, carry [".whl"]):
+#   PART=serve bash benchmarks/gpu_serve.sh     # one GPU: the server, 16 rows x 256 positions, queue 32; load at 1, 16, 64
+#   PART=offline bash benchmarks/gpu_serve.sh   # one GPU: extensions/fast_decode.py batch 1 and 16, the baseline
 #   PART=tp2 bash benchmarks/gpu_serve.sh       # two GPUs: the 2-GPU tests, then the server under the launcher
+# extensions/serve.py under load (measure/bench_serve.py) against the offline decode of the same card:
+# random:llama-2-7b fp16, prompts of 32 tokens, 128-token answers, greedy. Run serve and offline in one call on one
+# machine to compare them. env-PART.log: date, card, each step's exit; a device call returns few files, so when there
+# are more than 8 they are packed into PART.tgz.
 set -uo pipefail
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
+export PATH="${PYTHONPATH:+$PYTHONPATH/bin:}$PATH"   # the launcher of a deepspeed installed with --target
+OUT=${OUT:-/tmp/out}; PART=${PART:-serve}; mkdir -p "$OUT"
 PROMPT="Serve the model over HTTP now:  "        # 32 characters: 32 tokens with the byte-level preset
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } > "$OUT/env-$PART.log" 2>&1
 if [ "$PART" = offline ]; then
@@ -22,7 +27,7 @@ elif [ "$PART" = tp2 ]; then
     --max-model-len 256 --max-queue 32 --port 8000 > "$OUT/tp2-server.log" 2>&1 &
   pid=$!
   for _ in $(seq 300); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
-  timeout -k 10 200 python3 extensions/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1 16 \
+  timeout -k 10 200 python3 measure/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1 16 \
     --requests 8 64 --max-tokens 128 --prompt-len 32 --distinct 8 --json "$OUT/tp2-serve.json" > "$OUT/tp2-bench.log" 2>&1
   echo "bench exit $?" >> "$OUT/env-$PART.log"
   kill -TERM "$(pgrep -f 'serve.py --local_rank=0')"; timeout 90 tail --pid="$pid" -f /dev/null
@@ -33,7 +38,7 @@ else
   pid=$!
   for _ in $(seq 300); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
   echo "server up after ${SECONDS}s" >> "$OUT/env-$PART.log"
-  timeout -k 10 240 python3 extensions/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1 16 64 \
+  timeout -k 10 240 python3 measure/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1 16 64 \
     --requests 8 64 128 --max-tokens 128 --prompt-len 32 --distinct 8 --json "$OUT/serve.json" > "$OUT/bench.log" 2>&1
   echo "bench exit $?" >> "$OUT/env-$PART.log"
   curl -s localhost:8000/metrics > "$OUT/metrics.txt"

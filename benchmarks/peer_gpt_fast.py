@@ -1,4 +1,6 @@
-"""Device harness (issues 11 and 13): the peer, gpt-fast, timed on the card where this script's rows run.
+"""Usage (via benchmarks/gpu_peer.sh): python3 benchmarks/peer_gpt_fast.py --batch-size 1 --json $OUT/peer-b1.json
+
+Device harness (issues 11 and 13): the peer, gpt-fast, timed on the card where this script's rows run.
 
 gpt-fast (pytorch-labs/gpt-fast, BSD-3-Clause) is not part of this project and is not copied into it: a device call
 carries its files in an ignored folder (default .peer/gpt-fast, filled by benchmarks/gpu_peer.sh's header command)

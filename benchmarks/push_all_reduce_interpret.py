@@ -1,4 +1,6 @@
-"""The protocol of push_all_reduce() (extensions/push_all_reduce.py) checked without a GPU (issue 11).
+"""Usage (a CPU, ~1 min; prints ALL OK): python benchmarks/push_all_reduce_interpret.py   # torch 2.13.0, triton, numpy
+
+The protocol of push_all_reduce() (extensions/tp_all_reduce.py) checked without a GPU (issue 11).
 
 Triton's interpreter (TRITON_INTERPRET=1) runs the very kernel on the CPU. Two processes play two ranks; their buffers
 are shared memory, each process builds its own table of both buffers' addresses (what symmetric memory hands each
@@ -28,7 +30,7 @@ def inputs(step, n, rank):
     return x
 
 def worker(rank, bufs, outs):
-    from extensions.push_all_reduce import push_kernel
+    from extensions.tp_all_reduce import push_kernel
     kernel = push_kernel()
     addrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)   # this process's view of both buffers
     counters = torch.zeros(triton.cdiv(MAX, BLOCK), dtype=torch.int32)
