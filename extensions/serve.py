@@ -50,6 +50,7 @@ class ServeConfig(FastDecodeConfig):
     max_model_len: Annotated[int | None, "positions per row: prompt + max_tokens (default: the model's, at most "
                              "2048)"] = None
     max_queue: Annotated[int, "requests waiting for a row; beyond it the answer is 429"] = 64
+    max_body_bytes: Annotated[int, "the largest request body taken; a larger one is answered 413"] = 4 * 2 ** 20
     # The offline measurement's settings (a server takes sampling settings per request, rows with --max-num-seqs),
     # and the loop choice (a server runs this file's loop):
     not_flags = ("batch_size", "warmup", "iters", "do_sample", "temperature", "top_p", "json_path", "prompts_file",
@@ -216,6 +217,9 @@ class Request:
     first_token_at: float | None = None
 
 
+SAMPLING_EPS = 1e-5     # temperatures below this sample greedily, as vLLM does: logits / 1e-300 is inf
+
+
 class Metrics:
     """Prometheus text for GET /metrics: gauges, counters and two histograms (TTFT, time per output token)."""
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -257,6 +261,7 @@ class Worker:
         self.batch, self.tok, self.world_size = batch, tokenizer, world_size
         self.waiting, self.max_queue = queue.Queue(), max_queue
         self.live: dict[int, Request] = {}              # row -> request
+        self.placing: list[Request] = []                # off the queue, not yet live (submit() counts them)
         self.metrics, self.error, self.stopping = Metrics(), None, threading.Event()
         self.eos = lesson.eos_ids(batch.module, tokenizer) - {None}
         on_gpu = batch.device.type == "cuda"
@@ -274,7 +279,7 @@ class Worker:
     def submit(self, req: Request) -> None:
         """Queue a request, or raise queue.Full (the server answers 429) when every row is taken and --max-queue
         requests already wait for one."""
-        if self.waiting.qsize() + len(self.live) >= self.batch.rows + self.max_queue:
+        if self.waiting.qsize() + len(self.live) + len(self.placing) >= self.batch.rows + self.max_queue:
             raise queue.Full
         self.waiting.put_nowait(req)
 
@@ -292,7 +297,7 @@ class Worker:
         import torch
         logits = self.batch.admit(rows, prompts)
         for row, (temperature, top_p, seed) in zip(rows, sampling):
-            generator = torch.Generator(self.batch.device).manual_seed(seed) if temperature > 0 else None
+            generator = torch.Generator(self.batch.device).manual_seed(seed) if temperature >= SAMPLING_EPS else None
             self.sampling[row] = (temperature, top_p, generator)
         first = self.sample(logits, rows)
         for i, row in enumerate(rows):
@@ -311,8 +316,8 @@ class Worker:
         tokens = logits.argmax(-1)
         for i, row in zip(at or range(len(rows)), rows):
             temperature, top_p, generator = self.sampling[row]
-            if temperature > 0:
-                probs = torch.softmax(logits[i] / temperature, -1)
+            if temperature >= SAMPLING_EPS:            # below it: greedy (a tiny temperature would overflow)
+                probs = torch.softmax((logits[i] - logits[i].max()) / temperature, -1)
                 if top_p < 1:
                     p, idx = probs.sort(descending=True)
                     p[(p.cumsum(-1) - p) >= top_p] = 0             # keep the smallest set that reaches top_p
@@ -339,7 +344,7 @@ class Worker:
                     break
         except BaseException as e:     # fail what is in flight, then stop the server: serve() exits 1
             self.error = e
-            for req in [*self.live.values(), *self.drain()]:
+            for req in [*self.live.values(), *self.placing, *self.drain()]:
                 req.emit({"error": f"the model worker failed: {lesson.reason_of(e)}"})
             signal.raise_signal(signal.SIGTERM)     # uvicorn's graceful shutdown
             return
@@ -355,7 +360,7 @@ class Worker:
         for row in [r for r, req in self.live.items() if req.cancelled]:
             del self.live[row]
         free = [r for r in range(self.batch.rows) if r not in self.live]
-        new = []
+        new = self.placing = []
         while len(new) < len(free):
             try:     # block only when nothing is in flight (1 s at most: tensor parallel ranks hear from us)
                 idle = not self.live and self.pending is None and not new
@@ -374,6 +379,7 @@ class Worker:
             for row, req in zip(rows, new):
                 self.live[row] = req
                 self.metrics.counts["prompt_tokens_total"] += len(req.prompt_ids)
+            self.placing = []
             admitted = self.to_host(rows, new)
         if self.live:
             rows = sorted(self.live)
@@ -460,34 +466,39 @@ def event(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_max_tokens: int, about: dict):
+def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_max_tokens: int, about: dict,
+              max_body_bytes: int = 4 * 2 ** 20):
     """The FastAPI app; `about` (the engine, card and versions) is what GET /health says besides "ok"."""
     from typing import Literal
 
     from fastapi import FastAPI, Request as HttpRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
+    from starlette.exceptions import HTTPException
 
     class Sampling(BaseModel):
         model: str | None = None
-        max_tokens: int | None = Field(None, gt=0)
-        max_completion_tokens: int | None = Field(None, gt=0)
+        max_tokens: StrictInt | None = Field(None, gt=0)
+        max_completion_tokens: StrictInt | None = Field(None, gt=0)
         temperature: float = Field(1.0, ge=0, le=2)
         top_p: float = Field(1.0, gt=0, le=1)
-        stop: str | list[str] | None = None
-        seed: int | None = None
-        n: int = Field(1, ge=1, le=1)
-        stream: bool = False
+        stop: StrictStr | list[StrictStr] | None = None
+        seed: StrictInt | None = Field(None, ge=-2 ** 63, lt=2 ** 64)      # what a torch generator takes
+        n: StrictInt = Field(1, ge=1, le=1)
+        stream: StrictBool = False
         stream_options: dict | None = None
-        ignore_eos: bool = False          # an extension (vLLM has it too): benchmarks want full-length answers
+        ignore_eos: StrictBool = False    # an extension (vLLM has it too): benchmarks want full-length answers
+        logprobs: StrictBool | StrictInt | None = None       # refused below rather than silently ignored
+        top_logprobs: StrictInt | None = None
 
     class Completion(Sampling):
-        prompt: str
+        prompt: StrictStr
+        echo: StrictBool = False
 
     class Message(BaseModel):
         role: Literal["system", "user", "assistant"]
-        content: str
+        content: StrictStr
 
     class Chat(Sampling):
         messages: list[Message] = Field(min_length=1)
@@ -497,9 +508,22 @@ def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_
     def fail(status: int, message: str, param=None, kind="invalid_request_error", headers=None):
         return JSONResponse(error_body(message, param, kind), status_code=status, headers=headers)
 
+    @app.middleware("http")
+    async def bounded_body(request: HttpRequest, call_next):
+        """A body larger than --max-body-bytes is refused before it is read (413), so that it holds no memory."""
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
+            return fail(413, f"the request body is larger than the server's {max_body_bytes} bytes "
+                             "(--max-body-bytes); send a shorter prompt.")
+        return await call_next(request)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, exc):                   # 404, 405, ... in OpenAI's error shape too
+        return fail(exc.status_code, str(exc.detail), kind="invalid_request_error", headers=exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc):
-        e = exc.errors()[0]
+        e = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
         where = ".".join(str(x) for x in e["loc"] if x != "body")
         if e["type"] == "json_invalid":
             return fail(400, f"the request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])}).")
@@ -530,7 +554,11 @@ def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_
             return fail(503, "the model worker has stopped.", kind="server_error")
         if not prompt:
             return fail(400, "prompt is empty; give it some text.", "prompt")
-        ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+        for name in ("logprobs", "top_logprobs", "echo"):
+            if getattr(body, name, None):
+                return fail(400, f"{name} is not supported by this server; leave it out.", name)
+        # Tokenized off the event loop: a long prompt must not hold up other clients (or /health).
+        ids = (await asyncio.to_thread(tokenizer, prompt, add_special_tokens=not chat))["input_ids"]
         max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
         if len(ids) + max_tokens > max_len:
             return fail(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) is beyond the server's "
@@ -577,14 +605,19 @@ def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_
                 finally:                                 # the client went away (or the answer ended): free the row
                     req.cancelled = True
             return StreamingResponse(sse(), media_type="text/event-stream")
-        text = []
+        text, checked = [], time.monotonic()
         try:
             while True:
                 try:
-                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
+                    ev = await asyncio.wait_for(events.get(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    ev = None
+                # A client that went away frees its row at the next step, tokens arriving or not.
+                if time.monotonic() - checked >= 0.25:
+                    checked = time.monotonic()
                     if await http.is_disconnected():
                         return fail(499, "the client closed the request.")
+                if ev is None:
                     continue
                 if "error" in ev:
                     return fail(500, ev["error"], kind="server_error")
@@ -603,8 +636,8 @@ def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_
         if not getattr(tokenizer, "chat_template", None):
             return fail(400, f"messages: {model_name} has no chat template; send a prompt to /v1/completions.",
                         "messages")
-        prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = await asyncio.to_thread(tokenizer.apply_chat_template, [m.model_dump() for m in body.messages],
+                                         tokenize=False, add_generation_prompt=True)
         return await answer(body, prompt, http, chat=True)
 
     return app
@@ -626,7 +659,7 @@ def serve(config: ServeConfig) -> int:
     import torch
     rank, _, world_size = lesson.dist_env(config)
     lesson.validate(config, world_size, torch.cuda.is_available())
-    for name, low in [("port", 0), ("max_num_seqs", 1), ("max_queue", 1), ("max_model_len", 2)]:
+    for name, low in [("port", 0), ("max_num_seqs", 1), ("max_queue", 1), ("max_model_len", 2), ("max_body_bytes", 1)]:
         if getattr(config, name) is not None and getattr(config, name) < low:
             raise lesson.UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(config, name)}.")
     on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
@@ -657,7 +690,8 @@ def serve(config: ServeConfig) -> int:
         about = {"model": config.model_name, "max_num_seqs": config.max_num_seqs, "max_model_len": max_len,
                  "world_size": world_size, "engine": dataclasses.asdict(info), "versions": lesson.versions(),
                  "gpu": torch.cuda.get_device_name(info.device) if info.device.startswith("cuda") else None}
-        app = build_app(worker, tokenizer, config.model_name, max_len, config.max_new_tokens, lesson.finite(about))
+        app = build_app(worker, tokenizer, config.model_name, max_len, config.max_new_tokens, lesson.finite(about),
+                        config.max_body_bytes)
         worker.thread.start()
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame):

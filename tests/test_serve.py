@@ -170,6 +170,38 @@ def test_bad_requests_are_400_in_openai_shape(server, path, body, field):
     assert (field or "JSON") in error["message"]
 
 
+@pytest.mark.parametrize("body, words", [
+    ({"seed": 2 ** 70}, "seed"),                                 # beyond what a torch generator takes
+    ({"stream": "yes"}, "stream"),                               # a string is not a boolean
+    ({"ignore_eos": 1}, "ignore_eos"),
+    ({"logprobs": 2}, "logprobs is not supported"),              # refused, never silently ignored
+    ({"logprobs": True}, "logprobs is not supported"),
+    ({"echo": True}, "echo is not supported"),
+    ({"prompt": 12}, "prompt"),
+])
+def test_field_extremes_and_wrong_types_are_400(server, body, words):
+    r = complete(server.url, **{"prompt": "x", "max_tokens": 4, **body})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_a_tiny_temperature_samples_greedily_and_the_server_keeps_serving(server):
+    """logits / 1e-300 would overflow the sampler and end the worker: below 1e-5 the row is greedy (as vLLM's)."""
+    r = complete(server.url, prompt="DeepSpeed is", max_tokens=6, temperature=1e-300, seed=3)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == offline_text("DeepSpeed is", 6)
+    r = complete(server.url, prompt="DeepSpeed is", max_tokens=6, temperature=1e-5, seed=2 ** 64 - 1)
+    assert r.status_code == 200 and httpx.get(server.url + "/health").status_code == 200
+
+
+def test_wrong_paths_methods_and_oversized_bodies_answer_in_openai_shape(server):
+    big = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "' + b"x" * (5 * 2 ** 20) + b'"}',
+                     headers={"Content-Type": "application/json"}, timeout=60)
+    for r, status in [(httpx.get(server.url + "/v1/nothing"), 404), (httpx.get(server.url + "/v1/completions"), 405),
+                      (big, 413)]:
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    assert "--max-body-bytes" in big.json()["error"]["message"]
+    assert complete(server.url, prompt="DeepSpeed is", max_tokens=3).status_code == 200
+
+
 def test_a_full_queue_is_429_and_the_rest_complete(server):
     """12 long requests at once: 4 rows and 4 waiting places take 8; the others are refused with Retry-After."""
     with ThreadPoolExecutor(12) as pool:
