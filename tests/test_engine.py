@@ -1,4 +1,5 @@
 """init_engine / generate / measure / the report, with the real libraries on the CPU and the random:tiny preset."""
+import contextlib
 import dataclasses
 import glob
 import json
@@ -347,7 +348,8 @@ def test_a_rank_that_dies_ends_every_rank():
     """Rank 1 is killed mid-run (as the OOM killer would): rank 0, blocked in a collective, must not hang."""
     proc = subprocess.Popen(launch_cmd("--model", "random:tiny", "--max-new-tokens", "2000", "--iters", "5",
                                        "--warmup", "0"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            start_new_session=True)
     pids, sharded = {}, 0
     try:
         for line in proc.stdout:                      # until both ranks have sharded the model
@@ -367,8 +369,8 @@ def test_a_rank_that_dies_ends_every_rank():
         with pytest.raises(ProcessLookupError):
             os.kill(pids["0"], 0)                     # rank 0 is gone too
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)                # the launcher and any rank left
 
 
 # --- weight bytes ----------------------------------------------------------------------------------------------

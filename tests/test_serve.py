@@ -2,8 +2,8 @@
 raw HTTP. Its answers equal the lesson's own generate() and, under load, each prompt's answer alone; bad requests
 are 400 naming the field, a full queue 429; a client that leaves frees its row; SIGTERM finishes what is in flight
 and exits 0; two CPU ranks serve under the deepspeed launcher. Every server started here is stopped."""
+import contextlib
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,7 +18,7 @@ import torch
 from openai import OpenAI
 
 import ds_bnb_infer as m
-from conftest import HIDE, ROOT, free_port, run_cli
+from conftest import HIDE, ROOT, free_port, launch_cmd, run_cli
 from extensions.serve import ServeConfig, SlotBatch
 
 SERVE = ROOT / "extensions" / "serve.py"
@@ -31,11 +30,10 @@ class Server:
 
     def __init__(self, *args, ranks=1):
         self.port = free_port()
-        cmd = [sys.executable, str(SERVE)] if ranks == 1 else \
-            [shutil.which("deepspeed", path=str(Path(sys.executable).parent)), "--num_gpus", str(ranks),
-             "--master_port", str(free_port()), str(SERVE), "--tp-size", str(ranks)]
-        self.proc = subprocess.Popen([*cmd, *args, "--port", str(self.port)], cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True,
+        # Its own process group (the launcher and its ranks): kill() ends them all.
+        cmd = [sys.executable, str(SERVE), *args] if ranks == 1 else launch_cmd(*args, ranks=ranks, script=SERVE)
+        self.proc = subprocess.Popen([*cmd, "--port", str(self.port)], cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True,
                                      env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 300
@@ -69,9 +67,10 @@ class Server:
         return self.proc.returncode
 
     def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        import os
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
         self.stderr = self.proc.stderr.read()
 
 
