@@ -1,11 +1,10 @@
 #!/usr/bin/env python3
 """ds_bnb_infer.py — deploy an LLM with DeepSpeed Inference and bitsandbytes 8/4-bit; measure what each choice costs.
 
-Read it beside the tutorial 《DeepSpeed + bitsandbytes 量化部署示例：使用说明与函数文档》: the code walks its path in
-its order and every 第N节 is the tutorial's own section. 四 DeployConfig → 七 the model object, quantized by
-bitsandbytes → 五 init_engine (deepspeed.init_inference), checked against the unwrapped model → 五 generate →
-八 latency, throughput, GPU memory → the report → main(), also under the deepspeed launcher (六). README.md is the
-tutorial made true for today's libraries, extensions/ its 第十节; benchmarks/README.md holds measured results.
+Read it beside the tutorial 《DeepSpeed + bitsandbytes 量化部署示例：使用说明与函数文档》 (README.md: made true for
+today's libraries): its path in its order, every 第N节 its own section. 四 DeployConfig → 七 the model object, quantized
+by bitsandbytes → 五 init_engine (deepspeed.init_inference), checked against the unwrapped model → 五 generate → 八
+latency, throughput, GPU memory → the report → main(), under the deepspeed launcher too (六). extensions/: 第十节.
 
 What generation costs (第八节). Prefill: the prompt in one pass, many tokens per weight read (compute-bound).
 Decode: one new token per sequence per step, every weight read once a step, so at small batch a step takes at least
@@ -287,6 +286,11 @@ def as_chat(tokenizer, prompts: list[str]) -> list[str]:
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts] if getattr(tokenizer, "chat_template", None) else prompts
 
+def encode(tokenizer, prompts: list[str], device) -> dict:
+    """Prompts as the model takes them: as_chat(), left-padded into one batch, ids and mask on `device`."""
+    enc = tokenizer(as_chat(tokenizer, prompts), return_tensors="pt", padding=True)
+    return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+
 def check_positions(config: DeployConfig, tokenizer, prompts: list[str]) -> int:
     """The longest prompt plus --max-new-tokens must fit the model's positions; returns that limit."""
     limit = getattr(model_config(config), "max_position_embeddings", None) or 2 ** 31
@@ -371,8 +375,7 @@ def fall_back(config: DeployConfig, what: str, frm, to, reason: str, usage: bool
     return {"what": what, "from": frm, "to": to, "reason": reason}
 
 def reason_of(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"        # its first line
 
 def load_quantized(config: DeployConfig, device: str, tokenizer) -> tuple:
     """(model, quant, fallbacks): config.quant, or 4bit -> 8bit -> none when a mode cannot load or run."""
@@ -574,8 +577,7 @@ def init_engine(config: DeployConfig, decoder: type[Decoder] | None = None) -> t
     #    model's computation is checked: DeepSpeed's wrapper, its kernels, tensor parallel, a decoder.
     ref = None
     if (deepspeed is not None and (config.verify or inject)) or decoder is not None:
-        enc = tokenizer(as_chat(tokenizer, prompts[:4]), return_tensors="pt", padding=True)
-        verify_ids = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+        verify_ids = encode(tokenizer, prompts[:4], device)
         with step_timer(seconds, "reference", "greedy tokens and logits of the unwrapped model"):
             ref = reference(model, verify_ids, config.tp_size)
     # 5) The tutorial's call, on the model object in its own dtype (no cast: keep_model_as_loaded), then the check.
@@ -659,8 +661,7 @@ def generate(engine, tokenizer, prompts: list[str], config: DeployConfig) -> dic
     """One batch, timed: a sequence counts its tokens up to its first EOS, not max_new_tokens (第五节 可替换/增强)."""
     import torch
     device = next(engine.parameters()).device
-    enc = tokenizer(as_chat(tokenizer, prompts), return_tensors="pt", padding=True)
-    enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+    enc = encode(tokenizer, prompts, device)
     sampling = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p) if config.do_sample \
         else dict(do_sample=False)
     torch.manual_seed(config.seed)                # the same samples on every rank and in every run
@@ -841,8 +842,7 @@ def run(config: DeployConfig, decoder: type[Decoder] | None = None, init_engine=
     import torch
     rank, _, world_size = dist_env(config)
     validate(config, world_size, torch.cuda.is_available())
-    if decoder is not None:
-        decoder.validate(config)
+    (decoder or Decoder).validate(config)
     prompts = load_prompts(config)
     engine, tokenizer, info = init_engine(config, decoder)
     loading_peak = gpu_mem_gb()["peak_allocated"]    # loading, wrapping, verifying (measure() resets the peak)

@@ -55,8 +55,7 @@ def compare(config: KvCacheConfig) -> int:
         lesson.check_writable(config.plot, "--plot")
     engine, tokenizer, info = lesson.init_engine(config)
     module = getattr(engine, "module", engine)
-    prompt = lesson.as_chat(tokenizer, lesson.load_prompts(config)[:1])
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(next(module.parameters()).device)
+    ids = lesson.encode(tokenizer, lesson.load_prompts(config)[:1], next(module.parameters()).device)["input_ids"]
     decode(module, ids, 2, True)                                      # warm-up
     runs = {}
     for use_cache in (True, False):

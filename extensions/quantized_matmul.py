@@ -101,8 +101,7 @@ def vs_unquantized(engine, tokenizer, config, info) -> dict:
     """The quantized engine's prefill logits against the same weights unquantized (loaded for that, then freed): the
     relative error and top-1 agreement, also kept in the report's verify.vs_unquantized."""
     import torch
-    enc = tokenizer(lesson.as_chat(tokenizer, lesson.load_prompts(config)[:4]), return_tensors="pt", padding=True)
-    inputs = {k: enc[k].to(info.device) for k in ("input_ids", "attention_mask")}
+    inputs = lesson.encode(tokenizer, lesson.load_prompts(config)[:4], info.device)
     mask = inputs["attention_mask"].bool().cpu()
     with torch.no_grad():
         quantized = engine(**inputs).logits.float().cpu()[mask]

@@ -514,8 +514,7 @@ def start(config) -> tuple:
         torch.cuda.set_device(device)
     if config.tp_size > 1:                        # (quantized at tp 1, one rank runs alone, as the lesson does)
         lesson.meet_ranks(deepspeed, device)
-    enc = tokenizer(lesson.as_chat(tokenizer, prompts[:4]), return_tensors="pt", padding=True)
-    inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+    inputs = lesson.encode(tokenizer, prompts[:4], device)
     return device, lesson.weights_dtype(config, device), tokenizer, max_positions, inputs
 
 def init_engine(config, decoder=None) -> tuple:
