@@ -470,9 +470,7 @@ def tolerance(config, dtype) -> float:
     """The rounding tolerance against tp 1: the shards hold tp 1's values and tp only reorders sums. 4-bit rounds
     each shard's partial sum to its compute dtype; 8-bit sums int32 exactly, then rounds in the model's dtype (fp32:
     1e-4 - measured 2e-7 - which is what catches a shard taking another bitsandbytes path)."""
-    import torch
-    compute = getattr(torch, lesson.DTYPES[config.bnb_4bit_compute_dtype]) if config.quant == "4bit" else dtype
-    return lesson.kernel_tol(compute)
+    return lesson.kernel_tol(dtype, config.bnb_4bit_compute_dtype if config.quant == "4bit" else None)
 
 
 # ---- The run: the lesson's run() with this file's validate() and init_engine() ----

@@ -84,6 +84,21 @@ def test_nf4_and_fp4_load_verified_with_their_own_error_against_the_unquantized_
     assert nf4["engine"]["verify"]["vs_unquantized"] != fp4["engine"]["verify"]["vs_unquantized"]
 
 
+def test_4bit_with_fp16_compute_is_checked_at_fp16s_rounding(tmp_path):
+    """A 4-bit matmul rounds in its compute dtype: the loop's static-cache attention (equal in fp32) feeds it inputs
+    that round to other fp16 numbers, so fp16 compute (no double quant: compare.py's hf-4bit-fp16-nodq-compile) is
+    checked at fp16's tolerance, not the fp32 model's (where it failed: decode error 1.5e-3 > 1e-4)."""
+    path = tmp_path / "fp16.json"
+    r = run_cli("--model", "random:tiny", "--backend", "hf", "--quant", "4bit", "--matmul", "bitsandbytes",
+                "--bnb-4bit-compute-dtype", "fp16", "--no-bnb-4bit-use-double-quant", "--max-new-tokens", "8",
+                "--iters", "1", "--warmup", "0", "--json", str(path), script=QMM)
+    assert r.returncode == 0, r.stderr[-3000:]
+    verify = json.loads(path.read_text())["engine"]["verify"]
+    assert verify["passed"] and verify["tolerance"] == m.KERNEL_TOL["fp16"] > m.KERNEL_TOL["fp32"]
+    assert verify["decode_rel_error"] < m.KERNEL_TOL["fp16"]
+    assert m.kernel_tol(torch.float32, "bf16") == m.KERNEL_TOL["bf16"] and m.kernel_tol(torch.float16) == 2e-2
+
+
 def test_compare_rows_for_settings_and_torch_compile_are_flag_sets(tmp_path):
     r = run_cli("--model", "random:tiny", "--max-new-tokens", "8", "--iters", "1", "--warmup", "0", "--modes",
                 "hf-4bit-nodq-compile,hf-4bit-torch-compile", "--json", str(tmp_path / "c.json"),
