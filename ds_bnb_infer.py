@@ -409,8 +409,7 @@ INJECTION_BROKEN = {"deepspeed_upto": "0.19.8", "transformers_from": "4.53"}
 
 def kernel_tol(dtype, compute: str | None = None) -> float:
     """Rounding tolerance of kernels computing in `dtype`, or in 4-bit's `compute` dtype (a flag's name) if coarser."""
-    name = {v: k for k, v in DTYPES.items()}.get(str(dtype).removeprefix("torch."), "fp32")
-    return max(KERNEL_TOL[name], KERNEL_TOL.get(compute, 0.0))
+    return max(KERNEL_TOL[{v: k for k, v in DTYPES.items()}.get(str(dtype)[6:], "fp32")], KERNEL_TOL.get(compute, 0))
 
 def injection_known_broken() -> str | None:
     """Why kernel injection cannot work with the installed versions; None when not known (then: try, verify)."""
@@ -528,7 +527,6 @@ class Decoder:
     def __init__(self, engine, config: DeployConfig):
         self.engine, self.config = engine, config
         self.module = getattr(engine, "module", engine)        # a DeepSpeed engine wraps the model in .module
-
     @classmethod
     def validate(cls, config: DeployConfig) -> None: ...
     @classmethod
@@ -567,7 +565,9 @@ def init_engine(config: DeployConfig, decoder: type[Decoder] | None = None) -> t
     deepspeed, fb = import_deepspeed(config)
     fallbacks += fb
     if config.tp_size > 1:
-        if not on_gpu:
+        if on_gpu:
+            torch.cuda.set_device(device)          # this rank's GPU: init_inference puts its shard there
+        else:
             notes.append("tensor parallel on CPU ranks (gloo) shows how AutoTP shards the model; it is slower than "
                          "--tp-size 1 on a CPU: the speed is for GPUs (第六节)")
         meet_ranks(deepspeed, device)
@@ -598,7 +598,7 @@ def init_engine(config: DeployConfig, decoder: type[Decoder] | None = None) -> t
     except Exception as e:
         if not inject or isinstance(e, (UsageError, torch.OutOfMemoryError)):
             raise
-        del engine, model
+        engine = model = None                      # the injected copy is freed before the model loads again
         return without_injection(config, decoder, e)
     return engine, tokenizer, EngineInfo(device, "deepspeed" if deepspeed else "hf", quant, str(dtype)[6:], inject,
                                          engine.mode if isinstance(engine, Decoder) else "generate", fallbacks, notes,

@@ -69,7 +69,7 @@ class FastGenGreedy(lesson.Decoder):
         super().__init__(engine, config)
         sequences, positions = kv_sizes(config)
         blocks = sequences * math.ceil(positions / KV_BLOCK_TOKENS)
-        config = RaggedInferenceEngineConfig(state_manager={
+        ragged = RaggedInferenceEngineConfig(state_manager={
             "max_tracked_sequences": sequences, "max_ragged_sequence_count": sequences, "max_context": positions,
             "max_ragged_batch_size": sequences * positions,             # a prefill of every sequence in one put()
             "memory_config": {"mode": "allocate", "size": blocks}})
@@ -79,7 +79,7 @@ class FastGenGreedy(lesson.Decoder):
             torch.distributed.init_process_group("nccl", store=torch.distributed.HashStore(), rank=0, world_size=1)
         with tempfile.TemporaryDirectory(prefix="ds_bnb_infer-fastgen-") as tmp:
             self.module.save_pretrained(tmp)                     # safetensors, with config.json (its dtype too)
-            self.engine = build_hf_engine(tmp, config)
+            self.engine = build_hf_engine(tmp, ragged)
         self.module.to("cpu")
         lesson.free_memory()
         self.uids = itertools.count()
