@@ -7,6 +7,8 @@ and continuous (iteration-level) batching.
   deepspeed --num_gpus=2 extensions/serve.py --model random:llama-2-7b --tp-size 2           # rank 0 serves HTTP
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "DeepSpeed is", "max_tokens": 32, "temperature": 0}'
+A prompt may also be token ids, or several prompts at once; echo and logprobs are OpenAI's (lm-evaluation-harness's
+local-completions model scores the served model with them).
 
 The engine is the lesson's: init_engine() loads, wraps and verifies it, with this file's decode loop (SlotBatch)
 passed in as the decoder, so the loop that serves is the loop that was verified. How it batches:
@@ -51,6 +53,8 @@ class ServeConfig(FastDecodeConfig):
                              "2048)"] = None
     max_queue: Annotated[int, "requests waiting for a row; beyond it the answer is 429"] = 64
     max_body_bytes: Annotated[int, "the largest request body taken; a larger one is answered 413"] = 4 * 2 ** 20
+    read_timeout: Annotated[float, "seconds a client has to send a whole request (headers and body) from its "
+                            "first byte; a connection that stops sending is closed after it"] = 30.0
     # The offline measurement's settings (a server takes sampling settings per request, rows with --max-num-seqs),
     # and the loop choice (a server runs this file's loop):
     not_flags = ("batch_size", "warmup", "iters", "do_sample", "temperature", "top_p", "json_path", "prompts_file",
@@ -114,9 +118,10 @@ class SlotBatch(lesson.Decoder):
         self.slot += shift
         self.seek()
 
-    def admit(self, rows: list[int], prompts: list[list[int]]):
+    def admit(self, rows: list[int], prompts: list[list[int]], all_logits: bool = False):
         """Prefill `prompts` into `rows` (left-padded together, in their own KV cache), copy their keys and values in
-        to end at the pointer, and return the logits of each one's first new token."""
+        to end at the pointer, and return the logits of each one's first new token (all_logits: of every position,
+        rows x longest prompt x vocab, for the prompts' own logprobs)."""
         import torch
         longest = max(map(len, prompts))
         if self.slot < longest:                        # not enough room before the pointer: move everything right
@@ -125,7 +130,7 @@ class SlotBatch(lesson.Decoder):
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         with torch.no_grad():
             out = self.module(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                              use_cache=True, logits_to_keep=1)
+                              use_cache=True, logits_to_keep=0 if all_logits else 1)
         index = torch.tensor(rows, device=self.device)
         for layer, new in zip(self.cache.layers, out.past_key_values.layers):
             layer.keys[index, :, self.slot - longest:self.slot] = new.keys
@@ -133,7 +138,7 @@ class SlotBatch(lesson.Decoder):
         self.mask[index] = 0
         self.mask[index, self.slot - longest:self.slot] = mask      # padding stays masked
         self.start[index] = torch.tensor([self.slot - len(p) for p in prompts], device=self.device)
-        return out.logits[:, -1]
+        return out.logits if all_logits else out.logits[:, -1]
 
     def step_inputs(self, tokens):
         """The decode step's inputs: one token a row, its position (its own tokens so far), the pointer, the mask."""
@@ -198,12 +203,14 @@ class SlotBatch(lesson.Decoder):
 @dataclasses.dataclass
 class Request:
     prompt_ids: list
-    max_tokens: int
+    max_tokens: int                  # 0: no new token (echo: the prompt and its logprobs only)
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list = dataclasses.field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None      # each new token's logprob and this many most likely tokens'; None: none
+    prompt_logprobs: bool = False    # the prompt's tokens' too (echo), from the prefill's logits
     emit: object = None              # called from the worker thread with each event (a dict)
     cancelled: bool = False          # the client went away: the row is freed at the next step
     # Filled by the worker:
@@ -212,6 +219,8 @@ class Request:
     sent: int = 0
     prefix_at: int = 0               # incremental detokenization: ids[prefix_at:read_at] were already text
     read_at: int = 0
+    lp: list = dataclasses.field(default_factory=list)    # (token, logprob, [(token, logprob), ...]) a position
+    prompt_lp: list = dataclasses.field(default_factory=list)
     finished: bool = False
     arrived: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -225,8 +234,8 @@ class Metrics:
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
     def __init__(self):
-        self.counts = {"requests_finished_total": 0, "requests_rejected_total": 0, "generation_tokens_total": 0,
-                       "prompt_tokens_total": 0}
+        self.counts = {"requests_finished_total": 0, "requests_rejected_total": 0, "requests_failed_total": 0,
+                       "generation_tokens_total": 0, "prompt_tokens_total": 0}
         self.hist = {name: [0] * (len(self.BUCKETS) + 1) + [0.0] for name in ("ttft_seconds", "tpot_seconds")}
 
     def observe(self, name: str, seconds: float) -> None:
@@ -269,6 +278,7 @@ class Worker:
         self.sampling = [(0.0, 1.0, None)] * batch.rows    # each row's temperature, top_p, seeded generator
         self.host = [torch.zeros(batch.rows, dtype=torch.long, pin_memory=on_gpu) for _ in range(4)]
         self.turn, self.pending = 0, None                   # the last step's tokens, on their way to the host
+        self.want: dict[int, int] = {}     # rank 0: row -> how many top logprobs its request wants (0: its token's)
         # Rank 0 tells the others what to do over gloo (CPU): an NCCL broadcast would wait for the GPU's queue.
         self.control = None
         if world_size > 1:
@@ -276,12 +286,13 @@ class Worker:
             self.control = tdist.new_group(backend="gloo")
         self.thread = threading.Thread(target=self.lead, name="model-worker", daemon=True)
 
-    def submit(self, req: Request) -> None:
-        """Queue a request, or raise queue.Full (the server answers 429) when every row is taken and --max-queue
-        requests already wait for one."""
-        if self.waiting.qsize() + len(self.live) + len(self.placing) >= self.batch.rows + self.max_queue:
+    def submit(self, reqs: list[Request]) -> None:
+        """Queue requests (one a prompt), or raise queue.Full (the server answers 429) when every row is taken and
+        --max-queue requests already wait for one. All of them or none."""
+        if self.waiting.qsize() + len(self.live) + len(self.placing) + len(reqs) > self.batch.rows + self.max_queue:
             raise queue.Full
-        self.waiting.put_nowait(req)
+        for req in reqs:
+            self.waiting.put_nowait(req)
 
     # What every rank does, in the same order: rank 0 decides (lead) and tells the others (follow).
     def tell(self, op: tuple) -> tuple:
@@ -292,38 +303,52 @@ class Worker:
             op = box[0]
         return op
 
-    def admit(self, rows: list[int], prompts: list[list[int]], sampling: list[tuple]) -> None:
-        """Prefill `rows` and choose their first tokens. sampling: (temperature, top_p, seed) a row."""
+    def admit(self, rows: list[int], prompts: list[list[int]], sampling: list[tuple], all_logits=False) -> tuple:
+        """Prefill `rows` and choose their first tokens. sampling: (temperature, top_p, seed) a row. Returns the
+        prefill's logits (all_logits: of every position) and sample()'s logprobs and failures."""
         import torch
-        logits = self.batch.admit(rows, prompts)
+        logits = self.batch.admit(rows, prompts, all_logits)
         for row, (temperature, top_p, seed) in zip(rows, sampling):
             generator = torch.Generator(self.batch.device).manual_seed(seed) if temperature >= SAMPLING_EPS else None
             self.sampling[row] = (temperature, top_p, generator)
-        first = self.sample(logits, rows)
+        first, lp, failed = self.sample(logits[:, -1] if all_logits else logits, rows)
         for i, row in enumerate(rows):
             self.tokens[row] = first[i]
+        return logits, lp, failed
 
-    def step(self, rows: list[int]) -> None:
+    def step(self, rows: list[int]) -> tuple:
         """One decode step of every row; the live rows' next tokens replace their inputs, on the device."""
-        self.tokens.copy_(self.sample(self.batch.step(self.tokens, rows), rows, at=rows))
+        tokens, lp, failed = self.sample(self.batch.step(self.tokens, rows), rows, at=rows)
+        self.tokens.copy_(tokens)
+        return lp, failed
 
-    def sample(self, logits, rows, at=None):
+    def sample(self, logits, rows, at=None) -> tuple:
         """The next token of every line of `logits`, on the device (nothing waits for the GPU): greedy, or for the
         `rows` that sample (their lines: `at`, else one each in order) temperature and top-p (nucleus) sampling
-        from the row's own seeded generator, so that every rank draws the same token."""
+        from the row's own seeded generator, so that every rank draws the same token. Also, for the rows that want
+        them (rank 0), the chosen tokens' logprobs and the most likely ones' (fp32 log_softmax of these logits),
+        and the rows whose own sampling failed (row -> exception; they got their greedy token)."""
         import torch
         logits = logits.float()
-        tokens = logits.argmax(-1)
-        for i, row in zip(at or range(len(rows)), rows):
+        tokens, lines, failed = logits.argmax(-1), list(at or range(len(rows))), {}
+        for i, row in zip(lines, rows):
             temperature, top_p, generator = self.sampling[row]
             if temperature >= SAMPLING_EPS:            # below it: greedy (a tiny temperature would overflow)
-                probs = torch.softmax((logits[i] - logits[i].max()) / temperature, -1)
-                if top_p < 1:
-                    p, idx = probs.sort(descending=True)
-                    p[(p.cumsum(-1) - p) >= top_p] = 0             # keep the smallest set that reaches top_p
-                    probs = torch.zeros_like(probs).scatter_(0, idx, p)
-                tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
-        return tokens
+                try:
+                    probs = torch.softmax((logits[i] - logits[i].max()) / temperature, -1)
+                    if top_p < 1:
+                        p, idx = probs.sort(descending=True)
+                        p[(p.cumsum(-1) - p) >= top_p] = 0             # keep the smallest set that reaches top_p
+                        probs = torch.zeros_like(probs).scatter_(0, idx, p)
+                    tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
+                except Exception as e:                 # this row's own failure: its request ends, the others go on
+                    failed[row] = e
+        wanted = [(i, row) for i, row in zip(lines, rows) if row in self.want]
+        if not wanted:
+            return tokens, None, failed
+        lps = logits[[i for i, _ in wanted]].log_softmax(-1)
+        chosen = lps.gather(1, tokens[[i for i, _ in wanted], None])[:, 0]
+        return tokens, ([row for _, row in wanted], chosen, lps.topk(max(self.want[r] for _, r in wanted), -1)), failed
 
     def follow(self) -> None:
         """Ranks other than 0: run the steps rank 0 runs, until it says stop."""
@@ -374,18 +399,25 @@ class Worker:
             rows, prompts = free[:len(new)], [r.prompt_ids for r in new]
             sampling = [(r.temperature, r.top_p, r.seed if r.seed is not None else
                          int.from_bytes(os.urandom(8), "little") >> 1) for r in new]
-            self.tell(("admit", rows, prompts, sampling))
-            self.admit(rows, prompts, sampling)
-            for row, req in zip(rows, new):
+            all_logits = any(r.prompt_logprobs for r in new)
+            self.want = {row: r.logprobs for row, r in [*self.live.items(), *zip(rows, new)] if r.logprobs is not None}
+            self.tell(("admit", rows, prompts, sampling, all_logits))
+            logits, lp, failed = self.admit(rows, prompts, sampling, all_logits)
+            for i, (row, req) in enumerate(zip(rows, new)):
                 self.live[row] = req
                 self.metrics.counts["prompt_tokens_total"] += len(req.prompt_ids)
+                try:
+                    if req.prompt_logprobs:
+                        req.prompt_lp = self.prompt_logprobs(logits[i], req.prompt_ids, req.logprobs)
+                except Exception as e:
+                    failed[row] = e
             self.placing = []
-            admitted = self.to_host(rows, new)
+            admitted = self.to_host(rows, new, lp, failed)
         if self.live:
             rows = sorted(self.live)
+            self.want = {row: r.logprobs for row, r in self.live.items() if r.logprobs is not None}
             self.tell(("step", rows))
-            self.step(rows)
-            step = self.to_host(rows, [self.live[r] for r in rows])
+            step = self.to_host(rows, [self.live[r] for r in rows], *self.step(rows))
         elif not new and self.pending is None:
             self.tell(("idle",))
         # The GPU is busy with the step just launched; meanwhile the tokens that are ready become text.
@@ -395,7 +427,17 @@ class Worker:
             self.deliver(*admitted, first=True)
         self.pending = step
 
-    def to_host(self, rows: list[int], reqs: list[Request]) -> tuple:
+    def prompt_logprobs(self, logits, prompt: list[int], top: int) -> list:
+        """Each prompt token's logprob and the `top` most likely tokens' there, from its prefill logits (its row,
+        left-padded: the prompt ends at the last position; position k gives token k+1's). The first has none."""
+        import torch
+        lps = logits[len(logits) - len(prompt):-1].float().log_softmax(-1)
+        chosen = lps.gather(1, torch.tensor(prompt[1:], device=lps.device)[:, None])[:, 0]
+        best = lps.topk(top, -1)
+        return [(prompt[0], None, [])] + [(t, c, list(zip(i, v))) for t, c, i, v in zip(
+            prompt[1:], chosen.tolist(), best.indices.tolist(), best.values.tolist())]
+
+    def to_host(self, rows: list[int], reqs: list[Request], lp=None, failed=None) -> tuple:
         """Start copying every row's latest token to the host; deliver() waits for the copy, not for later steps."""
         import torch
         buf = self.host[self.turn % len(self.host)]
@@ -405,22 +447,45 @@ class Worker:
         if self.batch.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-        return buf, done, rows, reqs
+        return buf, done, rows, reqs, lp, failed or {}
 
-    def deliver(self, buf, done, rows, reqs, first=False) -> None:
+    def deliver(self, buf, done, rows, reqs, lp, failed, first=False) -> None:
         if done is not None:
             done.synchronize()
-        tokens, now = buf.tolist(), time.perf_counter()
+        tokens, now, lps = buf.tolist(), time.perf_counter(), {}
+        if lp is not None:                  # the logprobs of this step's tokens, computed before the copy
+            lp_rows, chosen, top = lp
+            lps = {r: (c, list(zip(i, v))) for r, c, i, v in zip(lp_rows, chosen.tolist(), top.indices.tolist(),
+                                                                  top.values.tolist())}
         for row, req in zip(rows, reqs):
             if req.finished or req.cancelled:
                 continue                    # its answer ended a step earlier: this token was the spare step's
-            if first:
-                req.first_token_at = now
-                self.metrics.observe("ttft_seconds", now - req.arrived)
-            self.advance(row, req, tokens[row])
+            try:                            # a failure of this row's own work ends its request only
+                if row in failed:
+                    raise failed[row]
+                if first:
+                    req.first_token_at = now
+                    self.metrics.observe("ttft_seconds", now - req.arrived)
+                self.advance(row, req, tokens[row], lps.get(row))
+            except Exception as e:
+                self.fail(row, req, e)
 
-    def advance(self, row: int, req: Request, token: int) -> None:
+    def fail(self, row: int, req: Request, e: Exception) -> None:
+        """One request's own failure (its sampling, logprobs, detokenization, stop check): it is answered with a
+        500, its row is freed, and the server goes on serving the others."""
+        if self.live.get(row) is req:
+            del self.live[row]
+        req.finished = True
+        self.metrics.counts["requests_failed_total"] += 1
+        lesson.log(f"[serve] a request failed: {lesson.reason_of(e)}")
+        req.emit({"error": f"the request failed: {lesson.reason_of(e)}"})
+
+    def advance(self, row: int, req: Request, token: int, lp=None) -> None:
         """Append a row's new token; send the text that is final; end the request on EOS, a stop string or length."""
+        if req.max_tokens == 0:             # echo: the prompt (and its logprobs) is the whole answer
+            return self.finish(row, req, "length")
+        if lp is not None:                  # every token, EOS included (vLLM's way; lm-eval counts on it)
+            req.lp.append((token, lp[0], lp[1][:req.logprobs]))
         reason = None
         if token in self.eos and not req.ignore_eos:
             reason = "stop"
@@ -429,8 +494,11 @@ class Worker:
             self.metrics.counts["generation_tokens_total"] += 1
             reason = "length" if len(req.ids) >= req.max_tokens else None
         # Incremental detokenization: decode from the previous read point on (the tokens before it give the new
-        # text its word boundaries), and wait while the last character is an unfinished UTF-8 sequence.
+        # text its word boundaries), and hold the text back while its last character is unfinished (a character's
+        # bytes cut between tokens decode to U+FFFD); one still unfinished when the answer ends is left out.
         full = self.tok.decode(req.ids[req.prefix_at:], skip_special_tokens=True)
+        if reason:
+            full = full.rstrip("\ufffd")
         if reason or not full.endswith("\ufffd"):
             head = self.tok.decode(req.ids[req.prefix_at:req.read_at], skip_special_tokens=True)
             req.text += full[len(head):]
@@ -444,14 +512,16 @@ class Worker:
             req.emit({"text": req.text[req.sent:final]})
             req.sent = final
         if reason:
-            del self.live[row]
-            req.finished, n = True, len(req.ids)
-            if n > 1:
-                self.metrics.observe("tpot_seconds", (time.perf_counter() - req.first_token_at) / (n - 1))
-            self.metrics.counts["requests_finished_total"] += 1
-            req.emit({"finish_reason": reason, "usage": {"prompt_tokens": len(req.prompt_ids),
-                                                         "completion_tokens": n,
-                                                         "total_tokens": len(req.prompt_ids) + n}})
+            self.finish(row, req, reason)
+
+    def finish(self, row: int, req: Request, reason: str) -> None:
+        del self.live[row]
+        req.finished, n = True, len(req.ids)
+        if n > 1:
+            self.metrics.observe("tpot_seconds", (time.perf_counter() - req.first_token_at) / (n - 1))
+        self.metrics.counts["requests_finished_total"] += 1
+        req.emit({"finish_reason": reason, "usage": {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n,
+                                                     "total_tokens": len(req.prompt_ids) + n}})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -466,6 +536,41 @@ def event(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def logprobs_shapes(tokenizer):
+    """OpenAI's two logprobs objects, from the worker's (token, logprob, [(token, logprob), ...]) a position: each
+    token as its own text (tokenizer.decode([id]), special tokens included, as vLLM), logprobs floored at -9999
+    (JSON has no -inf; OpenAI's and vLLM's floor)."""
+    def texts(entries):
+        ids = sorted({t for e in entries for t in [e[0], *(i for i, _ in e[2])]})
+        return dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
+
+    def floor(x):
+        return None if x is None else max(x, -9999.0)
+
+    def legacy(entries):
+        """/v1/completions: tokens, token_logprobs, top_logprobs (text -> logprob of the most likely tokens and the
+        chosen one, likeliest first; two tokens of one text keep the likelier; null where the logprob is: the first
+        prompt token), text_offset (the tokens' texts end to end)."""
+        s, out, at = texts(entries), {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}, 0
+        for t, lp, top in entries:
+            best = {s[t]: floor(lp)} | {s[i]: floor(v) for i, v in reversed(top)}
+            out["tokens"].append(s[t])
+            out["token_logprobs"].append(floor(lp))
+            out["top_logprobs"].append(None if lp is None else dict(sorted(best.items(), key=lambda kv: -kv[1])))
+            out["text_offset"].append(at)
+            at += len(s[t])
+        return out
+
+    def chat(entries):
+        """/v1/chat/completions: content[] of token, logprob, bytes, top_logprobs[] (the most likely tokens)."""
+        s = texts(entries)
+        def item(t, lp):
+            return {"token": s[t], "logprob": floor(lp), "bytes": list(s[t].encode())}
+        return {"content": [dict(item(t, lp), top_logprobs=[item(i, v) for i, v in top]) for t, lp, top in entries],
+                "refusal": None}
+    return legacy, chat
+
+
 def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_max_tokens: int, about: dict,
               max_body_bytes: int = 4 * 2 ** 20):
     """The FastAPI app; `about` (the engine, card and versions) is what GET /health says besides "ok"."""
@@ -476,25 +581,31 @@ def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
     from starlette.exceptions import HTTPException
+    legacy_logprobs, chat_logprobs = logprobs_shapes(tokenizer)
+    # Token ids a prompt may hold: those the model embeds and the tokenizer can write back as text.
+    vocab = min(len(tokenizer), getattr(worker.batch.module.config, "vocab_size", None) or len(tokenizer))
+
+    class StreamOptions(BaseModel):
+        include_usage: StrictBool = False
 
     class Sampling(BaseModel):
         model: str | None = None
-        max_tokens: StrictInt | None = Field(None, gt=0)
-        max_completion_tokens: StrictInt | None = Field(None, gt=0)
+        max_tokens: StrictInt | None = Field(None, ge=0)             # 0: only with echo (scoring the prompt)
+        max_completion_tokens: StrictInt | None = Field(None, ge=0)
         temperature: float = Field(1.0, ge=0, le=2)
         top_p: float = Field(1.0, gt=0, le=1)
-        stop: StrictStr | list[StrictStr] | None = None
+        stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None   # each is searched a step
         seed: StrictInt | None = Field(None, ge=-2 ** 63, lt=2 ** 64)      # what a torch generator takes
         n: StrictInt = Field(1, ge=1, le=1)
         stream: StrictBool = False
-        stream_options: dict | None = None
+        stream_options: StreamOptions | None = None
         ignore_eos: StrictBool = False    # an extension (vLLM has it too): benchmarks want full-length answers
-        logprobs: StrictBool | StrictInt | None = None       # refused below rather than silently ignored
-        top_logprobs: StrictInt | None = None
 
     class Completion(Sampling):
-        prompt: StrictStr
+        # OpenAI's four forms: a string, strings, token ids, lists of token ids (one choice a prompt)
+        prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
         echo: StrictBool = False
+        logprobs: StrictInt | None = Field(None, ge=0, le=5)       # this many most likely tokens a position
 
     class Message(BaseModel):
         role: Literal["system", "user", "assistant"]
@@ -502,7 +613,11 @@ def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_
 
     class Chat(Sampling):
         messages: list[Message] = Field(min_length=1)
+        logprobs: StrictBool = False
+        top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
 
+    union_fields = {"prompt": "give a string, a list of strings, a list of token ids (integers) or a list of such "
+                              "lists.", "stop": "give a string or a list of at most 16 strings."}
     app = FastAPI(title="ds_bnb_infer serve")
 
     def fail(status: int, message: str, param=None, kind="invalid_request_error", headers=None):
@@ -527,6 +642,9 @@ def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_
         where = ".".join(str(x) for x in e["loc"] if x != "body")
         if e["type"] == "json_invalid":
             return fail(400, f"the request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])}).")
+        field = e["loc"][1] if len(e["loc"]) > 1 else None
+        if field in union_fields and e["type"] != "missing":             # pydantic names each alternative's error
+            return fail(400, f"{field}: {union_fields[field]}", field)
         return fail(400, f"{where or 'body'}: {e['msg']}", where or None)
 
     @app.exception_handler(Exception)
@@ -549,70 +667,103 @@ def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_
         return PlainTextResponse(worker.metrics.render(len(worker.live), worker.waiting.qsize()),
                                  media_type="text/plain; version=0.0.4")
 
-    async def answer(body: Sampling, prompt: str, http: HttpRequest, chat: bool):
+    async def answer(body: Sampling, prompts: list, http: HttpRequest, chat: bool):
+        """prompts: strings (tokenized here, off the event loop) or lists of token ids; one choice each."""
         if worker.error is not None:
             return fail(503, "the model worker has stopped.", kind="server_error")
-        if not prompt:
-            return fail(400, "prompt is empty; give it some text.", "prompt")
-        for name in ("logprobs", "top_logprobs", "echo"):
-            if getattr(body, name, None):
-                return fail(400, f"{name} is not supported by this server; leave it out.", name)
-        # Tokenized off the event loop: a long prompt must not hold up other clients (or /health).
-        ids = (await asyncio.to_thread(tokenizer, prompt, add_special_tokens=not chat))["input_ids"]
-        max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
-        if len(ids) + max_tokens > max_len:
-            return fail(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) is beyond the server's "
-                             f"{max_len} positions (--max-model-len); shorten the prompt or lower max_tokens.",
+        if not prompts or not all(prompts):
+            return fail(400, "prompt is empty; give it some text (or token ids).", "prompt")
+        if len(prompts) > worker.batch.rows + worker.max_queue:
+            return fail(400, f"prompt: {len(prompts)} prompts in one request; this server takes at most "
+                             f"{worker.batch.rows + worker.max_queue} at once.", "prompt")
+        bad = next((t for p in prompts if not isinstance(p, str) for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            return fail(400, f"prompt: token id {bad} is not in the vocabulary (0 to {vocab - 1}).", "prompt")
+        echo = getattr(body, "echo", False)
+        if chat and body.top_logprobs is not None and not body.logprobs:
+            return fail(400, "top_logprobs needs logprobs: true.", "top_logprobs")
+        top = ((body.top_logprobs or 0) if body.logprobs else None) if chat else body.logprobs
+        if top is not None and body.stream:
+            return fail(400, "logprobs are not supported with stream; send stream: false.", "logprobs")
+        max_tokens = next((x for x in (body.max_completion_tokens, body.max_tokens) if x is not None),
+                          default_max_tokens)
+        if max_tokens == 0 and not echo:
+            return fail(400, "max_tokens: 0 generates nothing; it is taken with echo (to score the prompt).",
                         "max_tokens")
+        # Tokenized off the event loop: a long prompt must not hold up other clients (or /health).
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter((await asyncio.to_thread(tokenizer, texts, add_special_tokens=not chat))["input_ids"]
+                       if texts else [])
+        ids = [next(encoded) if isinstance(p, str) else p for p in prompts]
+        if not all(ids):
+            return fail(400, "prompt is empty once tokenized; give it some text.", "prompt")
+        if max(map(len, ids)) + max_tokens > max_len:
+            return fail(400, f"prompt ({max(map(len, ids))} tokens) + max_tokens ({max_tokens}) is beyond the "
+                             f"server's {max_len} positions (--max-model-len); shorten the prompt or lower "
+                             "max_tokens.", "max_tokens")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        req = Request(ids, max_tokens, body.temperature, body.top_p,
-                      [body.stop] if isinstance(body.stop, str) else list(body.stop or []), body.seed,
-                      body.ignore_eos, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        reqs = [Request(p, max_tokens, body.temperature, body.top_p, stop, body.seed, body.ignore_eos, top,
+                        echo and top is not None,
+                        emit=lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+                for i, p in enumerate(ids)]
         try:
-            worker.submit(req)
+            worker.submit(reqs)
         except queue.Full:
             worker.metrics.counts["requests_rejected_total"] += 1
             return fail(429, f"the server is busy: {worker.max_queue} requests are already waiting; retry "
                              "shortly.", kind="rate_limit_error", headers={"Retry-After": "1"})
+        echoed = (await asyncio.to_thread(lambda: [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts])
+                  if echo else [""] * len(reqs))           # echo: each prompt's text comes before its answer
         rid, created = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time())
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": model_name}
 
-        def choice(text, reason, delta=False):
+        def choice(i, text, reason, logprobs=None, delta=False):
             if not chat:
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+                return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
             msg = {"content": text} if delta else {"role": "assistant", "content": text}
-            return {"index": 0, ("delta" if delta else "message"): msg, "finish_reason": reason}
+            return {"index": i, ("delta" if delta else "message"): msg, "logprobs": logprobs, "finish_reason": reason}
+
+        def total(usages):
+            return {k: sum(u[k] for u in usages) for k in usages[0]}
 
         if body.stream:
             async def sse():
-                chunk = dict(head, object="chat.completion.chunk" if chat else "text_completion")
+                chunk, usages, left = dict(head, object="chat.completion.chunk" if chat else "text_completion"), \
+                    [None] * len(reqs), len(reqs)
                 try:
                     if chat:                             # OpenAI's first chat chunk names the role
                         yield event(dict(chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                          "finish_reason": None}]))
-                    while True:
-                        ev = await events.get()
+                                                          "logprobs": None, "finish_reason": None}]))
+                    for i, text in enumerate(echoed):
+                        if text:
+                            yield event(dict(chunk, choices=[choice(i, text, None)]))
+                    while left:
+                        i, ev = await events.get()
                         if "error" in ev:
                             yield event(error_body(ev["error"], kind="server_error"))
                             break
-                        yield event(dict(chunk, choices=[choice(ev.get("text", ""), ev.get("finish_reason"), True)]))
+                        yield event(dict(chunk, choices=[choice(i, ev.get("text", ""), ev.get("finish_reason"),
+                                                                delta=True)]))
                         if "finish_reason" in ev:
-                            if (body.stream_options or {}).get("include_usage"):
-                                yield event(dict(chunk, choices=[], usage=ev["usage"]))
-                            break
+                            usages[i], left = ev["usage"], left - 1
+                    else:
+                        if body.stream_options and body.stream_options.include_usage:
+                            yield event(dict(chunk, choices=[], usage=total(usages)))
                     yield "data: [DONE]\n\n"
-                finally:                                 # the client went away (or the answer ended): free the row
-                    req.cancelled = True
+                finally:                                 # the client went away (or the answer ended): free the rows
+                    for req in reqs:
+                        req.cancelled = True
             return StreamingResponse(sse(), media_type="text/event-stream")
-        text, checked = [], time.monotonic()
+        parts, ends, checked = [[t] for t in echoed], [None] * len(reqs), time.monotonic()
         try:
-            while True:
+            while None in ends:
                 try:
-                    ev = await asyncio.wait_for(events.get(), timeout=0.25)
+                    i, ev = await asyncio.wait_for(events.get(), timeout=0.25)
                 except asyncio.TimeoutError:
                     ev = None
-                # A client that went away frees its row at the next step, tokens arriving or not.
+                # A client that went away frees its rows at the next step, tokens arriving or not.
                 if time.monotonic() - checked >= 0.25:
                     checked = time.monotonic()
                     if await http.is_disconnected():
@@ -621,15 +772,23 @@ def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_
                     continue
                 if "error" in ev:
                     return fail(500, ev["error"], kind="server_error")
-                text.append(ev.get("text", ""))
+                parts[i].append(ev.get("text", ""))
                 if "finish_reason" in ev:
-                    return dict(head, choices=[choice("".join(text), ev["finish_reason"])], usage=ev["usage"])
+                    ends[i] = ev
         finally:
-            req.cancelled = True
+            for req in reqs:
+                req.cancelled = True
+        logprobs = [None] * len(reqs)
+        if top is not None:                          # the worker is done with these requests: read them here
+            shape = chat_logprobs if chat else legacy_logprobs
+            logprobs = await asyncio.to_thread(lambda: [shape(r.prompt_lp + r.lp) for r in reqs])
+        return dict(head, choices=[choice(i, "".join(parts[i]), e["finish_reason"], logprobs[i])
+                                   for i, e in enumerate(ends)], usage=total([e["usage"] for e in ends]))
 
     @app.post("/v1/completions")
     async def completions(body: Completion, http: HttpRequest):
-        return await answer(body, body.prompt, http, chat=False)
+        single = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
+        return await answer(body, [body.prompt] if single else body.prompt, http, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: Chat, http: HttpRequest):
@@ -638,7 +797,7 @@ def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_
                         "messages")
         prompt = await asyncio.to_thread(tokenizer.apply_chat_template, [m.model_dump() for m in body.messages],
                                          tokenize=False, add_generation_prompt=True)
-        return await answer(body, prompt, http, chat=True)
+        return await answer(body, [prompt], http, chat=True)
 
     return app
 
@@ -655,11 +814,46 @@ def check_port(host: str, port: int) -> None:
     except OSError as e:
         raise lesson.UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port.") from None
 
+def read_deadline(seconds: float):
+    """uvicorn's HTTP/1.1 protocol (h11) with the read deadline uvicorn lacks: a request's headers and body must
+    all arrive within `seconds` of its first byte (or of the connection's opening), or the connection is closed.
+    Without it a client that stops mid-headers holds its socket for ever, and mid-body a task too."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        deadline = None
+
+        def arm(self):
+            if self.deadline is None:
+                self.deadline = self.loop.call_later(seconds, self.transport.close)
+
+        def disarm(self):
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.arm()
+
+        def data_received(self, data):
+            self.arm()
+            super().data_received(data)
+            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):     # the request is whole (or over)
+                self.disarm()
+
+        def connection_lost(self, exc):
+            self.disarm()
+            super().connection_lost(exc)
+    return Protocol
+
 def serve(config: ServeConfig) -> int:
     import torch
     rank, _, world_size = lesson.dist_env(config)
     lesson.validate(config, world_size, torch.cuda.is_available())
-    for name, low in [("port", 0), ("max_num_seqs", 1), ("max_queue", 1), ("max_model_len", 2), ("max_body_bytes", 1)]:
+    for name, low in [("port", 0), ("max_num_seqs", 1), ("max_queue", 1), ("max_model_len", 2), ("max_body_bytes", 1),
+                      ("read_timeout", 0.1)]:
         if getattr(config, name) is not None and getattr(config, name) < low:
             raise lesson.UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(config, name)}.")
     on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
@@ -699,7 +893,7 @@ def serve(config: ServeConfig) -> int:
                 if sig == signal.SIGTERM:      # a stop asked for and done (in-flight answers finished): exit 0,
                     self._captured_signals.remove(sig)     # where uvicorn would re-raise it and die of it (143)
         server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                       timeout_graceful_shutdown=600))
+                                       timeout_graceful_shutdown=600, http=read_deadline(config.read_timeout)))
         lesson.log(f"[serve] listening on http://{config.host}:{config.port} (OpenAI API: /v1/completions, "
                    "/v1/chat/completions; /health, /metrics)")
         server.run()                 # SIGTERM / Ctrl-C: stop taking requests, finish those in flight, return

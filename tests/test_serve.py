@@ -1,9 +1,12 @@
 """extensions/serve.py (第十节 服务化): a real server on 127.0.0.1 with random:tiny, called with the openai client and
-raw HTTP. Its answers equal the lesson's own generate() and, under load, each prompt's answer alone; bad requests
-are 400 naming the field, a full queue 429; a client that leaves frees its row; SIGTERM finishes what is in flight
-and exits 0; two CPU ranks serve under the deepspeed launcher. Every server started here is stopped."""
+raw HTTP. Its answers equal the lesson's own generate() and, under load, each prompt's answer alone; its logprobs
+equal the lesson's model's; bad requests are 400 naming the field, a full queue 429; a client that leaves frees its
+row, one that stops sending is closed; one request's own failure answers it alone; SIGTERM finishes what is in
+flight and exits 0; two CPU ranks serve under the deepspeed launcher. Chat and a character cut between tokens:
+real:smollm2-135m. Every server started here is stopped."""
 import contextlib
 import json
+import queue
 import signal
 import socket
 import subprocess
@@ -19,7 +22,7 @@ from openai import OpenAI
 
 import ds_bnb_infer as m
 from conftest import HIDE, ROOT, free_port, launch_cmd, run_cli
-from extensions.serve import ServeConfig, SlotBatch
+from extensions.serve import Request, ServeConfig, SlotBatch, Worker
 
 SERVE = ROOT / "extensions" / "serve.py"
 TINY = ["--model", "random:tiny", "--max-num-seqs", "4", "--max-queue", "4"]
@@ -76,7 +79,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server(*TINY)
+    s = Server(*TINY, "--read-timeout", "2")
     yield s
     assert s.stop() == 0, s.stderr[-2000:]
     assert "[serve] stopped" in s.stderr
@@ -87,10 +90,11 @@ def complete(url, timeout=120, **body):
 
 
 def offline_text(prompt: str, n: int) -> str:
-    """The lesson's own generate() on the same preset (greedy): what the server must answer."""
+    """The lesson's own generate() on the same preset (greedy): what the server must answer, less a character still
+    unfinished where the answer ends (U+FFFD: the server leaves it out, as vLLM does)."""
     config = m.DeployConfig(model_name="random:tiny", backend="hf", device="cpu", max_new_tokens=n)
     model, tok, _ = m.init_engine(config)
-    return m.generate(model, tok, [prompt], config)["texts"][0]
+    return m.generate(model, tok, [prompt], config)["texts"][0].rstrip("\ufffd")
 
 
 def test_openai_client_gets_the_lessons_answer_streamed_or_not(server):
@@ -173,14 +177,148 @@ def test_bad_requests_are_400_in_openai_shape(server, path, body, field):
     ({"seed": 2 ** 70}, "seed"),                                 # beyond what a torch generator takes
     ({"stream": "yes"}, "stream"),                               # a string is not a boolean
     ({"ignore_eos": 1}, "ignore_eos"),
-    ({"logprobs": 2}, "logprobs is not supported"),              # refused, never silently ignored
-    ({"logprobs": True}, "logprobs is not supported"),
-    ({"echo": True}, "echo is not supported"),
-    ({"prompt": 12}, "prompt"),
+    ({"logprobs": 6}, "logprobs: Input should be less than or equal to 5"),      # OpenAI's bound
+    ({"logprobs": True}, "logprobs: Input should be a valid integer"),
+    ({"logprobs": 1, "stream": True}, "not supported with stream"),     # refused, never silently ignored
+    ({"echo": "yes"}, "echo"),
+    ({"stop": ["a"] * 17}, "at most 16 strings"),
+    ({"stream_options": {"include_usage": "yes"}}, "include_usage"),
+    ({"prompt": 12}, "prompt: give a string"),
+    ({"prompt": ["a", 1]}, "prompt: give a string"),
+    ({"prompt": [5, 320]}, "token id 320 is not in the vocabulary"),         # random:tiny has 320 ids
+    ({"prompt": [[5], [-1]]}, "token id -1 is not in the vocabulary"),
+    ({"prompt": []}, "prompt is empty"),
+    ({"prompt": [[5], []]}, "prompt is empty"),
+    ({"prompt": ["x"] * 9}, "takes at most 8 at once"),                       # 4 rows + 4 waiting
 ])
 def test_field_extremes_and_wrong_types_are_400(server, body, words):
     r = complete(server.url, **{"prompt": "x", "max_tokens": 4, **body})
     assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_prompts_as_strings_or_token_ids_get_one_choice_each(server):
+    """OpenAI's four forms of prompt: a string, a list of strings, a list of token ids, a list of such lists; each
+    prompt's choice (index in order) is its answer alone."""
+    tok, texts = m.byte_tokenizer(320), ["DeepSpeed is", "a"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    alone = [complete(server.url, prompt=t, max_tokens=6).json()["choices"][0]["text"] for t in texts]
+    assert complete(server.url, prompt=ids[0], max_tokens=6).json()["choices"][0]["text"] == alone[0]
+    for prompt in (texts, ids):
+        r = complete(server.url, prompt=prompt, max_tokens=6).json()
+        assert [(c["index"], c["text"]) for c in r["choices"]] == [(0, alone[0]), (1, alone[1])]
+        assert r["usage"]["prompt_tokens"] == len(ids[0]) + len(ids[1])
+
+
+def direct_logprobs(ids: list[int], n: int) -> tuple:
+    """The lesson's model (random:tiny, fp32): `n` greedy tokens after `ids`, and every position's fp32 log_softmax
+    over prompt + answer (one forward): what the server's logprobs must be."""
+    model, _, _ = m.init_engine(m.DeployConfig(model_name="random:tiny", backend="hf", device="cpu"))
+    x = torch.tensor([ids])
+    full = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0) if n else x
+    with torch.no_grad():
+        return full[0].tolist(), model(full).logits[0].float().log_softmax(-1)
+
+
+def test_echo_and_logprobs_are_the_models_own(server):
+    """echo + logprobs (OpenAI's legacy object): the prompt's tokens (the first with null), then the answer's; each
+    logprob and the top ones equal the lesson's model's fp32 log_softmax; lm-evaluation-harness's loglikelihood
+    request (token-id lists, max_tokens 1, echo, logprobs 1) scores a batch; max_tokens 0 echoes the prompt alone."""
+    prompt = m.byte_tokenizer(320)("DeepSpeed is")["input_ids"]
+    full, lps = direct_logprobs(prompt, 4)
+    want = [None] + [lps[k - 1, full[k]].item() for k in range(1, len(full))]
+    plain = complete(server.url, prompt="DeepSpeed is", max_tokens=4, ignore_eos=True).json()["choices"][0]
+    c = complete(server.url, prompt=prompt, max_tokens=4, echo=True, logprobs=3, ignore_eos=True).json()["choices"][0]
+    lp = c["logprobs"]
+    assert c["text"] == "DeepSpeed is" + plain["text"] and set(lp) == {"tokens", "token_logprobs", "top_logprobs",
+                                                                      "text_offset"}
+    assert len(lp["tokens"]) == len(lp["top_logprobs"]) == len(full) and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][0] is None and lp["token_logprobs"][1:] == pytest.approx(want[1:], abs=1e-4)
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:k])) for k in range(len(full))]
+    for k, top in enumerate(lp["top_logprobs"][1:], 1):      # 3 likeliest (+ the chosen); the likeliest is the model's
+        assert 1 <= len(top) <= 4 and max(top.values()) == pytest.approx(lps[k - 1].max().item(), abs=1e-4)
+    for k in range(len(prompt), len(full)):                  # greedy: the answer's tokens are the likeliest
+        assert lp["token_logprobs"][k] == max(lp["top_logprobs"][k].values())
+    # lm-eval's local-completions loglikelihood request, two contexts at once (left-padded into one prefill)
+    body = {"model": "random:tiny", "prompt": [prompt, prompt[:5]], "temperature": 0, "max_tokens": 1,
+            "logprobs": 1, "seed": 1234, "echo": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    for choice, p in zip(sorted(r["choices"], key=lambda x: x["index"]), body["prompt"]):
+        scores = choice["logprobs"]["token_logprobs"]
+        assert len(scores) == len(p) + 1 and sum(scores[2:-1]) == pytest.approx(sum(want[2:len(p)]), abs=1e-4)
+    c = complete(server.url, prompt=[prompt], max_tokens=0, echo=True, logprobs=0).json()
+    lp = c["choices"][0]["logprobs"]
+    assert c["choices"][0]["text"] == "DeepSpeed is" and c["usage"]["completion_tokens"] == 0
+    assert lp["token_logprobs"][1:] == pytest.approx(want[1:len(prompt)], abs=1e-4)
+    assert [len(t) for t in lp["top_logprobs"][1:]] == [1] * (len(prompt) - 1)      # logprobs 0: the chosen token's
+    streamed = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "prompt": ["DeepSpeed is", "a"], "max_tokens": 3, "temperature": 0, "echo": True, "stream": True}).text
+    chunks = [json.loads(x[6:])["choices"] for x in streamed.splitlines() if x.startswith("data: {")]
+    assert "".join(c[0]["text"] for c in chunks if c[0]["index"] == 0).startswith("DeepSpeed is")
+
+
+def test_a_failure_in_one_requests_own_work_answers_it_alone():
+    """The worker (in this process, on random:tiny): a request whose own step fails (its stop check here: stop
+    strings that are not strings, which the HTTP API refuses, so no HTTP request can do it) gets an error; the rows
+    beside it finish their answers, and the worker serves the next request."""
+    model, tok, _ = m.init_engine(m.DeployConfig(model_name="random:tiny", backend="hf", device="cpu"))
+    worker = Worker(SlotBatch(model, ServeConfig(max_num_seqs=4, max_model_len=64)), tok, 4, 1)
+    worker.thread.start()
+    got = {name: queue.Queue() for name in ("a", "bad", "b", "next")}
+
+    def request(name, **kw):
+        return Request(tok("DeepSpeed is")["input_ids"], 12, ignore_eos=True, emit=got[name].put, **kw)
+
+    def answer(name):
+        events = []
+        while not events or not ({"finish_reason", "error"} & set(events[-1])):
+            events.append(got[name].get(timeout=60))
+        return events
+    worker.submit([request("a"), request("bad", stop=[7]), request("b")])
+    a, bad, b = answer("a"), answer("bad"), answer("b")
+    worker.submit([request("next")])
+    after = answer("next")
+    worker.stopping.set()
+    worker.thread.join(timeout=60)
+    assert "TypeError" in bad[-1]["error"] and worker.error is None
+    assert [x["finish_reason"] for x in (a[-1], b[-1], after[-1])] == ["length"] * 3
+    assert "".join(e.get("text", "") for e in a) == "".join(e.get("text", "") for e in b) != ""
+    assert worker.metrics.counts["requests_failed_total"] == 1 and not worker.live
+
+
+def test_a_client_that_stops_sending_is_closed_while_others_are_served(server):
+    """--read-timeout 2: a connection that sends nothing, stops in its headers or in its body, or sends its headers a
+    byte at a time, is closed about 2 s after it began; other clients are answered meanwhile, and a request whose
+    body comes in two parts within the time is answered."""
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    t0 = time.monotonic()
+    stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+    for sock, data in zip(stalled, [b"", head, head + b"Content-Length: 100\r\n\r\n{\"prompt\": "]):
+        sock.sendall(data)
+    assert complete(server.url, prompt="DeepSpeed is", max_tokens=3).status_code == 200
+    assert time.monotonic() - t0 < 1.5
+    for sock in stalled:                                     # still open: the deadline is not up
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(1)
+    body = json.dumps({"prompt": "DeepSpeed is", "max_tokens": 2, "temperature": 0}).encode()
+    split = socket.create_connection(("127.0.0.1", server.port))
+    split.sendall(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body[:10])
+    time.sleep(0.5)
+    split.sendall(body[10:])
+    split.settimeout(30)
+    assert split.recv(100).startswith(b"HTTP/1.1 200")
+    drip = socket.create_connection(("127.0.0.1", server.port))
+    with pytest.raises(OSError):                             # slowloris: a byte every 0.2 s until it is closed
+        for byte in head * 5:
+            drip.send(bytes([byte]))
+            time.sleep(0.2)
+    assert time.monotonic() - t0 < 8
+    for sock in stalled:
+        sock.setblocking(True)
+        sock.settimeout(10)
+        assert sock.recv(1) == b""
+    assert time.monotonic() - t0 < 8 and httpx.get(server.url + "/health").status_code == 200
 
 
 def test_a_tiny_temperature_samples_greedily_and_the_server_keeps_serving(server):
@@ -227,27 +365,71 @@ def test_a_client_that_leaves_frees_its_row(server):
     assert complete(server.url, prompt="DeepSpeed is", max_tokens=4).status_code == 200
 
 
-def test_chat_goes_through_the_models_chat_template():
-    """A trained chat model (real:smollm2-135m, converted once by the README's setup command): /v1/chat/completions
-    applies its template and answers what the lesson answers for the same user message, streamed or not."""
+@pytest.fixture(scope="module")
+def chat_server():
+    """A trained chat model (real:smollm2-135m, converted once by the README's setup command), 2 rows."""
     from setup import real_model
     real_model.convert("real:smollm2-135m")
-    question = "What is tensor parallelism? Answer in one sentence."
     s = Server("--model", "real:smollm2-135m", "--max-num-seqs", "2", "--max-model-len", "256")
-    try:
-        client, messages = OpenAI(base_url=s.url + "/v1", api_key="none"), [{"role": "user", "content": question}]
-        r = client.chat.completions.create(model="m", messages=messages, max_tokens=24, temperature=0)
-        chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=24, temperature=0,
-                                                     stream=True))
-        code = s.stop()
-    finally:
-        s.kill()
+    yield s
+    assert s.stop() == 0, s.stderr[-2000:]
+
+
+def chat(url, stream=False, **body):
+    """A chat answer's text (streamed: its chunks' texts), at temperature 0."""
+    body = {"max_tokens": 24, "temperature": 0, **body}
+    if not stream:
+        return httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+        return [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+
+
+def test_chat_goes_through_the_models_chat_template(chat_server):
+    """/v1/chat/completions applies the template and answers what the lesson answers for the same user message,
+    streamed or not; logprobs (OpenAI chat's shape) are the lesson's model's."""
+    question = "What is tensor parallelism? Answer in one sentence."
+    client, messages = OpenAI(base_url=chat_server.url + "/v1", api_key="none"), [{"role": "user", "content": question}]
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=24, temperature=0,
+                                                 stream=True))
     config = m.DeployConfig(model_name="real:smollm2-135m", backend="hf", device="cpu", max_new_tokens=24)
     model, tok, _ = m.init_engine(config)
     offline = m.generate(model, tok, [question], config)["texts"][0]
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == offline
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == offline and code == 0
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == offline
+    lp = chat(chat_server.url, messages=messages, max_tokens=6, logprobs=True, top_logprobs=3).json()
+    content = lp["choices"][0]["logprobs"]["content"]
+    assert len(content) == lp["usage"]["completion_tokens"] == 6
+    assert "".join(x["token"] for x in content) == lp["choices"][0]["message"]["content"] == offline[:len(
+        lp["choices"][0]["message"]["content"])]
+    for x in content:
+        assert set(x) == {"token", "logprob", "bytes", "top_logprobs"} and x["bytes"] == list(x["token"].encode())
+        assert len(x["top_logprobs"]) == 3 and x["top_logprobs"][0]["logprob"] == x["logprob"]     # greedy
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    with torch.no_grad():
+        first = model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+    assert content[0]["logprob"] == pytest.approx(first.max().item(), abs=1e-4)
+    assert [x["logprob"] for x in content[0]["top_logprobs"]] == pytest.approx(first.topk(3).values.tolist(),
+                                                                             abs=1e-4)
+    for body, words in [({"top_logprobs": 21, "logprobs": True}, "less than or equal to 20"),
+                        ({"top_logprobs": 2}, "needs logprobs: true"),
+                        ({"logprobs": True, "stream": True}, "not supported with stream")]:
+        bad = httpx.post(chat_server.url + "/v1/chat/completions", json={"messages": messages, **body}, timeout=60)
+        assert bad.status_code == 400 and words in bad.json()["error"]["message"], bad.text
+
+
+def test_a_character_cut_between_tokens_is_sent_whole(chat_server):
+    """A Chinese answer: its characters' bytes are cut between tokens (the logprobs show tokens that are no whole
+    character); streamed, each chunk holds only whole characters, and the chunks make the answer not streamed; an
+    answer cut by max_tokens inside a character leaves that character out."""
+    messages = [{"role": "user", "content": "用中文写一首关于春天的短诗。"}]
+    r = chat(chat_server.url, messages=messages, max_tokens=40, logprobs=True).json()["choices"][0]
+    chunks = chat(chat_server.url, stream=True, messages=messages, max_tokens=40)
+    parts = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]]
+    assert any(x["token"] == "\ufffd" for x in r["logprobs"]["content"])        # cuts exist in this answer
+    assert "".join(parts) == r["message"]["content"] and len(r["message"]["content"]) > 10
+    assert not any("\ufffd" in p for p in parts + [r["message"]["content"]])
 
 
 def test_sigterm_finishes_the_answer_in_flight_then_exits_0():
