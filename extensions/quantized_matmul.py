@@ -9,6 +9,9 @@ int8 on every call (weights and activations int8: W8A8) and, at batch 1, runs an
 activations' dtype (int8 weights, fp16 activations: W8A16, the int8 of gpt-fast). In fast_decode.py's compiled step
 torch.compile fuses the int8 -> fp16 conversion into the matrix-vector kernel, so a step reads each int8 weight once.
 As the activations are no longer rounded to int8, its output is nearer the unquantized model than bitsandbytes' own.
+--quant 4bit multiplies weight-only by default as well: extensions/kernel_4bit.py's kernel reads bitsandbytes' packed
+4-bit codes and (double-quantized) scales as stored and dequantizes them inside the matrix-vector product, each weight
+equal to bitsandbytes' dequantize_4bit bit for bit (why a kernel of our own: that file's docstring).
 --matmul bitsandbytes keeps bitsandbytes' kernels (any --bnb-4bit-* setting): the same loop, for comparison.
 
 Every run decodes with fast_decode.py's loop (its flags apply), is verified as every decoder (against the same model
@@ -16,6 +19,7 @@ unwrapped, its matmuls already swapped), and reports its error against the same 
 (verify.vs_unquantized in the JSON).
 
   python extensions/quantized_matmul.py --model random:llama-2-7b --backend hf --quant 8bit --int8-threshold 0
+  python extensions/quantized_matmul.py --model random:llama-2-7b --backend hf --quant 4bit     # the 4-bit kernel
   python extensions/quantized_matmul.py --model random:llama-2-7b --backend hf --quant 4bit --matmul bitsandbytes \\
       --bnb-4bit-compute-dtype fp16
   python extensions/quantized_matmul.py --model random:tiny --quant 8bit --int8-threshold 0        # CPU
@@ -35,14 +39,15 @@ from extensions.fast_decode import FastDecodeConfig, FastGreedy  # noqa: E402
 @dataclasses.dataclass
 class QuantizedMatmulConfig(FastDecodeConfig):
     """extensions/quantized_matmul.py: the matmul over bitsandbytes' weights"""
-    matmul: Annotated[Literal["auto", "weight-only", "bitsandbytes"], "weight-only: plain int8 weights multiplied in "
-                      "the activations' dtype; bitsandbytes: its own kernels; auto: weight-only where it exists "
-                      "(--quant 8bit --int8-threshold 0)"] = "auto"
+    matmul: Annotated[Literal["auto", "weight-only", "bitsandbytes"], "weight-only: bitsandbytes' stored int8 or "
+                      "4-bit weights multiplied in the activations' dtype (4-bit: extensions/kernel_4bit.py); "
+                      "bitsandbytes: its own kernels; auto: weight-only where it can (--quant 4bit, or --quant 8bit "
+                      "--int8-threshold 0)"] = "auto"
 
 def matmul_of(config: QuantizedMatmulConfig) -> str:
     """The matmul a run uses: --matmul, with auto resolved."""
-    plain_int8 = config.quant == "8bit" and config.int8_threshold == 0
-    return config.matmul if config.matmul != "auto" else "weight-only" if plain_int8 else "bitsandbytes"
+    readable = config.quant == "4bit" or (config.quant == "8bit" and config.int8_threshold == 0)
+    return config.matmul if config.matmul != "auto" else "weight-only" if readable else "bitsandbytes"
 
 @functools.cache
 def weight_only_class():
@@ -67,15 +72,122 @@ def weight_only_class():
             return out if self.bias is None else out + self.bias
     return Int8WeightOnly
 
+BLOCK, BLOCK2 = 64, 256     # codes per 4-bit scale; scales per second-level absmax (double quantization)
+
+def unreadable_4bit(quant_state, packed) -> str | None:
+    """Why Int4WeightOnly cannot read a layer's 4-bit weights, or None. It reads bitsandbytes' layout (see
+    extensions/kernel_4bit.py): blocks of 64 codes that do not straddle rows (in_features a multiple of 64), two
+    codes a byte, as bitsandbytes quantized them (not repacked for its CPU kernel)."""
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        return "the weights were repacked for bitsandbytes' CPU kernel"
+    if quant_state.blocksize != BLOCK or (quant_state.nested and quant_state.state2.blocksize != BLOCK2):
+        return f"blocksize {quant_state.blocksize} (the kernel reads {BLOCK})"
+    if len(quant_state.shape) != 2 or quant_state.shape[1] % BLOCK:
+        return f"weight shape {tuple(quant_state.shape)} (in_features must be a multiple of {BLOCK})"
+    if packed.numel() * 2 != quant_state.shape[0] * quant_state.shape[1]:
+        return "the packed weight does not hold two codes a byte"
+    return None
+
+def scales_4bit(quant_state):
+    """The fp32 scale of each block of 64 codes (double quantization: dequantized from its 8-bit codes first, the
+    product rounded before the offset is added, as bitsandbytes does)."""
+    if not quant_state.nested:
+        return quant_state.absmax.float()
+    s2 = quant_state.state2
+    second = s2.absmax.float().repeat_interleave(BLOCK2)[: quant_state.absmax.numel()]
+    return s2.code.float()[quant_state.absmax.long()] * second + float(quant_state.offset)
+
+def dequantize_4bit(packed, quant_state):
+    """The weight (out_features, in_features) as bitsandbytes' dequantize_4bit gives it, bit for bit, in plain
+    torch: each code looked up in the 16-entry table (nf4 or fp4), times its block's scale in fp32, rounded once."""
+    import torch
+    codes = packed.reshape(-1).view(torch.uint8)
+    codes = torch.stack([codes >> 4, codes & 15], dim=-1).reshape(-1, BLOCK).long()    # the high nibble first
+    weight = quant_state.code.float()[codes] * scales_4bit(quant_state)[:, None]
+    return weight.to(quant_state.dtype).reshape(quant_state.shape)
+
+@functools.cache
+def weight_only_4bit_class():
+    """Int4WeightOnly (defined on first use: torch loads only when a run needs it)."""
+    import torch
+
+    class Int4WeightOnly(torch.nn.Module):
+        """y = x @ W^T + b over bitsandbytes' 4-bit storage, unchanged: the packed codes and the QuantState's tensors
+        become this module's buffers. On a GPU, up to 16 rows of x go through extensions/kernel_4bit.py's kernel (the
+        weight dequantized in registers); more rows (a prefill) through the kernel's dequantization, then one matmul,
+        as bitsandbytes does. On a CPU the dequantization runs in torch: the same weight bit for bit."""
+
+        def __init__(self, layer):
+            super().__init__()
+            state = layer.weight.quant_state
+            self.register_buffer("packed", layer.weight.data)
+            self.register_buffer("absmax", state.absmax)
+            self.register_buffer("code", state.code)
+            self.nested = state.nested
+            # Without double quantization the kernel's second-level arguments are placeholders (not read).
+            self.register_buffer("absmax2", state.state2.absmax if state.nested else state.absmax)
+            self.register_buffer("code2", state.state2.code if state.nested else state.code)
+            self.offset = float(state.offset) if state.nested else 0.0     # read once here, never per call
+            self.state = state                                              # for the CPU's torch dequantization
+            self.out_features, self.weight_dtype = state.shape[0], state.dtype
+            self.compute_dtype = layer.compute_dtype
+            self.bias = layer.bias
+            self.kernels = None
+            if self.packed.is_cuda:
+                from extensions import kernel_4bit
+                self.kernels = kernel_4bit
+
+        def forward(self, x):
+            in_dtype = x.dtype
+            x = x.to(self.compute_dtype or x.dtype)
+            rows = x.reshape(-1, x.shape[-1])
+            if self.kernels is not None and rows.shape[0] <= 16:
+                out = self.kernels.matmul_4bit(rows.contiguous(), self.packed, self.absmax, self.absmax2, self.code2,
+                                               self.code, self.offset, self.out_features, self.nested,
+                                               self.weight_dtype)
+            else:
+                weight = self.kernels.dequantize(self.packed, self.state, self.offset) if self.kernels is not None else \
+                    dequantize_4bit(self.packed, self.state)
+                out = torch.nn.functional.linear(rows, weight.to(x.dtype))
+            out = out.reshape(*x.shape[:-1], self.out_features)
+            if self.bias is not None:
+                out = out + self.bias.to(x.dtype)
+            return out.to(in_dtype)
+    return Int4WeightOnly
+
 def weight_only(model) -> int:
-    """Replace each bitsandbytes Linear8bitLt of `model` by an Int8WeightOnly over the same int8 weights; returns how
-    many. Outlier columns (threshold > 0) are refused before loading: their fp16 part is not in CB."""
+    """Replace each bitsandbytes layer of `model` by its weight-only matmul over the same stored weights
+    (Linear8bitLt by Int8WeightOnly, Linear4bit by Int4WeightOnly); returns how many. Outlier columns (threshold
+    > 0) are refused before loading: their fp16 part is not in CB."""
     import bitsandbytes as bnb
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    swaps = {bnb.nn.Linear8bitLt: weight_only_class(), bnb.nn.Linear4bit: weight_only_4bit_class()}
+    layers = [(name, m) for name, m in model.named_modules() if type(m) in swaps or isinstance(m, tuple(swaps))]
     for name, layer in layers:
+        if isinstance(layer, bnb.nn.Linear4bit):
+            weight = layer.weight
+            if getattr(weight.quant_state, "packing_format_for_cpu", False):
+                # On a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for its own kernel at their first
+                # forward (the lesson's load check) and rounds their scales to bf16; its own inverse gives back the
+                # plain layout (a CPU-only detour: a GPU keeps the layout as quantized).
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data,
+                                                                                        weight.quant_state)
+            why = unreadable_4bit(layer.weight.quant_state, layer.weight.data)
+            if why:
+                raise lesson.UsageError(f"--matmul weight-only cannot read the 4-bit layer {name}: {why}; use "
+                                        f"--matmul bitsandbytes.")
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, weight_only_class()(layer))
+        cls = swaps[bnb.nn.Linear4bit] if isinstance(layer, bnb.nn.Linear4bit) else swaps[bnb.nn.Linear8bitLt]
+        setattr(model.get_submodule(parent), attr, cls(layer))
     return len(layers)
+
+def swap_matmuls(model, config: QuantizedMatmulConfig):
+    """The model with its bitsandbytes matmuls swapped where config.matmul asks (a decoder's prepare_model: this
+    file's loop, and serve.py's rows)."""
+    if matmul_of(config) == "weight-only" and config.quant != "none" and not weight_only(model):
+        raise lesson.RunFailure(f"bitsandbytes {config.quant} did not load (see the fallback above): nothing to "
+                                f"multiply weight-only; fix the load, or add --matmul bitsandbytes.")
+    return model
 
 class QuantizedGreedy(FastGreedy):
     """fast_decode.py's loop over the model with its bitsandbytes matmuls swapped (prepare_model) where asked."""
@@ -86,16 +198,13 @@ class QuantizedGreedy(FastGreedy):
         if config.quant == "none":
             raise lesson.UsageError("quantized_matmul.py multiplies bitsandbytes weights: add --quant 8bit or 4bit.")
         if config.matmul == "weight-only" and matmul_of(dataclasses.replace(config, matmul="auto")) != "weight-only":
-            raise lesson.UsageError("--matmul weight-only multiplies plain int8 weights: add --quant 8bit "
-                                    "--int8-threshold 0 (LLM.int8 keeps part of each matmul in fp16; a 4-bit "
-                                    "weight-only matmul is not written yet), or use --matmul bitsandbytes.")
+            raise lesson.UsageError("--matmul weight-only multiplies plain int8 or 4-bit weights: add --quant 4bit, "
+                                    "or --quant 8bit --int8-threshold 0 (LLM.int8 keeps part of each matmul in "
+                                    "fp16), or use --matmul bitsandbytes.")
 
     @classmethod
     def prepare_model(cls, model, config: QuantizedMatmulConfig):
-        if matmul_of(config) == "weight-only" and not weight_only(model):
-            raise lesson.RunFailure("bitsandbytes 8-bit did not load (see the fallback above): nothing to multiply "
-                                    "weight-only; fix the 8-bit load, or run ds_bnb_infer.py.")
-        return model
+        return swap_matmuls(model, config)
 
 def vs_unquantized(engine, tokenizer, config, info) -> dict:
     """The quantized engine's prefill logits against the same weights unquantized (loaded for that, then freed): the

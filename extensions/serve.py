@@ -40,11 +40,12 @@ from typing import Annotated
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
-from extensions.fast_decode import (FastDecodeConfig, decode_step, eos_tensor, forward_last,  # noqa: E402
+from extensions.quantized_matmul import QuantizedMatmulConfig, swap_matmuls  # noqa: E402
+from extensions.fast_decode import (decode_step, eos_tensor, forward_last,  # noqa: E402
                                     fuse_projections, generate_output, greedy_loop, release_step)
 
 @dataclasses.dataclass
-class ServeConfig(FastDecodeConfig):
+class ServeConfig(QuantizedMatmulConfig):
     """extensions/serve.py: the server"""
     host: Annotated[str, "address to listen on"] = "127.0.0.1"
     port: Annotated[int, "port to listen on"] = 8000
@@ -68,6 +69,10 @@ class SlotBatch(lesson.Decoder):
     admit() prefills new rows, step() decodes one token in every row. Under tensor parallel every rank makes the
     same calls in the same order (rank 0 decides, the others follow: Worker.follow). The cache has one position
     more than --max-model-len: the worker runs one spare step after a row's answer ended."""
+
+    @classmethod
+    def prepare_model(cls, model, config: ServeConfig):
+        return swap_matmuls(model, config)      # --quant 4bit: extensions/kernel_4bit.py's matmul (--matmul)
 
     def __init__(self, engine, config: ServeConfig):
         import torch

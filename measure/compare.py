@@ -57,8 +57,12 @@ MODES = {
     "hf-4bit-torch-compile": (FAST, ["--backend", "hf", "--quant", "4bit", "--step", "compiled"]),
     "hf-8bit-t0-torch-compile": (FAST, ["--backend", "hf", "--quant", "8bit", "--int8-threshold", "0", "--step",
                                         "compiled"]),
-    # the same int8 weights multiplied weight-only (extensions/quantized_matmul.py), in the compiled loop
+    # the same int8 / 4-bit weights multiplied weight-only (extensions/quantized_matmul.py, the 4-bit kernel:
+    # extensions/kernel_4bit.py), in the compiled loop; 4-bit with the lesson's bf16 compute, and with fp16
     "hf-8bit-wo-compile": (QMM, ["--backend", "hf", "--quant", "8bit", "--int8-threshold", "0"]),
+    "hf-4bit-wo-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "weight-only"]),
+    "hf-4bit-wo-fp16-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "weight-only",
+                                      "--bnb-4bit-compute-dtype", "fp16"]),
     # DeepSpeed-FastGen (extensions/fastgen.py): another engine on the same weights; GPU only (refused on a CPU)
     "fastgen": (FASTGEN, ["--backend", "hf"]),
 }

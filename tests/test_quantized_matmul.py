@@ -58,7 +58,8 @@ def test_the_4bit_flags_are_the_lessons_and_build_the_bitsandbytes_config():
         "nf4", True, torch.bfloat16)
     assert m.bnb_config(m.DeployConfig(int8_threshold=0.0), "8bit").llm_int8_threshold == 0.0
     assert matmul_of(QuantizedMatmulConfig(quant="8bit", int8_threshold=0.0)) == "weight-only"
-    assert matmul_of(QuantizedMatmulConfig(quant="4bit")) == "bitsandbytes"
+    assert matmul_of(QuantizedMatmulConfig(quant="4bit")) == "weight-only"
+    assert matmul_of(QuantizedMatmulConfig(quant="8bit")) == "bitsandbytes"     # LLM.int8: outliers in fp16
 
 
 def _run(tmp_path, quant_type):
@@ -112,7 +113,7 @@ def test_compare_rows_for_settings_and_torch_compile_are_flag_sets(tmp_path):
 
 
 def test_bad_input_is_one_sentence_and_exit_2():
-    for args, words in [(["--quant", "8bit", "--matmul", "weight-only"], "add --quant 8bit --int8-threshold 0"),
+    for args, words in [(["--quant", "8bit", "--matmul", "weight-only"], "or --quant 8bit --int8-threshold 0"),
                         ([], "add --quant 8bit or 4bit"),
                         (["--quant", "8bit", "--bnb-4bit-quant-type", "fp4"], "applies to --quant 4bit only"),
                         (["--quant", "4bit", "--bnb-4bit-quant-type", "int3"], "invalid choice")]:

@@ -1,0 +1,112 @@
+"""Usage (one GPU, repo root, after the device prefix of benchmarks/README.md):
+    python benchmarks/probe_kernel_4bit.py --json $OUT/kernel-4bit.json          # ~3-5 min (kernel compiles)
+
+Device probe (issue 25): extensions/kernel_4bit.py's 4-bit matmul, one linear at a time, at Llama-2-7B's shapes.
+  exact    the kernel's dequantized weight (kernel_4bit.dequantize) against bitsandbytes' dequantize_4bit on the GPU,
+           bit for bit: nf4 and fp4, double quant on and off, fp16 and bf16, 7B shapes and two odd ones (a row of 576,
+           a block count that is not a multiple of 256).
+  time     the kernel as the model calls it (the custom op, autotuned), bitsandbytes' matmul_4bit (what Linear4bit
+           runs) and the fp16 matmul of the same weight, x fp16 and bf16, 1 and 16 rows: CUDA graphs of 24 calls
+           cycling through 8 copies of the weights (more than L2 holds: every call reads memory), median of 5
+           replays; the kernel's weight bytes / time as GB/s; its output against x @ W^T in fp32; the tilings the
+           autotuner picked.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
+ODD = {"row 576": (96, 576), "blocks % 256": (100, 640)}
+
+
+def graph_time(fns, calls=24, replays=5):
+    """Seconds a call: one CUDA graph of `calls` calls cycling through `fns` (each on its own copy of the weights),
+    replayed; median over replays."""
+    import torch
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def main() -> int:
+    import torch
+    import triton
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from extensions import kernel_4bit as K
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default="kernel-4bit.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "bitsandbytes": bnb.__version__, "exact": {}, "time": {}}
+    for name, (n, k) in {**SHAPES, **ODD}.items():
+        for qt in ("nf4", "fp4"):
+            for dq in (True, False):
+                for dtype in (torch.float16, torch.bfloat16):
+                    w = (torch.randn(n, k, device="cuda") * 0.02).to(dtype)
+                    packed, qs = F.quantize_4bit(w, blocksize=64, quant_type=qt, compress_statistics=dq)
+                    ref = F.dequantize_4bit(packed, qs)
+                    mine = K.dequantize(packed, qs)
+                    key = f"{name} {qt} dq={dq} {str(dtype)[6:]}"
+                    result["exact"][key] = {"equal": bool(torch.equal(mine, ref)),
+                                            "differ": int((mine != ref).sum())}
+    bad = [k for k, v in result["exact"].items() if not v["equal"]]
+    print(f"exact: {len(result['exact']) - len(bad)}/{len(result['exact'])} equal; differ: {bad}", flush=True)
+    for name, (n, k) in SHAPES.items():
+        copies = []          # 8 copies of the weights (more than L2 holds): each call reads from memory
+        for _ in range(8):
+            w = (torch.randn(n, k, device="cuda") * 0.02).half()
+            packed, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            copies.append((packed, qs, F.dequantize_4bit(packed, qs),
+                           bnb.nn.Params4bit(packed, requires_grad=False, quant_state=qs, bnb_quantized=True)))
+        nbytes = copies[0][0].numel() + copies[0][1].absmax.numel() + copies[0][1].state2.absmax.numel() * 4
+        rows = {}
+        for m in (1, 16):
+            for dtype in (torch.float16, torch.bfloat16):
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                def ours(c):
+                    (absmax, absmax2, code2, code, offset), nested = K.state_args(c[1])
+                    return K.matmul_4bit(x, c[0], absmax, absmax2, code2, code, offset, n, nested, c[1].dtype)
+                exact = x.float() @ copies[0][2].float().t()
+                err = float((ours(copies[0]).float() - exact).norm() / exact.norm())
+                label = f"m={m} {str(dtype)[6:]}"
+                rows[f"ours {label}"] = graph_time([lambda c=c: ours(c) for c in copies])
+                rows[f"bnb matmul_4bit {label}"] = graph_time([lambda c=c: bnb.matmul_4bit(x, c[3].t(),
+                                                                                           quant_state=c[1])
+                                                              for c in copies])
+                rows[f"fp16 F.linear {label}"] = graph_time([lambda c=c: torch.nn.functional.linear(x, c[2].to(dtype))
+                                                            for c in copies[:3]])
+                print(f"{name} {label}: ours {rows[f'ours {label}'] * 1e6:.1f} us "
+                      f"({nbytes / rows[f'ours {label}'] / 1e9:.0f} GB/s, rel err {err:.1e}), bnb "
+                      f"{rows[f'bnb matmul_4bit {label}'] * 1e6:.1f} us, fp16 {rows[f'fp16 F.linear {label}'] * 1e6:.1f}"
+                      f" us", flush=True)
+        best = {str(key): str(config) for key, config in K.MATVEC.cache.items()}
+        best.update({str(key): str(config) for key, config in K.DOT.cache.items()})
+        result["time"][name] = {"shape": [n, k], "weight_bytes": nbytes, "seconds": rows, "tilings": best}
+        print(f"{name} autotuned: {best}", flush=True)
+        del copies
+        torch.cuda.empty_cache()
+    json.dump(result, open(args.json, "w"), indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

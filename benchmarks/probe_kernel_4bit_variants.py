@@ -1,0 +1,215 @@
+"""Usage (one GPU): python benchmarks/probe_kernel_4bit_variants.py --json $OUT/variants.json     # ~2 min
+
+Device probe (issue 25): where the time of a 4-bit matrix-vector kernel goes, at Llama-2-7B's shapes, nf4 + double
+quant, fp16. Variants of extensions/kernel_4bit.py's matvec (one row of x), each timed as a CUDA graph of 24 calls
+that cycle through 8 copies of the weights (more than the card's L2 cache, so every call reads from memory), beside
+bitsandbytes' matmul_4bit and the fp16 matvec timed the same way:
+  words              the codes read as int32 words of 8 codes, a table lookup each, each weight rounded to fp16
+                     (exact), the loads of a step issued at that step
+  prefetch           the same, each step's loads issued one step ahead (the loop does not wait on memory)
+  prefetch-split     prefetch, a program per (rows, quarter of K), the parts summed by atomic adds
+  prefetch-nolookup  prefetch without the table lookup (a linear code: not nf4; what the lookup costs)
+Each variant's output is compared with x @ W^T (W bitsandbytes' dequantized weight) in fp32.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
+COPIES = 8
+
+
+@triton.jit
+def load_step(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, rows, row_ok, b0, kb_end, KB, BLOCKS: tl.constexpr):
+    """One step's loads from memory: packed words [R, B, 8], 8-bit scales [R, B], their absmax [R, B], x [B, 8, 8]."""
+    blocks = b0 + tl.arange(0, BLOCKS)
+    block_ok = blocks < kb_end
+    ok = row_ok[:, None] & block_ok[None, :]
+    block = rows[:, None] * KB + blocks[None, :]
+    q8 = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+    a2 = tl.load(absmax2_ptr + block // 256, mask=ok, other=0.0)
+    packed = tl.load(w_ptr + block[:, :, None] * 8 + tl.arange(0, 8)[None, None, :], mask=ok[:, :, None], other=0)
+    col = blocks[:, None, None] * 64 + tl.arange(0, 8)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    x = tl.load(x_ptr + col, mask=block_ok[:, None, None], other=0.0).to(tl.float32)
+    return q8, a2, packed, x
+
+
+@triton.jit
+def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, N, K, KSPLIT,
+           PREFETCH: tl.constexpr, LOOKUP: tl.constexpr, SPLIT: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    KB = K // 64
+    if SPLIT:
+        kb_start = tl.program_id(1) * KSPLIT
+        kb_end = tl.minimum(kb_start + KSPLIT, KB)
+    else:
+        kb_start = 0
+        kb_end = KB
+    shifts = tl.arange(0, 8)
+    shifts = (shifts // 2) * 8 + 4 * (1 - shifts % 2)                                       # 4,0,12,8,20,16,...
+    acc = tl.zeros((BLOCK_N, BLOCKS, 8, 8), dtype=tl.float32)
+    q8n, a2n, packedn, xn = load_step(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, rows, row_ok, kb_start, kb_end, KB,
+                                      BLOCKS)
+    for b0 in range(kb_start, kb_end, BLOCKS):
+        if PREFETCH:       # this step's values were loaded a step ago; start the next step's loads now
+            q8, a2, packed, x = q8n, a2n, packedn, xn
+            q8n, a2n, packedn, xn = load_step(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, rows, row_ok, b0 + BLOCKS,
+                                              kb_end, KB, BLOCKS)
+        else:
+            q8, a2, packed, x = load_step(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, rows, row_ok, b0, kb_end, KB,
+                                          BLOCKS)
+        scale = tl.load(code2_ptr + q8) * a2
+        scale = scale + offset
+        codes = (packed[:, :, :, None] >> shifts[None, None, None, :]) & 15                 # [R, B, 8, 8]
+        if LOOKUP:
+            c = tl.load(code_ptr + codes)
+        else:              # diagnostic: no table lookup (a linear code, not nf4)
+            c = codes.to(tl.float32) * 0.125 - 1.0
+        acc += (c * scale[:, :, None, None]).to(tl.float16).to(tl.float32) * x[None]
+    total = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+    if SPLIT:
+        tl.atomic_add(out_ptr + rows, total, mask=row_ok)
+    else:
+        tl.store(out_ptr + rows, total, mask=row_ok)
+
+
+@triton.jit
+def matmul16(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, M, N, K,
+             BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
+    """16 rows of x: the tile dequantized in K's natural order ([R, B*64] fp16), then tl.dot on the tensor cores."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    m = tl.arange(0, 16)
+    KB = K // 64
+    shifts = tl.arange(0, 8)
+    shifts = (shifts // 2) * 8 + 4 * (1 - shifts % 2)
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    for b0 in range(0, KB, BLOCKS):
+        q8, a2, packed, _ = load_step(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, rows, row_ok, b0, KB, KB, BLOCKS)
+        scale = tl.load(code2_ptr + q8) * a2
+        scale = scale + offset
+        codes = (packed[:, :, :, None] >> shifts[None, None, None, :]) & 15
+        w = (tl.load(code_ptr + codes) * scale[:, :, None, None]).to(tl.float16).reshape(BLOCK_N, BLOCKS * 64)
+        col = b0 * 64 + tl.arange(0, BLOCKS * 64)
+        x = tl.load(x_ptr + m[:, None] * K + col[None, :], mask=(m < M)[:, None] & (col < K)[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    tl.store(out_ptr + m[:, None] * N + rows[None, :], acc, mask=(m < M)[:, None] & row_ok[None, :])
+
+
+def graph_time(fns, calls=24, replays=5):
+    """Seconds a call: one CUDA graph of `calls` calls cycling through `fns`, replayed; median over replays."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def main() -> int:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default="variants.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    variants = {"words": dict(PREFETCH=False, LOOKUP=True, SPLIT=False),
+                "prefetch": dict(PREFETCH=True, LOOKUP=True, SPLIT=False),
+                "prefetch-split": dict(PREFETCH=True, LOOKUP=True, SPLIT=True),
+                "prefetch-nolookup": dict(PREFETCH=True, LOOKUP=False, SPLIT=False)}
+    tilings = [(4, 4, 4), (8, 4, 4), (8, 8, 4), (4, 8, 4), (16, 4, 8), (8, 8, 8), (4, 16, 8), (2, 8, 2)]
+    result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "bitsandbytes": bnb.__version__, "rows": {}}
+    for name, (n, k) in SHAPES.items():
+        copies = []
+        for _ in range(COPIES):
+            w = (torch.randn(n, k, device="cuda") * 0.02).half()
+            packed, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            copies.append((w, packed, qs, float(qs.offset), F.dequantize_4bit(packed, qs)))
+        nbytes = copies[0][1].numel() + copies[0][2].absmax.numel() + copies[0][2].state2.absmax.numel() * 4
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        rows = {}
+        rows["fp16 F.linear"] = graph_time([lambda w=c[4]: torch.nn.functional.linear(x, w) for c in copies[:4]])
+        weights = [bnb.nn.Params4bit(c[1], requires_grad=False, quant_state=c[2], bnb_quantized=True) for c in copies]
+        rows["bnb matmul_4bit"] = graph_time([lambda w=w, c=c: bnb.matmul_4bit(x, w.t(), quant_state=c[2])
+                                              for w, c in zip(weights, copies)])
+        for label in list(rows):
+            print(f"{name} {label}: {rows[label] * 1e6:.1f} us", flush=True)
+        for vname, flags in variants.items():
+            for bn, blocks, warps in tilings:
+                splits = 4 if flags["SPLIT"] else 1
+                kb = k // 64
+                ksplit = triton.cdiv(triton.cdiv(kb, splits), blocks) * blocks
+                label = f"{vname} BLOCK_N={bn} BLOCKS={blocks} warps={warps}"
+                try:
+                    outs = [torch.zeros(1, n, dtype=torch.float32, device="cuda") for _ in copies]
+                    def call(c, out):
+                        if flags["SPLIT"]:
+                            out.zero_()
+                        pk = c[1].view(-1).view(torch.int32)
+                        matvec[(triton.cdiv(n, bn), triton.cdiv(kb, ksplit))](
+                            x, pk, c[2].absmax, c[2].state2.absmax, c[2].state2.code, c[2].code, out, c[3], n, k,
+                            ksplit, **flags, BLOCK_N=bn, BLOCKS=blocks, num_warps=warps, num_stages=2,
+                            enable_fp_fusion=False)
+                    call(copies[0], outs[0])
+                    exact = x.float() @ copies[0][4].float().t()
+                    err = float((outs[0] - exact).norm() / exact.norm())
+                    seconds = graph_time([lambda c=c, o=o: call(c, o) for c, o in zip(copies, outs)])
+                    rows[label] = seconds
+                    print(f"{name} {label}: {seconds * 1e6:.1f} us, {nbytes / seconds / 1e9:.0f} GB/s, "
+                          f"rel err {err:.1e}", flush=True)
+                except Exception as e:
+                    print(f"{name} {label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+        x16 = torch.randn(16, k, device="cuda", dtype=torch.float16)
+        rows["fp16 F.linear m=16"] = graph_time([lambda w=c[4]: torch.nn.functional.linear(x16, w) for c in copies[:4]])
+        rows["bnb matmul_4bit m=16"] = graph_time([lambda w=w, c=c: bnb.matmul_4bit(x16, w.t(), quant_state=c[2])
+                                                   for w, c in zip(weights, copies)])
+        print(f"{name} m=16 fp16 {rows['fp16 F.linear m=16'] * 1e6:.1f} us, bnb {rows['bnb matmul_4bit m=16'] * 1e6:.1f} us")
+        for bn, blocks, warps, stages in [(32, 1, 4, 3), (32, 2, 4, 3), (64, 1, 4, 3), (64, 2, 4, 3), (64, 2, 8, 3),
+                                          (128, 1, 8, 3), (32, 4, 4, 2), (16, 2, 4, 3), (64, 4, 8, 2)]:
+            label = f"dot16 BLOCK_N={bn} BLOCKS={blocks} warps={warps} stages={stages}"
+            try:
+                outs = [torch.zeros(16, n, dtype=torch.float32, device="cuda") for _ in copies]
+                def call16(c, out):
+                    matmul16[(triton.cdiv(n, bn),)](x16, c[1].view(-1).view(torch.int32), c[2].absmax,
+                                                    c[2].state2.absmax, c[2].state2.code, c[2].code, out, c[3], 16,
+                                                    n, k, BLOCK_N=bn, BLOCKS=blocks, num_warps=warps,
+                                                    num_stages=stages, enable_fp_fusion=False)
+                call16(copies[0], outs[0])
+                exact = x16.float() @ copies[0][4].float().t()
+                err = float((outs[0] - exact).norm() / exact.norm())
+                seconds = graph_time([lambda c=c, o=o: call16(c, o) for c, o in zip(copies, outs)])
+                rows[label] = seconds
+                print(f"{name} {label}: {seconds * 1e6:.1f} us, {nbytes / seconds / 1e9:.0f} GB/s, rel err {err:.1e}",
+                      flush=True)
+            except Exception as e:
+                print(f"{name} {label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+        result["rows"][name] = {"shape": [n, k], "weight_bytes": nbytes, "seconds": rows}
+        json.dump(result, open(args.json, "w"), indent=1)
+        del copies, weights
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""extensions/kernel_4bit.py — 第七节/第十节: a matmul that reads bitsandbytes' 4-bit weights as they are stored and
+dequantizes them inside the matrix-vector kernel.
+
+Why a kernel of our own. At batch 1 a decode step is a chain of matrix-vector products: its time is the time to read
+the weights. 4-bit weights are a quarter of fp16's bytes, so a 4-bit step can be up to ~3.5x faster than fp16 — if
+the matmul reads them at the card's bandwidth. bitsandbytes' own 4-bit kernels were written for memory, not speed
+(benchmarks/README.md: they read the weights at about a third of an H100's bandwidth, and 4-bit decoded slower than
+fp16). torch.compile of a plain-torch dequantization followed by x @ W^T does not help: inductor makes the table
+lookup and the matvec two kernels, and the dequantized weight goes through memory between them. So this file writes
+the kernel (Triton): each program reads its rows' packed codes once, looks each 4-bit code up in the 16-entry table
+(nf4 or fp4), multiplies by its block's scale and by x, and keeps the sum in fp32 — the dequantized weight never
+leaves the registers.
+
+What it reads, unchanged (bitsandbytes' Params4bit and QuantState, as the lesson's load and tensor_parallel.py's
+shards leave them): two codes a byte, the first in the high nibble, over the weight flattened row by row; one scale
+(absmax) per block of 64 codes; with double quantization (bnb_4bit_use_double_quant) the scales are themselves 8-bit
+codes with one fp32 absmax per 256 of them, a 256-entry table and one offset:
+    scale[b] = code2[absmax8[b]] * absmax2[b // 256] + offset          (fp32; the product rounded before the sum)
+    W[e]     = to_weight_dtype(code[q[e]] * scale[e // 64])             (fp32 product, rounded once)
+which is bitsandbytes' dequantize_4bit bit for bit (tests/test_kernel_4bit.py checks it on a CPU for the torch code
+below and, under Triton's interpreter, for the kernel). Only the products with x and their sum differ from
+bitsandbytes' matmul in rounding (fp32 sums in another order), as any two matmul kernels do: the decoders verify the
+whole step against the model unwrapped, as every decoder is.
+
+How it reads them fast. The codes are read as int32 words (8 codes a word) and split with shifts; each step of the
+loop over K issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a
+matvec, so without this each step would wait on memory). One row of x (batch 1) multiplies and sums elementwise on
+the CUDA cores; 2-16 rows use the tensor cores (tl.dot of x against the dequantized tile). The tiling of each matrix
+shape is autotuned on its first call. The measured speed: benchmarks/README.md. On a CPU (no Triton) the same
+dequantization runs in torch (extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 64            # codes per scale: the only blocksize the kernel reads
+
+@triton.jit
+def load_step(w_ptr, absmax_ptr, absmax2_ptr, rows, row_ok, b0, KB, NESTED: tl.constexpr, BLOCKS: tl.constexpr):
+    """One step's loads from memory, for `rows` x BLOCKS blocks of 64 codes from block b0 of each row: the packed
+    codes as int32 words [R, B, 8] (8 codes a word), the blocks' absmax [R, B] (double quantization: their 8-bit
+    codes and the second-level absmax of each)."""
+    blocks = b0 + tl.arange(0, BLOCKS)
+    ok = row_ok[:, None] & (blocks < KB)[None, :]
+    block = rows[:, None] * KB + blocks[None, :]                                  # [R, B]: the scale's index
+    absmax = tl.load(absmax_ptr + block, mask=ok, other=0)
+    absmax2 = tl.load(absmax2_ptr + block // 256, mask=ok, other=0.0) if NESTED else absmax
+    words = tl.load(w_ptr + block[:, :, None] * 8 + tl.arange(0, 8)[None, None, :], mask=ok[:, :, None], other=0)
+    return words, absmax, absmax2
+
+@triton.jit
+def dequantize_tile(words, absmax, absmax2, code2_ptr, code_ptr, offset, NESTED: tl.constexpr,
+                    W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr):
+    """The weights of load_step's tile, [R, B, 8, 8] in K's order, as bitsandbytes dequantizes them (module
+    docstring), then in x's dtype."""
+    if NESTED:
+        scale = tl.load(code2_ptr + absmax.to(tl.int32)) * absmax2
+        scale = scale + offset
+    else:
+        scale = absmax
+    # A little-endian word holds bytes 0..3; each byte's first code is its high nibble: shifts 4, 0, 12, 8, ...
+    i = tl.arange(0, 8)
+    shifts = (i // 2) * 8 + 4 * (1 - i % 2)
+    codes = (words[:, :, :, None] >> shifts[None, None, None, :]) & 15
+    weight = tl.load(code_ptr + codes) * scale[:, :, None, None]
+    return weight.to(W_DTYPE).to(X_DTYPE)
+
+@triton.jit
+def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, M, N, K,
+           NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCKS: tl.constexpr):
+    """out[M, N] = x[M, K] @ W[N, K]^T; a program: BLOCK_N rows of W against BLOCK_M rows of x (1: a matvec), BLOCKS
+    blocks of 64 codes a step along K."""
+    X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    KB = K // 64
+    if BLOCK_M == 1:        # a matvec: multiply-add elementwise, one sum at the end
+        acc = tl.zeros((BLOCK_N, BLOCKS, 8, 8), dtype=tl.float32)
+    else:                   # 2-16 rows: the tensor cores
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    next_words, next_absmax, next_absmax2 = load_step(w_ptr, absmax_ptr, absmax2_ptr, rows, row_ok, 0, KB, NESTED,
+                                                      BLOCKS)
+    for b0 in range(0, KB, BLOCKS):
+        words, absmax, absmax2 = next_words, next_absmax, next_absmax2
+        next_words, next_absmax, next_absmax2 = load_step(w_ptr, absmax_ptr, absmax2_ptr, rows, row_ok, b0 + BLOCKS,
+                                                          KB, NESTED, BLOCKS)
+        weight = dequantize_tile(words, absmax, absmax2, code2_ptr, code_ptr, offset, NESTED, W_DTYPE, X_DTYPE)
+        col = b0 * 64 + tl.arange(0, BLOCKS * 64)                                 # this step's columns of x
+        if BLOCK_M == 1:
+            x = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32).reshape(1, BLOCKS, 8, 8)
+            acc += weight.to(tl.float32) * x
+        else:
+            x = tl.load(x_ptr + m[:, None] * K + col[None, :], mask=(m < M)[:, None] & (col < K)[None, :],
+                        other=0.0)
+            acc = tl.dot(x, tl.trans(weight.reshape(BLOCK_N, BLOCKS * 64)), acc)
+    if BLOCK_M == 1:
+        tl.store(out_ptr + rows, tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1).to(X_DTYPE), mask=row_ok)
+    else:
+        tl.store(out_ptr + m[:, None] * N + rows[None, :], acc.to(X_DTYPE), mask=(m < M)[:, None] & row_ok[None, :])
+
+@triton.jit
+def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, N, K,
+                      NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
+    """The matmul's dequantization (load_step, dequantize_tile) written out as the weight [N, K]."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b0 = tl.program_id(1) * BLOCKS
+    KB = K // 64
+    words, absmax, absmax2 = load_step(w_ptr, absmax_ptr, absmax2_ptr, rows, rows < N, b0, KB, NESTED, BLOCKS)
+    weight = dequantize_tile(words, absmax, absmax2, code2_ptr, code_ptr, offset, NESTED, W_DTYPE, W_DTYPE)
+    col = b0 * 64 + tl.arange(0, BLOCKS * 64)
+    tl.store(out_ptr + rows[:, None] * K + col[None, :], weight.reshape(BLOCK_N, BLOCKS * 64),
+             mask=(rows < N)[:, None] & (col < K)[None, :])
+
+def autotuned(configs, block_m: int):
+    """The matmul with its tiling picked on the GPU, once per (N, K): the first call of a shape times each
+    configuration (the decoders' warm-up runs make that call, before any CUDA graph is captured)."""
+    return triton.autotune([triton.Config(dict(BLOCK_M=block_m, BLOCK_N=n, BLOCKS=b), num_warps=w, num_stages=s)
+                            for n, b, w, s in configs], key=["N", "K"])(matmul)
+
+# The tilings tried: (rows of W a program, blocks of 64 codes a step, warps, pipeline stages).
+MATVEC = autotuned([(4, 4, 4, 1), (8, 4, 4, 1), (8, 8, 4, 1), (4, 8, 4, 1), (16, 4, 8, 1), (8, 8, 8, 1),
+                    (4, 16, 8, 1), (2, 8, 2, 1)], 1)
+DOT = autotuned([(32, 1, 4, 3), (32, 2, 4, 3), (64, 1, 4, 3), (64, 2, 4, 3), (64, 2, 8, 3), (128, 1, 8, 3),
+                 (32, 4, 4, 2), (16, 2, 4, 3)], 16)
+
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+def state_args(quant_state, offset: float | None = None):
+    """bitsandbytes' QuantState as the kernels' arguments: (absmax, the second level's absmax and code, the 4-bit
+    code, offset), NESTED. Without double quantization the second level is absent: absmax and code stand in for it
+    (not read)."""
+    nested = quant_state.nested
+    second = quant_state.state2 if nested else quant_state
+    if offset is None:                     # read from the GPU: a wait, so callers in a loop pass it
+        offset = float(quant_state.offset) if nested else 0.0
+    return (quant_state.absmax, second.absmax, second.code, quant_state.code, offset), nested
+
+def words(packed):
+    """The packed codes as int32 words (the kernels' loads: 8 codes a word)."""
+    return packed.reshape(-1).view(torch.int32)
+
+@torch.library.custom_op("ds_bnb_infer::matmul_4bit", mutates_args=())
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor,
+                code2: torch.Tensor, code: torch.Tensor, offset: float, out_features: int, nested: bool,
+                weight_dtype: torch.dtype, tiling: list[int] | None = None) -> torch.Tensor:
+    """x[M, K] @ W^T (M <= 16; x contiguous, in the compute dtype) with W read from bitsandbytes' storage. A custom
+    op: torch.compile keeps it whole in the compiled step (and a CUDA graph captures its launch). `offset` is a float
+    the caller keeps (reading it from the GPU on each call would wait for the GPU). tiling (BLOCK_N, BLOCKS) fixes
+    the tiling (Triton's interpreter, a test); by default the autotuned kernel picks it."""
+    m, k = x.shape
+    n = out_features
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    args = (x, words(packed), absmax, absmax2, code2, code, out, offset, m, n, k)
+    flags = dict(NESTED=nested, W_DTYPE=TL_DTYPES[weight_dtype])
+    block_m = 1 if m == 1 else 16
+    # enable_fp_fusion=False: the scale's product and its sum with the offset are rounded apart, as in bitsandbytes
+    # (a fused multiply-add rounds once: a scale could differ in its last bit).
+    if tiling is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
+        (MATVEC if m == 1 else DOT)[grid](*args, **flags, enable_fp_fusion=False)
+    else:
+        matmul[(triton.cdiv(n, tiling[0]), triton.cdiv(m, block_m))](
+            *args, **flags, BLOCK_M=block_m, BLOCK_N=tiling[0], BLOCKS=tiling[1], enable_fp_fusion=False)
+    return out
+
+@matmul_4bit.register_fake
+def _(x, packed, absmax, absmax2, code2, code, offset, out_features, nested, weight_dtype, tiling=None):
+    return x.new_empty(x.shape[0], out_features)
+
+def dequantize(packed, quant_state, offset: float | None = None, tiling: tuple[int, int] = (4, 4)):
+    """The weight as the kernels dequantize it (load_step and dequantize_tile, written out): bitsandbytes'
+    dequantize_4bit bit for bit (the test of exactness), and the weight of a prefill's matmul (more than 16 rows)."""
+    n, k = quant_state.shape
+    out = torch.empty(n, k, dtype=quant_state.dtype, device=packed.device)
+    (absmax, absmax2, code2, code, offset), nested = state_args(quant_state, offset)
+    dequantize_kernel[(triton.cdiv(n, tiling[0]), triton.cdiv(k // BLOCK, tiling[1]))](
+        words(packed), absmax, absmax2, code2, code, out, offset, n, k, NESTED=nested,
+        W_DTYPE=TL_DTYPES[quant_state.dtype], BLOCK_N=tiling[0], BLOCKS=tiling[1], enable_fp_fusion=False)
+    return out
