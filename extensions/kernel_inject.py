@@ -38,6 +38,12 @@ And one DeepSpeed limitation is kept from biting: the workspace (activations and
 of the first forward; a later, larger batch would write past each layer's cache into the next one's. The first
 layer's allocation is armed again whenever a prompt arrives with another batch size.
 
+As a lesson (第十节, after the lesson's 第五节/第九节): InjectedGenerate is the lesson's Decoder around the injected
+engine, so the tutorial's call runs through the lesson's own init_engine and is verified like every engine:
+
+  python extensions/kernel_inject.py --model random:llama-2-7b              # one GPU; injection on by default here
+  python measure/compare.py --model random:llama-2-7b --modes ds,ds-inject  # beside the lesson without injection
+
 This module changes no file of deepspeed or transformers: it wraps DeepSpeed's injected layers in a module with
 transformers' decoder-layer interface, gives each layer's MLP its residual add (an attribute of that instance), and
 rewrites the model's own weights (GQA) before injection. Use:
@@ -48,7 +54,15 @@ rewrites the model's own weights (GQA) before injection. Use:
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
+from typing import Annotated
+
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ds_bnb_infer as lesson  # noqa: E402
 
 
 def injection_refusal(config) -> str | None:
@@ -179,3 +193,49 @@ def adapt(model):
             layers[i] = InjectedDecoderLayer(layer, state, first=(i == 0), tuple_output=tuple_output)
     stack.register_forward_pre_hook(_keep_padding_mask(state), with_kwargs=True)
     return model
+
+
+@dataclasses.dataclass
+class KernelInjectConfig(lesson.DeployConfig):
+    """extensions/kernel_inject.py: the tutorial's kernel injection, adapted"""
+    kernel_inject: Annotated[bool | None, "DeepSpeed's fused kernels through this file's adapter, verified (on by "
+                             "default here)"] = True
+
+
+class InjectedGenerate(lesson.Decoder):
+    """The lesson's engine with kernel injection made to work: prepare_model() (GQA made multi-head, exactly) before
+    init_inference, adapt() after it; generate() is the engine's own. Without injection (--no-kernel-inject, or
+    after the lesson's fallback) it is the plain engine, so the fallback is the lesson's."""
+
+    @classmethod
+    def validate(cls, config: KernelInjectConfig) -> None:
+        if config.backend != "deepspeed":
+            raise lesson.UsageError("kernel_inject.py adapts DeepSpeed's injected kernels: use --backend deepspeed.")
+
+    @classmethod
+    def prepare_model(cls, model, config: KernelInjectConfig):
+        if not config.kernel_inject or config.quant != "none":
+            return model
+        try:
+            return prepare_model(model)
+        except ValueError as e:
+            raise lesson.UsageError(f"{e} Add --no-kernel-inject.") from None
+
+    def __init__(self, engine, config: KernelInjectConfig):
+        super().__init__(engine, config)
+        from deepspeed.model_implementations.transformers.ds_transformer import DeepSpeedTransformerInference
+        if any(isinstance(m, DeepSpeedTransformerInference) for m in self.module.modules()):
+            adapt(self.module)
+            self.mode = "generate (injected kernels)"
+
+    def generate(self, *args, **kwargs):
+        return self.engine.generate(*args, **kwargs)
+
+
+def main(argv=None) -> int:
+    return lesson.main(argv, prog="extensions/kernel_inject.py", config_class=KernelInjectConfig,
+                       job=lambda config: lesson.run(config, InjectedGenerate))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

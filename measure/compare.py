@@ -29,13 +29,15 @@ import ds_bnb_infer as lesson  # noqa: E402
 LESSON = os.path.join(ROOT, "ds_bnb_infer.py")
 FAST, QMM = os.path.join(ROOT, "extensions", "fast_decode.py"), os.path.join(ROOT, "extensions", "quantized_matmul.py")
 FASTGEN = os.path.join(ROOT, "extensions", "fastgen.py")
-# mode -> (script, flags). Injection runs with --no-fallback, so that a failed injection is a failed row rather than
-# a second copy of "ds". The "-compile" modes are extensions/fast_decode.py (static KV cache, CUDA graphs);
+INJECT = os.path.join(ROOT, "extensions", "kernel_inject.py")
+# mode -> (script, flags). Injection (the tutorial's call, through extensions/kernel_inject.py's adapter) runs with
+# --no-fallback, so that a failed injection is a failed row rather than a second copy of "ds". The "-compile" modes
+# are extensions/fast_decode.py (static KV cache, CUDA graphs);
 # "hf-static" is transformers' own generate() on a static cache (fast_decode.py --loop transformers).
 MODES = {
     "hf": (LESSON, ["--backend", "hf"]),
     "ds": (LESSON, ["--backend", "deepspeed", "--no-kernel-inject"]),
-    "ds-inject": (LESSON, ["--backend", "deepspeed", "--kernel-inject", "--no-fallback"]),
+    "ds-inject": (INJECT, ["--backend", "deepspeed", "--kernel-inject", "--no-fallback"]),
     "ds-8bit": (LESSON, ["--backend", "deepspeed", "--quant", "8bit"]),
     "ds-4bit": (LESSON, ["--backend", "deepspeed", "--quant", "4bit"]),
     "hf-static": (FAST, ["--backend", "hf", "--loop", "transformers"]),

@@ -68,9 +68,21 @@ def test_injected_llama_matches_transformers_on_gpu(kv_heads):
             want = ref(input_ids=ids, attention_mask=mask).logits[mask.bool()].float()
             got = engine.module(input_ids=ids, attention_mask=mask).logits[mask.bool()].float()
             assert float((got - want).norm() / want.norm()) < 2e-2
-            ref_out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-            out = engine.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-        assert torch.equal(out, ref_out)
+
+
+@pytest.mark.gpu
+def test_the_tutorials_call_runs_verified_through_the_lesson_on_gpu(tmp_path):
+    """extensions/kernel_inject.py: init_inference(replace_with_kernel_inject=True) inside the lesson's init_engine,
+    verified by the lesson's own check (logits within fp16's tolerance, greedy tokens), no fallback allowed."""
+    import json
+    from conftest import ROOT, run_cli
+    path = tmp_path / "inject.json"
+    r = run_cli("--model", "random:tiny", "--backend", "deepspeed", "--no-fallback", "--max-new-tokens", "16",
+                "--iters", "1", "--warmup", "0", "--json", str(path), script=ROOT / "extensions" / "kernel_inject.py",
+                timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    engine = json.loads(path.read_text())["engine"]
+    assert engine["kernel_inject"] and engine["verify"]["passed"] and not engine["fallbacks"], engine
 
 
 def test_residual_fix_adds_attention_once_where_the_fused_kernel_wrote_it(monkeypatch):
