@@ -133,3 +133,20 @@ def test_residual_fix_adds_attention_once_where_the_fused_kernel_wrote_it(monkey
     torch.testing.assert_close(run(kernel), want + attn, rtol=1e-4, atol=1e-4)      # DeepSpeed as shipped
     assert kernel_inject.fix_residual_add(kernel)
     torch.testing.assert_close(run(kernel), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_lesson_runs_it_and_falls_back_where_the_kernels_are_missing(tmp_path):
+    """On a CPU DeepSpeed has no injected kernels: the lesson's fallback (said, recorded), then the engine verified
+    without them; --backend hf is refused in one sentence."""
+    import json
+    from conftest import ROOT, run_cli
+    script = ROOT / "extensions" / "kernel_inject.py"
+    path = tmp_path / "inject.json"
+    r = run_cli("--model", "random:tiny", "--max-new-tokens", "4", "--iters", "1", "--warmup", "0", "--json",
+                str(path), script=script)
+    assert r.returncode == 0, r.stderr[-3000:]
+    engine = json.loads(path.read_text())["engine"]
+    assert engine["verify"]["passed"] and not engine["kernel_inject"]
+    assert engine["fallbacks"][0]["what"] == "kernel_inject"
+    r = run_cli("--model", "random:tiny", "--backend", "hf", script=script)
+    assert r.returncode == 2 and "use --backend deepspeed" in r.stderr and "Traceback" not in r.stderr
