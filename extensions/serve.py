@@ -628,14 +628,33 @@ def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_
     def fail(status: int, message: str, param=None, kind="invalid_request_error", headers=None):
         return JSONResponse(error_body(message, param, kind), status_code=status, headers=headers)
 
-    @app.middleware("http")
-    async def bounded_body(request: HttpRequest, call_next):
-        """A body larger than --max-body-bytes is refused before it is read (413), so that it holds no memory."""
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
-            return fail(413, f"the request body is larger than the server's {max_body_bytes} bytes "
-                             "(--max-body-bytes); send a shorter prompt.")
-        return await call_next(request)
+    too_large = (f"the request body is larger than the server's {max_body_bytes} bytes (--max-body-bytes); send a "
+                 "shorter prompt.")
+
+    class BoundedBody:
+        """A body larger than --max-body-bytes is refused (413) and holds no memory: by its Content-Length before
+        it is read, and one sent in chunks (no length) as soon as what arrived passes the limit. A plain ASGI
+        middleware: Starlette's @app.middleware wraps receive() so that is_disconnected() never sees a client go."""
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            size = dict(scope["headers"]).get(b"content-length")
+            if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
+                return await fail(413, too_large)(scope, receive, send)
+            seen = 0
+
+            async def counted():
+                nonlocal seen
+                message = await receive()
+                seen += len(message.get("body", b""))
+                if seen > max_body_bytes:             # FastAPI passes it on from reading the body: a 413 below
+                    raise HTTPException(413, too_large)
+                return message
+            await self.app(scope, counted, send)
+    app.add_middleware(BoundedBody)
 
     @app.exception_handler(HTTPException)
     async def http_error(_, exc):                   # 404, 405, ... in OpenAI's error shape too
@@ -697,6 +716,11 @@ def build_app(worker: Worker, tokenizer, model_name: str, max_len: int, default_
                         "max_tokens")
         # Tokenized off the event loop: a long prompt must not hold up other clients (or /health).
         texts = [p for p in prompts if isinstance(p, str)]
+        try:            # JSON can escape a lone surrogate ("\ud800"): no text, and the tokenizer would fail on it
+            await asyncio.to_thread(lambda: [p.encode() for p in texts])
+        except UnicodeEncodeError:
+            field = "messages" if chat else "prompt"
+            return fail(400, f"{field}: a lone surrogate (\\ud800-\\udfff) is no text; send valid Unicode.", field)
         encoded = iter((await asyncio.to_thread(tokenizer, texts, add_special_tokens=not chat))["input_ids"]
                        if texts else [])
         ids = [next(encoded) if isinstance(p, str) else p for p in prompts]
@@ -819,10 +843,11 @@ def check_port(host: str, port: int) -> None:
     except OSError as e:
         raise lesson.UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port.") from None
 
-def read_deadline(seconds: float):
+def http_protocol(seconds: float):
     """uvicorn's HTTP/1.1 protocol (h11) with the read deadline uvicorn lacks: a request's headers and body must
     all arrive within `seconds` of its first byte (or of the connection's opening), or the connection is closed.
-    Without it a client that stops mid-headers holds its socket for ever, and mid-body a task too."""
+    Without it a client that stops mid-headers holds its socket for ever, and mid-body a task too. And bytes that
+    are no HTTP/1.1 request get their 400 in OpenAI's error shape too (uvicorn's is plain text)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -851,6 +876,15 @@ def read_deadline(seconds: float):
         def connection_lost(self, exc):
             self.disarm()
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str):
+            body = json.dumps(error_body("the request is not valid HTTP/1.1 (its request line, headers or "
+                                         "length).")).encode()
+            head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                    (b"connection", b"close")]
+            for ev in (h11.Response(status_code=400, headers=head), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(ev))
+            self.transport.close()
     return Protocol
 
 def serve(config: ServeConfig) -> int:
@@ -861,6 +895,12 @@ def serve(config: ServeConfig) -> int:
                       ("read_timeout", 0.1)]:
         if getattr(config, name) is not None and getattr(config, name) < low:
             raise lesson.UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(config, name)}.")
+    if config.quant == "8bit" and config.int8_threshold > 0 and config.max_num_seqs > 1:
+        # LLM.int8 picks its fp16 outlier columns over every row of a matmul: one request's answer would depend on
+        # the other requests decoded beside it (and fails the startup check against the model run alone).
+        raise lesson.UsageError("--quant 8bit with outlier columns (--int8-threshold > 0) makes each row's answer "
+                                "depend on the other rows; serve it with --max-num-seqs 1, or use --int8-threshold 0 "
+                                "(plain int8) or --quant 4bit.")
     on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     if config.step in ("compiled", "cuda-graph") and not on_gpu:
         raise lesson.UsageError(f"--step {config.step} captures CUDA graphs and needs a GPU; on a CPU use "
@@ -898,7 +938,7 @@ def serve(config: ServeConfig) -> int:
                 if sig == signal.SIGTERM:      # a stop asked for and done (in-flight answers finished): exit 0,
                     self._captured_signals.remove(sig)     # where uvicorn would re-raise it and die of it (143)
         server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                       timeout_graceful_shutdown=600, http=read_deadline(config.read_timeout)))
+                                       timeout_graceful_shutdown=600, http=http_protocol(config.read_timeout)))
         lesson.log(f"[serve] listening on http://{config.host}:{config.port} (OpenAI API: /v1/completions, "
                    "/v1/chat/completions; /health, /metrics)")
         server.run()                 # SIGTERM / Ctrl-C: stop taking requests, finish those in flight, return
