@@ -11,7 +11,8 @@ torch.compile fuses the int8 -> fp16 conversion into the matrix-vector kernel, s
 As the activations are no longer rounded to int8, its output is nearer the unquantized model than bitsandbytes' own.
 --quant 4bit multiplies weight-only by default as well: extensions/kernel_4bit.py's kernel reads bitsandbytes' packed
 4-bit codes and (double-quantized) scales as stored and dequantizes them inside the matrix-vector product, each weight
-equal to bitsandbytes' dequantize_4bit bit for bit (why a kernel of our own: that file's docstring).
+equal to bitsandbytes' dequantize_4bit bit for bit (why a kernel of our own: that file's docstring). serve.py's rows
+and tensor_parallel.py's shards take the same --matmul and swap with the same swap_matmuls().
 --matmul bitsandbytes keeps bitsandbytes' kernels (any --bnb-4bit-* setting): the same loop, for comparison.
 
 Every run decodes with fast_decode.py's loop (its flags apply), is verified as every decoder (against the same model
@@ -181,9 +182,17 @@ def weight_only(model) -> int:
         setattr(model.get_submodule(parent), attr, cls(layer))
     return len(layers)
 
+def validate_matmul(config: QuantizedMatmulConfig) -> None:
+    """Refuse --matmul weight-only where no stored weights can be read that way, before anything loads (this file's
+    validate and tensor_parallel.py's)."""
+    if config.matmul == "weight-only" and matmul_of(dataclasses.replace(config, matmul="auto")) != "weight-only":
+        raise lesson.UsageError("--matmul weight-only multiplies plain int8 or 4-bit weights: add --quant 4bit, "
+                                "or --quant 8bit --int8-threshold 0 (LLM.int8 keeps part of each matmul in "
+                                "fp16), or use --matmul bitsandbytes.")
+
 def swap_matmuls(model, config: QuantizedMatmulConfig):
     """The model with its bitsandbytes matmuls swapped where config.matmul asks (a decoder's prepare_model: this
-    file's loop, and serve.py's rows)."""
+    file's loop, and serve.py's rows; tensor_parallel.py's shards and its reference)."""
     if matmul_of(config) == "weight-only" and config.quant != "none" and not weight_only(model):
         raise lesson.RunFailure(f"bitsandbytes {config.quant} did not load (see the fallback above): nothing to "
                                 f"multiply weight-only; fix the load, or add --matmul bitsandbytes.")
@@ -197,10 +206,7 @@ class QuantizedGreedy(FastGreedy):
         super().validate(config)
         if config.quant == "none":
             raise lesson.UsageError("quantized_matmul.py multiplies bitsandbytes weights: add --quant 8bit or 4bit.")
-        if config.matmul == "weight-only" and matmul_of(dataclasses.replace(config, matmul="auto")) != "weight-only":
-            raise lesson.UsageError("--matmul weight-only multiplies plain int8 or 4-bit weights: add --quant 4bit, "
-                                    "or --quant 8bit --int8-threshold 0 (LLM.int8 keeps part of each matmul in "
-                                    "fp16), or use --matmul bitsandbytes.")
+        validate_matmul(config)
 
     @classmethod
     def prepare_model(cls, model, config: QuantizedMatmulConfig):

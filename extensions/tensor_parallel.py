@@ -25,6 +25,15 @@ added after it, once). Every shard holds the very values the unsharded quantized
 At --tp-size 1 the same code quantizes a model that the lesson cannot load (it builds the whole model unquantized
 first, 138 GB for a 70B model in fp16): each linear is quantized as soon as its matrix is filled.
 
+--matmul (quantized_matmul.py's flag; auto by default): which matmul multiplies a shard's stored weights. 4-bit (and
+plain int8, --int8-threshold 0) shards multiply weight-only, as the lesson's 4-bit model does in quantized_matmul.py
+and serve.py: the same packed codes and scales, dequantized inside extensions/kernel_4bit.py's kernel on a GPU (in
+torch on a CPU; bitsandbytes' dequantize_4bit bit for bit), because bitsandbytes' own 4-bit kernel reads the weights
+at a third of an H100's bandwidth (kernel_4bit.py says why) - and a 70B model at --tp-size 1 is all 4-bit matmuls.
+Weight-only int8 multiplies in the activations' dtype, so a row-parallel shard needs no token absmax from the other
+ranks. --matmul bitsandbytes keeps bitsandbytes' layers (Linear4bit, Linear8bitLt), for comparison. The reference
+below multiplies with the same matmul as the shards, so the check compares like with like: tensor parallel only.
+
 Verification, for models no one device can hold as a reference: rank 0 builds the first VERIFY_LAYERS layers of the
 same model (the same embeddings, layers, final norm and head) unsharded on its device - quantized by the lesson at
 tp 1 when --quant is given; the engine, cut to that depth for the check, must match it within rounding (tensor
@@ -37,6 +46,8 @@ graph of bitsandbytes' kernels and the all-reduces), checked against the engine 
       --step cuda-graph                                        # 2 x 80 GB GPUs; a CUDA graph: no long compile
   python extensions/tensor_parallel.py --tp-size 1 --model random:llama-2-70b --quant 4bit --fast-decode   # one GPU
   deepspeed --num_gpus=2 extensions/tensor_parallel.py --tp-size 2 --model random:tiny --quant 8bit --dtype fp32  # CPU
+  deepspeed --num_gpus=2 extensions/tensor_parallel.py --tp-size 2 --model random:tiny --quant 4bit --dtype fp32 \
+      --matmul bitsandbytes                                    # CPU; bitsandbytes' own 4-bit kernel, for comparison
 """
 from __future__ import annotations
 
@@ -51,14 +62,15 @@ from typing import Annotated
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
-from extensions.fast_decode import FastDecodeConfig, FastGreedy, decoder_of  # noqa: E402
+from extensions.fast_decode import FastGreedy, decoder_of  # noqa: E402
+from extensions.quantized_matmul import QuantizedMatmulConfig, matmul_of, swap_matmuls, validate_matmul  # noqa: E402
 
 VERIFY_LAYERS = 2           # the reference's depth: every kind of tensor, a layer's output feeding the next
 BLOCK = 64                  # bitsandbytes' 4-bit block size (the lesson's BitsAndBytesConfig default)
 
 @dataclasses.dataclass
-class TensorParallelConfig(FastDecodeConfig):
-    """extensions/tensor_parallel.py: sharded loading; --quant 8bit|4bit quantizes each shard"""
+class TensorParallelConfig(QuantizedMatmulConfig):
+    """extensions/tensor_parallel.py: sharded loading; --quant 8bit|4bit quantizes each shard (--matmul: its matmul)"""
     fast_decode: Annotated[bool, "decode with extensions/fast_decode.py's loop (its flags: --step, --fuse, ...)"] = False
 
 
@@ -265,7 +277,10 @@ def reference(config, inputs, device: str, dtype) -> dict:
                 del model
                 lesson.free_memory()
                 model = lesson.load_model(dataclasses.replace(config, model_name=tmp, tp_size=1), config.quant, device)
-            how = f"quantized {config.quant} at tp 1"
+            # The shards' matmul (before any forward: bitsandbytes repacks 4-bit weights for its own CPU kernel at the
+            # first one), so that the check sees tensor parallel only.
+            model = swap_matmuls(model, config)
+            how = f"quantized {config.quant} at tp 1, {matmul_of(config)} matmul"
         return dict(lesson.greedy_with_logits(model, inputs), layers=layers,
                     of=f"layers 1-{layers} of {whole} {how} (rank 0, {device}, {dtype})")
     return on_rank0(build)
@@ -338,7 +353,7 @@ def int8_rows(w, row_absmax=None):
     return cb[:, :w.shape[1]].contiguous(), scb
 
 
-# ---- The sharded linear with a bitsandbytes matmul ----
+# ---- The sharded linear: bitsandbytes' storage, its matmul or a weight-only one (--matmul) ----
 
 @functools.cache
 def shard_class():
@@ -347,7 +362,8 @@ def shard_class():
     from deepspeed import comm as dist
 
     class QuantShard(torch.nn.Module):
-        """x -> bitsandbytes matmul of this rank's slice -> all-reduce (row-parallel) -> + bias, once."""
+        """x -> the matmul of this rank's slice (`linear`: bitsandbytes' layer, or the weight-only layer that
+        swap_matmuls() put in its place) -> all-reduce (row-parallel) -> + bias, once."""
 
         def __init__(self, linear, bias, group, token_scale: bool, threshold: float):
             super().__init__()
@@ -372,9 +388,11 @@ def shard_class():
             return out if self.bias is None else out + self.bias
     return QuantShard
 
-def quantize_layer(layer, quant: str, threshold: float, compute_dtype=None):
+def quantize_layer(layer, quant: str, threshold: float, compute_dtype=None, matmul: str = "bitsandbytes"):
     """The QuantShard for one AutoTP linear (LinearLayer: column-parallel; LinearAllreduce: row-parallel), or for a
-    whole nn.Linear at tp 1. compute_dtype: 4-bit's (the lesson's --bnb-4bit-compute-dtype; default bf16)."""
+    whole nn.Linear at tp 1, holding bitsandbytes' layer (swap_matmuls() may then replace it: --matmul).
+    compute_dtype: 4-bit's (the lesson's --bnb-4bit-compute-dtype; default bf16). matmul: the one that will
+    multiply it (8-bit: bitsandbytes' rounds the activations to int8 and needs the whole token's absmax)."""
     import torch
     import bitsandbytes as bnb
     from deepspeed import comm as dist
@@ -387,6 +405,9 @@ def quantize_layer(layer, quant: str, threshold: float, compute_dtype=None):
                                 f"{w.shape[1]} input features each; quantized tensor parallel needs equal shards and "
                                 f"in_features / tp a multiple of {BLOCK}: pick another --tp-size.")
     out, inp = w.shape
+    # bitsandbytes' int8 matmul rounds each token by its absmax over all in_features: a row-parallel shard needs the
+    # other ranks' (QuantShard.forward). A weight-only matmul leaves the activations as they are.
+    token_scale = row and quant == "8bit" and matmul == "bitsandbytes"
     if quant == "4bit":
         def gather(t):
             if ranks == 1:
@@ -407,15 +428,14 @@ def quantize_layer(layer, quant: str, threshold: float, compute_dtype=None):
             row_absmax = w.to(torch.float16).abs().amax(1).float()
             dist.all_reduce(row_absmax, op=dist.ReduceOp.MAX, group=group)
         cb, scb = int8_rows(w, row_absmax)
-        if row:        # the token-scale column (QuantShard.forward), 3 zeros: cuBLASLt's int8 needs k % 4 == 0
+        if token_scale:    # the token-scale column (QuantShard.forward), 3 zeros: cuBLASLt's int8 needs k % 4 == 0
             cb = torch.cat([cb, cb.new_zeros(out, 4)], 1)
         linear = bnb.nn.Linear8bitLt(cb.shape[1], out, bias=False, has_fp16_weights=False, threshold=threshold,
                                      device="meta")
         linear.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
     # eval(): a new module is in training mode, where bitsandbytes takes other paths (8-bit on a CPU: dequantize
     # and matmul in floating point), not the ones the unsharded model runs.
-    return shard_class()(linear, layer.bias, group if row and ranks > 1 else None, row and quant == "8bit",
-                         threshold).eval()
+    return shard_class()(linear, layer.bias, group if row and ranks > 1 else None, token_scale, threshold).eval()
 
 def filled_and_quantized(config, device: str, dtype):
     """tp 1: the model's skeleton (py) filled one matrix at a time on `device`, each linear quantized as soon
@@ -451,7 +471,7 @@ def filled_and_quantized(config, device: str, dtype):
     lesson.free_memory()
     return model.to(device), count      # the small tensors kept at build time (norms, rotary buffers) follow
 
-def quantize_shards(module, quant: str, threshold: float, compute_dtype=None) -> int:
+def quantize_shards(module, quant: str, threshold: float, compute_dtype=None, matmul: str = "bitsandbytes") -> int:
     """Replace every AutoTP linear but the output head (transformers leaves lm_head unquantized) by its
     QuantShard; returns how many."""
     from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
@@ -461,15 +481,22 @@ def quantize_shards(module, quant: str, threshold: float, compute_dtype=None) ->
     for name in names:     # by name: a list of the modules would keep every unquantized shard alive to the end
         parent, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent), attr, quantize_layer(module.get_submodule(name), quant, threshold,
-                                                                                 compute_dtype))
+                                                                   compute_dtype, matmul))
     lesson.free_memory()
     return len(names)
 
 
+def matmul_note(module, config) -> str:
+    """What multiplies the quantized linears, counted from the modules the shards hold."""
+    import collections
+    kinds = collections.Counter(type(m.linear).__name__ for m in module.modules() if isinstance(m, shard_class()))
+    return f"{matmul_of(config)} matmul: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+
 def tolerance(config, dtype) -> float:
-    """The rounding tolerance against tp 1: the shards hold tp 1's values and tp only reorders sums. 4-bit rounds
-    each shard's partial sum to its compute dtype; 8-bit sums int32 exactly, then rounds in the model's dtype (fp32:
-    1e-4 - measured 2e-7 - which is what catches a shard taking another bitsandbytes path)."""
+    """The rounding tolerance against tp 1: the shards hold tp 1's values, multiply with tp 1's matmul, and tp only
+    reorders sums. 4-bit rounds each shard's partial sum to its compute dtype (either matmul); 8-bit rounds in the
+    model's dtype (bitsandbytes' sums int32 exactly; weight-only sums in the model's dtype) - fp32: 1e-4, measured
+    2e-7, which is what catches a shard taking another path than tp 1's."""
     return lesson.kernel_tol(dtype, config.bnb_4bit_compute_dtype if config.quant == "4bit" else None)
 
 
@@ -495,6 +522,7 @@ def validate(config, world_size: int, cuda_available: bool) -> None:
             raise lesson.UsageError(message)
     if c.quant != "none":              # the lesson's own refusals of the quantization flags, as at --tp-size 1
         lesson.validate(dataclasses.replace(c, tp_size=1), 1, cuda_available)
+    validate_matmul(c)
     lesson.validate(dataclasses.replace(c, quant="none", int8_threshold=default.int8_threshold, bnb_4bit_compute_dtype=
                                         default.bnb_4bit_compute_dtype), world_size, cuda_available)
 
@@ -528,7 +556,7 @@ def init_engine(config, decoder=None) -> tuple:
         with lesson.step_timer(seconds, "load", f"{config.model_name}: a skeleton filled on {device} a matrix at a "
                                                 f"time, each linear quantized {config.quant} once filled"):
             model, count = filled_and_quantized(config, device, dtype)
-            engine = init_inference(model, config, dtype, max_positions)
+            engine = init_inference(swap_matmuls(model, config), config, dtype, max_positions)
         notes = [f"{count} linears quantized {config.quant} as they were filled (lm_head stays unquantized)"]
     else:
         with lesson.step_timer(seconds, "load", f"{config.model_name}: AutoTP shards a skeleton over "
@@ -537,11 +565,15 @@ def init_engine(config, decoder=None) -> tuple:
         notes = ["each rank built only its shard (tensor_parallel.py)"]
         if config.quant != "none":
             with lesson.step_timer(seconds, "quantize", f"each rank's shards to {config.quant}"):
-                count = quantize_shards(engine.module, config.quant, config.int8_threshold, compute)
+                count = quantize_shards(engine.module, config.quant, config.int8_threshold, compute,
+                                        matmul_of(config))
+                swap_matmuls(engine.module, config)
             notes.append(f"{count} linears sharded, then quantized {config.quant} per rank (lm_head stays "
                          "unquantized, as at tp 1)")
         if not device.startswith("cuda"):
             notes.append("tensor parallel on CPU ranks (gloo) shows the sharding; the speed is for GPUs (第六节)")
+    if config.quant != "none":
+        notes.append(matmul_note(engine.module, config))
     tol, result, mode = tolerance(config, dtype), None, "generate"
     if config.verify:
         with lesson.step_timer(seconds, "verify", f"the engine at depth {ref['layers']} against {ref['of']}"), \

@@ -7,6 +7,15 @@ repository (the Apache-2.0 LICENSE, its first --tokens tokens), the bytes of wei
 chat prompts. Each model is also wrapped by deepspeed.init_inference the lesson's way (keep_model_as_loaded): its
 logits must stay bit-identical, so whatever DeepSpeed is used for, the quality is the format's.
 
+nf4-dq-wo is nf4-dq (the lesson's --quant 4bit) with the same stored weights multiplied weight-only
+(extensions/quantized_matmul.py's Int4WeightOnly, the default of --quant 4bit: on a GPU extensions/kernel_4bit.py's
+kernel), beside nf4-dq multiplied by bitsandbytes' own kernel: is the speed bought with accuracy? Its dequantized
+weight is bitsandbytes' dequantize_4bit bit for bit, so with bitsandbytes' generic matmul (dequantize_4bit, then one
+matmul: a GPU's prefill, a CPU without AVX512-BF16) the two perplexities are equal to the last bit
+(tests/test_real_model.py checks it). On a CPU with AVX512-BF16, bitsandbytes' nf4 rows are not quite those
+weights: at their first forward it repacks 4-bit weights for its own CPU kernel and rounds their block scales to bf16
+(the JSON's bnb_cpu_repack, a * in the table), which moves the perplexity by a few tenths of a percent either way.
+
   python measure/quality.py --json /tmp/quality.json
   python measure/quality.py --formats fp32,int8,nf4-dq --tokens 256 --answers 0     # faster
 
@@ -29,29 +38,54 @@ MODEL = "real:smollm2-135m"
 TEXT = os.path.join(ROOT, "LICENSE")
 PROMPTS = ["What is tensor parallelism? Answer in one sentence.", "Name three primary colors.",
            "Write one sentence about the sea."]
-# format -> dtype of the unquantized weights, and the BitsAndBytesConfig arguments (None: not quantized)
+# format -> dtype of the unquantized weights, the BitsAndBytesConfig arguments (None: not quantized), and the matmul
+# that multiplies the quantized weights (bitsandbytes': its own kernels; weight-only: quantized_matmul.py's layers)
+NF4_DQ = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
 FORMATS = {
-    "fp32": ("fp32", None),
-    "bf16": ("bf16", None),
-    "int8": ("fp32", dict(load_in_8bit=True)),                              # LLM.int8, threshold 6.0
-    "int8-t0": ("fp32", dict(load_in_8bit=True, llm_int8_threshold=0.0)),   # plain int8
-    "nf4-dq": ("fp32", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)),
-    "nf4": ("fp32", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False)),
-    "fp4-dq": ("fp32", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True)),
-    "fp4": ("fp32", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False)),
+    "fp32": ("fp32", None, None),
+    "bf16": ("bf16", None, None),
+    "int8": ("fp32", dict(load_in_8bit=True), "bitsandbytes"),                              # LLM.int8, threshold 6
+    "int8-t0": ("fp32", dict(load_in_8bit=True, llm_int8_threshold=0.0), "bitsandbytes"),   # plain int8
+    "nf4-dq": ("fp32", NF4_DQ, "bitsandbytes"),
+    "nf4-dq-wo": ("fp32", NF4_DQ, "weight-only"),
+    "nf4": ("fp32", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False),
+            "bitsandbytes"),
+    "fp4-dq": ("fp32", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
+               "bitsandbytes"),
+    "fp4": ("fp32", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False),
+            "bitsandbytes"),
 }
 
 
 def load(fmt: str):
-    """The converted model in one weight format, on the CPU (4-bit computes in bf16, as the lesson's --quant 4bit)."""
+    """The converted model in one weight format, on the CPU (4-bit computes in bf16, as the lesson's --quant 4bit);
+    weight-only formats have their bitsandbytes layers swapped before any forward, so that they multiply the weights
+    as quantized (what a GPU holds), not bitsandbytes' CPU repacking of them."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    dtype, bnb = FORMATS[fmt]
+    dtype, bnb, matmul = FORMATS[fmt]
     kw = dict(dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], device_map={"": "cpu"})
     if bnb:
         extra = dict(bnb_4bit_compute_dtype=torch.bfloat16) if bnb.get("load_in_4bit") else {}
         kw["quantization_config"] = BitsAndBytesConfig(**bnb, **extra)
-    return AutoModelForCausalLM.from_pretrained(lesson.model_source(MODEL), **kw).eval()
+    model = AutoModelForCausalLM.from_pretrained(lesson.model_source(MODEL), **kw).eval()
+    if matmul == "weight-only":
+        from extensions.quantized_matmul import weight_only
+        weight_only(model)
+    return model
+
+
+def matmul_in(model) -> str | None:
+    """The matmul that multiplies the model's quantized weights, read from its layers (None: none quantized)."""
+    kinds = {type(m).__name__ for m in model.modules()}
+    return "weight-only" if kinds & {"Int4WeightOnly", "Int8WeightOnly"} else \
+        "bitsandbytes" if kinds & {"Linear4bit", "Linear8bitLt"} else None
+
+
+def bnb_cpu_repack(model) -> bool:
+    """Whether bitsandbytes repacked the model's 4-bit weights for its AVX512-BF16 CPU kernel (at their first
+    forward), rounding their block scales to bf16: then its matmul multiplies slightly other weights than stored."""
+    return any(getattr(getattr(p, "quant_state", None), "packing_format_for_cpu", False) for p in model.parameters())
 
 
 def perplexity(model, ids) -> float:
@@ -75,11 +109,12 @@ def answers(model, tokenizer, prompts: list[str], new_tokens: int) -> list[str]:
 
 
 def evaluate(fmt: str, ids, tokenizer, new_tokens: int) -> dict:
-    """One row: perplexity, weight bytes, DeepSpeed bit-identical or not, greedy answers."""
+    """One row: perplexity, the matmul, weight bytes, DeepSpeed bit-identical or not, greedy answers."""
     import deepspeed
     import torch
     t0 = time.perf_counter()
     model = load(fmt)
+    stored = lesson.weight_bytes(model)        # before any forward: as quantized, not as a CPU kernel repacks them
     ppl = perplexity(model, ids)
     with torch.no_grad():
         plain = model(input_ids=ids[:, :64]).logits
@@ -88,7 +123,8 @@ def evaluate(fmt: str, ids, tokenizer, new_tokens: int) -> dict:
                                           replace_with_kernel_inject=False)
     with torch.no_grad():
         wrapped = engine(input_ids=ids[:, :64]).logits
-    return {"format": fmt, "perplexity": ppl, "weight_gb": lesson.weight_bytes(model) / 1e9,
+    return {"format": fmt, "perplexity": ppl, "matmul": matmul_in(model), "bnb_cpu_repack": bnb_cpu_repack(model),
+            "weight_gb": stored / 1e9,
             "deepspeed_bit_identical": bool(torch.equal(plain, wrapped)),
             "answers": answers(model, tokenizer, PROMPTS, new_tokens) if new_tokens else [],
             "seconds": time.perf_counter() - t0}
@@ -122,12 +158,19 @@ def main(argv=None) -> int:
         return 2
     base = next((r["perplexity"] for r in rows if r["format"] == "fp32"), None)
     print(f"{MODEL}: perplexity on the first {ids.shape[1]} tokens of LICENSE, CPU")
-    print(f"{'format':<9}{'perplexity':>11}{'vs fp32':>9}{'weights GB':>12}  DeepSpeed bit-identical  first answer")
+    print(f"{'format':<10}{'matmul':<14}{'perplexity':>11}{'vs fp32':>9}{'weights GB':>12}  DeepSpeed bit-identical"
+          f"  first answer")
     for r in rows:
         vs = f"{r['perplexity'] / base - 1:+.1%}" if base else "-"
         first = (r["answers"] or [""])[0][:60]
-        print(f"{r['format']:<9}{r['perplexity']:>11.3f}{vs:>9}{r['weight_gb']:>12.3f}  "
+        matmul = (r["matmul"] or "-") + "*" * r["bnb_cpu_repack"]
+        print(f"{r['format']:<10}{matmul:<14}{r['perplexity']:>11.3f}{vs:>9}{r['weight_gb']:>12.3f}  "
               f"{str(r['deepspeed_bit_identical']):<24} {first!r}")
+    if any(r["bnb_cpu_repack"] for r in rows):
+        print("* bitsandbytes repacked these 4-bit weights for its AVX512-BF16 CPU kernel, scales rounded to bf16")
+    by = {r["format"]: r["perplexity"] for r in rows}
+    if {"nf4-dq", "nf4-dq-wo"} <= set(by):
+        print(f"nf4-dq: weight-only matmul vs bitsandbytes': perplexity {by['nf4-dq-wo'] / by['nf4-dq'] - 1:+.2%}")
     if args.json:
         lesson.write_json({"date": time.strftime("%Y-%m-%d"), "model": MODEL, "text": "LICENSE",
                            "tokens": int(ids.shape[1]), "prompts": PROMPTS, "versions": lesson.versions(),

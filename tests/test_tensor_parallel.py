@@ -1,7 +1,9 @@
 """extensions/tensor_parallel.py (第六节): tensor parallel where each rank builds only its own shard, unquantized or
 bitsandbytes 8/4-bit. Two CPU ranks build a preset and a safetensors checkpoint shard by shard; each rank's quantized
 shard holds the very values of the unsharded quantized layer; the engine is verified against the unsharded (or tp 1
-quantized) model's first layers, and its greedy texts are the lesson's at tp 1."""
+quantized) model's first layers, and its greedy texts are the lesson's at tp 1. 4-bit and plain int8 shards multiply
+weight-only by default (Int4WeightOnly / Int8WeightOnly over the same stored weights); --matmul bitsandbytes keeps
+bitsandbytes' layers."""
 import json
 
 import bitsandbytes.functional as F
@@ -12,7 +14,8 @@ import ds_bnb_infer as m
 from conftest import ROOT, launch, run_cli
 from extensions import tensor_parallel as tp
 from extensions.fast_decode import FastDecodeConfig, decode_step
-from extensions.tensor_parallel import filled_and_quantized, int8_rows, nf4_shard
+from extensions.quantized_matmul import weight_only
+from extensions.tensor_parallel import TensorParallelConfig, filled_and_quantized, int8_rows, nf4_shard
 
 TP = ROOT / "extensions" / "tensor_parallel.py"
 PROMPTS = ["tensor parallel", "two ranks, each with its own shard"]
@@ -166,24 +169,32 @@ def test_8bit_shards_dequantize_to_the_slices_of_the_unsharded_layer(row_paralle
         assert not torch.equal(c.float() * s[:, None] / 127, full.chunk(2, dim)[0])
 
 
-def _tp1_quantized_texts(quant, threshold, prompts, new_tokens):
-    """tp 1: the lesson's quantized model in this process, greedy."""
+def _tp1_quantized_texts(quant, threshold, prompts, new_tokens, matmul="weight-only"):
+    """tp 1: the lesson's quantized model in this process, greedy, with the matmul the shards use (weight-only: its
+    layers swapped before any forward, as tensor_parallel.py's reference is)."""
     config = m.DeployConfig(model_name="random:tiny", quant=quant, int8_threshold=threshold, dtype="fp32",
                             max_new_tokens=new_tokens, batch_size=len(prompts), device="cpu")
     model = m.load_model(config, quant, "cpu")
+    if matmul == "weight-only":
+        assert weight_only(model) == 14
     return m.generate(model, m.load_tokenizer(config), prompts, config)["texts"]
 
 
-@pytest.mark.parametrize("quant, threshold, fast", [("4bit", 6.0, True), ("8bit", 0.0, False)])
-def test_two_cpu_ranks_quantized_verified_against_tp1_with_its_texts(quant, threshold, fast, tmp_path):
+@pytest.mark.parametrize("quant, threshold, fast, matmul, layer", [
+    ("4bit", 6.0, True, "weight-only", "Int4WeightOnly"), ("8bit", 0.0, False, "weight-only", "Int8WeightOnly"),
+    ("4bit", 6.0, False, "bitsandbytes", "Linear4bit")])
+def test_two_cpu_ranks_quantized_verified_against_tp1_with_its_texts(quant, threshold, fast, matmul, layer, tmp_path):
     """deepspeed --num_gpus=2 extensions/tensor_parallel.py --tp-size 2 --quant ...: AutoTP shards, each rank quantizes its
-    slices, the engine passes verification against the same model quantized at tp 1 (rank 0), its greedy texts
-    (left-padded batch of two) are tp 1's, and both ranks exit. With --fast-decode the loop is verified too."""
+    slices, the engine passes verification against the same model quantized at tp 1 (rank 0) with the same matmul,
+    its greedy texts (left-padded batch of two) are tp 1's, and both ranks exit. With --fast-decode the loop is
+    verified too. 4-bit and plain int8 shards multiply weight-only by default; --matmul bitsandbytes keeps
+    bitsandbytes' layers."""
     prompts, new_tokens = ["tensor parallel", "two ranks, one quantized model"], 12
     args = ["--model", "random:tiny", "--quant", quant, "--dtype", "fp32", "--max-new-tokens", str(new_tokens),
             "--iters", "1", "--warmup", "0", "--batch-size", "2", "--json", str(tmp_path / "tp2.json")]
     args += ["--int8-threshold", str(threshold)] if quant == "8bit" else []
     args += ["--fast-decode"] if fast else []
+    args += ["--matmul", "bitsandbytes"] if matmul == "bitsandbytes" else []
     for p in prompts:
         args += ["--prompt", p]
     r = _launch(*args)
@@ -192,9 +203,12 @@ def test_two_cpu_ranks_quantized_verified_against_tp1_with_its_texts(quant, thre
     engine, verify = report["engine"], report["engine"]["verify"]
     assert report["hardware"]["world_size"] == 2 and engine["quant"] == quant and "14 linears" in engine["notes"][1]
     assert verify["passed"] and verify["tolerance"] == m.KERNEL_TOL["bf16" if quant == "4bit" else "fp32"] and verify["greedy_tokens_matching"] == 16
-    assert verify["reference"] == f"layers 1-2 of 2 quantized {quant} at tp 1 (rank 0, cpu, torch.float32)"
+    assert verify["reference"] == f"layers 1-2 of 2 quantized {quant} at tp 1, {matmul} matmul (rank 0, cpu, " \
+                                  "torch.float32)"
+    assert engine["notes"][-1] == f"{matmul} matmul: 14 {layer}"          # counted from the shards' modules
     assert ("decoder" in verify and verify["decoder"]["passed"]) == fast
-    assert [o["text"] for o in report["outputs"]] == _tp1_quantized_texts(quant, threshold, prompts, new_tokens)
+    assert [o["text"] for o in report["outputs"]] == _tp1_quantized_texts(quant, threshold, prompts, new_tokens,
+                                                                          matmul)
     assert (r.stdout + r.stderr).count("exits successfully") == 2
 
 
@@ -206,6 +220,7 @@ def test_two_cpu_ranks_quantized_verified_against_tp1_with_its_texts(quant, thre
     (["--tp-size", "2", "--quant", "8bit", "--kernel-inject"], "without kernel injection"),
     (["--tp-size", "2", "--quant", "4bit", "--bnb-4bit-quant-type", "fp4"], "shards 4-bit as nf4"),
     (["--tp-size", "2", "--quant", "8bit", "--step", "eager"], "add --fast-decode"),
+    (["--tp-size", "2", "--quant", "8bit", "--matmul", "weight-only"], "or --quant 8bit --int8-threshold 0"),
     (["--tp-size", "2", "--quant", "8bit"], "needs 2 ranks but 1 were launched")])
 def test_bad_input_is_one_sentence_and_exit_2(args, words):
     r = run_cli("--model", "random:tiny", "--dtype", "fp32", *args, script=TP)
@@ -250,8 +265,26 @@ def test_tp1_with_fast_decode_is_verified_with_the_lessons_texts(tmp_path):
     report = json.loads((tmp_path / "tp1.json").read_text())
     engine, verify = report["engine"], report["engine"]["verify"]
     assert "quantized 4bit as they were filled" in engine["notes"][0] and engine["decode"] == "eager"
+    assert engine["notes"][1] == "weight-only matmul: 14 Int4WeightOnly"
     assert verify["passed"] and verify["decoder"]["passed"] and "decoding against the engine" in verify["summary"]
     assert [o["text"] for o in report["outputs"]] == _tp1_quantized_texts("4bit", 6.0, prompts, new_tokens)
+
+
+@pytest.mark.parametrize("matmul, layer", [("auto", "Int4WeightOnly"), ("bitsandbytes", "Linear4bit")])
+def test_tp1_4bit_shards_multiply_weight_only_unless_bitsandbytes_is_asked_for(matmul, layer):
+    """--tp-size 1 --quant 4bit in this process: the engine's 4-bit linears are Int4WeightOnly over the very packed
+    codes and scales (auto), or bitsandbytes' Linear4bit (--matmul bitsandbytes); either passes the depth check
+    against the lesson's 4-bit layers multiplied the same way."""
+    import bitsandbytes as bnb
+    config = TensorParallelConfig(model_name="random:tiny", quant="4bit", dtype="fp32", device="cpu", matmul=matmul,
+                                  max_new_tokens=4, prompts=["one device"])
+    engine, _, info = tp.init_engine(config)
+    kinds = {type(x.linear).__name__ for x in engine.module.modules() if isinstance(x, tp.shard_class())}
+    assert kinds == {layer} and info.verify["passed"]
+    assert any(isinstance(x, bnb.nn.Linear4bit) for x in engine.module.modules()) == (layer == "Linear4bit")
+    if layer == "Int4WeightOnly":               # exact at tp 1: the same weights, the same matmul
+        assert info.verify["prefill_rel_error"] == 0 and info.verify["decode_rel_error"] == 0
+    assert info.notes[-1] == f"{'weight-only' if matmul == 'auto' else matmul} matmul: 14 {layer}"
 
 
 @pytest.mark.parametrize("quant, threshold, mode", [("4bit", 6.0, "cuda-graph"), ("8bit", 0.0, "cuda-graph"),
@@ -259,9 +292,13 @@ def test_tp1_with_fast_decode_is_verified_with_the_lessons_texts(tmp_path):
 def test_fast_decode_would_capture_the_quantized_shards_on_a_gpu(quant, threshold, mode):
     """fast_decode.py picks its step by the layers it finds: tensor_parallel.py's bitsandbytes layers (no transformers
     quantizer behind them) are captured as a CUDA graph on a GPU - torch.compile of them fails verification - and
-    LLM.int8 with outliers stays eager. (Choosing touches no GPU, so a CPU checks it.)"""
+    LLM.int8 with outliers stays eager; swapped to weight-only (--matmul auto) they compile. (Choosing touches no
+    GPU, so a CPU checks it.)"""
     config = m.DeployConfig(model_name="random:tiny", quant=quant, dtype="fp32", int8_threshold=threshold,
                             device="cpu")
     model, _ = filled_and_quantized(config, "cpu", torch.float32)
     assert getattr(model, "hf_quantizer", None) is None
     assert decode_step(model, torch.device("cuda"), FastDecodeConfig())[1] == mode
+    if quant == "4bit" or threshold == 0:       # weight-only shards (--matmul auto): plain torch, compiled
+        weight_only(model)
+        assert decode_step(model, torch.device("cuda"), FastDecodeConfig())[1] == "compiled"
