@@ -14,7 +14,6 @@ Each variant's output is compared with x @ W^T (W bitsandbytes' dequantized weig
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -22,6 +21,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from probe_kernel_4bit import graph_time  # noqa: E402   (the same timing as the kernel's probe)
 
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
 COPIES = 8
@@ -104,26 +105,6 @@ def matmul16(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr
         x = tl.load(x_ptr + m[:, None] * K + col[None, :], mask=(m < M)[:, None] & (col < K)[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
     tl.store(out_ptr + m[:, None] * N + rows[None, :], acc, mask=(m < M)[:, None] & row_ok[None, :])
-
-
-def graph_time(fns, calls=24, replays=5):
-    """Seconds a call: one CUDA graph of `calls` calls cycling through `fns`, replayed; median over replays."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return statistics.median(times)
 
 
 def main() -> int:
