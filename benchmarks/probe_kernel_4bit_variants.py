@@ -3,12 +3,13 @@
 Device probe (issue 25): where the time of a 4-bit matrix-vector kernel goes, at Llama-2-7B's shapes, nf4 + double
 quant, fp16. Variants of extensions/kernel_4bit.py's matvec (one row of x), each timed as a CUDA graph of 24 calls
 that cycle through 8 copies of the weights (more than the card's L2 cache, so every call reads from memory), beside
-bitsandbytes' matmul_4bit and the fp16 matvec timed the same way:
-  words              the codes read as int32 words of 8 codes, a table lookup each, each weight rounded to fp16
-                     (exact), the loads of a step issued at that step
-  prefetch           the same, each step's loads issued one step ahead (the loop does not wait on memory)
-  prefetch-split     prefetch, a program per (rows, quarter of K), the parts summed by atomic adds
-  prefetch-nolookup  prefetch without the table lookup (a linear code: not nf4; what the lookup costs)
+bitsandbytes' matmul_4bit and the fp16 matvec timed the same way; 16 rows: the tensor-core tile (dot16):
+  prefetch           the kernel's first matvec: a [rows, blocks, 8 words, 8 codes] tile, int32 words, a table lookup
+                     each, each weight rounded to fp16 (exact), each step's loads issued one step ahead
+  2d                 the kernel's matvec now: a [rows, words] tile, a word's codes taken one shift at a time, at each
+                     of extensions/kernel_4bit.py's MATVEC_TILINGS
+  2d-noround         2d with each weight left in fp32 (what the rounding to fp16 costs)
+  2d-nolookup        2d without the table lookup (a linear code: not nf4; what the lookup costs)
 Each variant's output is compared with x @ W^T (W bitsandbytes' dequantized weight) in fp32.
 """
 import argparse
@@ -23,6 +24,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from probe_kernel_4bit import graph_time  # noqa: E402   (the same timing as the kernel's probe)
+from extensions import kernel_4bit as K  # noqa: E402
 
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
 COPIES = 8
@@ -85,6 +87,45 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
 
 
 @triton.jit
+def matvec2d(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, N, K,
+             LOOKUP: tl.constexpr, ROUND: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    """extensions/kernel_4bit.py's matvec (the [rows, words] tile, one shift at a time, the next step's loads issued
+    first), nested scales, fp16; LOOKUP=False: a linear code instead of the table (what the lookup costs);
+    ROUND=False: each weight left in fp32 (what rounding it to fp16 costs)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    KW = K // 8
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    col = tl.arange(0, WORDS)
+    ok = row_ok[:, None] & (col < KW)[None, :]
+    word = rows[:, None] * KW + col[None, :]
+    next_words = tl.load(w_ptr + word, mask=ok, other=0)
+    next_absmax = tl.load(absmax_ptr + word // 8, mask=ok, other=0)
+    for w0 in range(0, KW, WORDS):
+        words, absmax, block, cur_ok = next_words, next_absmax, word // 8, ok
+        word += WORDS
+        ok = row_ok[:, None] & (col + w0 + WORDS < KW)[None, :]
+        next_words = tl.load(w_ptr + word, mask=ok, other=0)
+        next_absmax = tl.load(absmax_ptr + word // 8, mask=ok, other=0)
+        scale = tl.load(code2_ptr + absmax.to(tl.int32)) * tl.load(absmax2_ptr + block // 256, mask=cur_ok, other=0.0)
+        scale = scale + offset
+        x_col = (w0 + col) * 8
+        x_ok = w0 + col < KW
+        for j in tl.static_range(8):
+            codes = (words >> ((j // 2) * 8 + 4 * (1 - j % 2))) & 15
+            if LOOKUP:
+                c = tl.load(code_ptr + codes)
+            else:
+                c = codes.to(tl.float32) * 0.125 - 1.0
+            weight = c * scale
+            if ROUND:
+                weight = weight.to(tl.float16).to(tl.float32)
+            x = tl.load(x_ptr + x_col + j, mask=x_ok, other=0.0).to(tl.float32)
+            acc += weight * x[None, :]
+    tl.store(out_ptr + rows, tl.sum(acc, axis=1), mask=row_ok)
+
+
+@triton.jit
 def matmul16(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, M, N, K,
              BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
     """16 rows of x: the tile dequantized in K's natural order ([R, B*64] fp16), then tl.dot on the tensor cores."""
@@ -114,11 +155,11 @@ def main() -> int:
     parser.add_argument("--json", default="variants.json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    variants = {"words": dict(PREFETCH=False, LOOKUP=True, SPLIT=False),
-                "prefetch": dict(PREFETCH=True, LOOKUP=True, SPLIT=False),
-                "prefetch-split": dict(PREFETCH=True, LOOKUP=True, SPLIT=True),
-                "prefetch-nolookup": dict(PREFETCH=True, LOOKUP=False, SPLIT=False)}
-    tilings = [(4, 4, 4), (8, 4, 4), (8, 8, 4), (4, 8, 4), (16, 4, 8), (8, 8, 8), (4, 16, 8), (2, 8, 2)]
+    variants = {"prefetch": dict(PREFETCH=True, LOOKUP=True, SPLIT=False)}
+    tilings = [(8, 8, 4), (4, 8, 4)]
+    variants2d = {"2d": dict(LOOKUP=True, ROUND=True), "2d-noround": dict(LOOKUP=True, ROUND=False),
+                  "2d-nolookup": dict(LOOKUP=False, ROUND=True)}
+    tilings2d = [(bn, words, warps) for bn, words, warps, _ in K.MATVEC_TILINGS]
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "bitsandbytes": bnb.__version__, "rows": {}}
     for name, (n, k) in SHAPES.items():
@@ -156,6 +197,25 @@ def main() -> int:
                     exact = x.float() @ copies[0][4].float().t()
                     err = float((outs[0] - exact).norm() / exact.norm())
                     seconds = graph_time([lambda c=c, o=o: call(c, o) for c, o in zip(copies, outs)])
+                    rows[label] = seconds
+                    print(f"{name} {label}: {seconds * 1e6:.1f} us, {nbytes / seconds / 1e9:.0f} GB/s, "
+                          f"rel err {err:.1e}", flush=True)
+                except Exception as e:
+                    print(f"{name} {label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+        for vname, flags in variants2d.items():
+            for bn, nwords, warps in tilings2d:
+                label = f"{vname} BLOCK_N={bn} WORDS={nwords} warps={warps}"
+                try:
+                    outs = [torch.zeros(1, n, dtype=torch.float32, device="cuda") for _ in copies]
+                    def call2d(c, out):
+                        matvec2d[(triton.cdiv(n, bn),)](
+                            x, c[1].view(-1).view(torch.int32), c[2].absmax, c[2].state2.absmax, c[2].state2.code,
+                            c[2].code, out, c[3], n, k, **flags, BLOCK_N=bn, WORDS=nwords, num_warps=warps,
+                            num_stages=1, enable_fp_fusion=False)
+                    call2d(copies[0], outs[0])
+                    exact = x.float() @ copies[0][4].float().t()
+                    err = float((outs[0] - exact).norm() / exact.norm())
+                    seconds = graph_time([lambda c=c, o=o: call2d(c, o) for c, o in zip(copies, outs)])
                     rows[label] = seconds
                     print(f"{name} {label}: {seconds * 1e6:.1f} us, {nbytes / seconds / 1e9:.0f} GB/s, "
                           f"rel err {err:.1e}", flush=True)
