@@ -4,10 +4,10 @@ Device probe (issue 25): where the time of a 4-bit matrix-vector kernel goes, at
 quant, fp16. Variants of extensions/kernel_4bit.py's matvec (one row of x), each timed as a CUDA graph of 24 calls
 that cycle through 8 copies of the weights (more than the card's L2 cache, so every call reads from memory), beside
 bitsandbytes' matmul_4bit and the fp16 matvec timed the same way; 16 rows: the tensor-core tile (dot16):
-  prefetch           the kernel's first matvec: a [rows, blocks, 8 words, 8 codes] tile, int32 words, a table lookup
-                     each, each weight rounded to fp16 (exact), each step's loads issued one step ahead
-  2d                 the kernel's matvec now: a [rows, words] tile, a word's codes taken one shift at a time, at each
-                     of extensions/kernel_4bit.py's MATVEC_TILINGS
+  prefetch           extensions/kernel_4bit.py's matvec: a [rows, blocks, 8 words, 8 codes] tile, int32 words, a table
+                     lookup each, each weight rounded to fp16 (exact), each step's loads issued one step ahead
+  2d                 a form tried after it (slower: benchmarks/README.md): a [rows, words] tile, a word's codes taken
+                     one shift at a time into the word's own sum, x read once per code position (strided)
   2d-noround         2d with each weight left in fp32 (what the rounding to fp16 costs)
   2d-nolookup        2d without the table lookup (a linear code: not nf4; what the lookup costs)
 Each variant's output is compared with x @ W^T (W bitsandbytes' dequantized weight) in fp32.
@@ -24,7 +24,6 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from probe_kernel_4bit import graph_time  # noqa: E402   (the same timing as the kernel's probe)
-from extensions import kernel_4bit as K  # noqa: E402
 
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
 COPIES = 8
@@ -89,8 +88,8 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
 @triton.jit
 def matvec2d(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, N, K,
              LOOKUP: tl.constexpr, ROUND: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
-    """extensions/kernel_4bit.py's matvec (the [rows, words] tile, one shift at a time, the next step's loads issued
-    first), nested scales, fp16; LOOKUP=False: a linear code instead of the table (what the lookup costs);
+    """The [rows, words] form of the matvec (one shift at a time, the next step's loads issued first), nested scales,
+    fp16; LOOKUP=False: a linear code instead of the table (what the lookup costs);
     ROUND=False: each weight left in fp32 (what rounding it to fp16 costs)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -159,7 +158,8 @@ def main() -> int:
     tilings = [(8, 8, 4), (4, 8, 4)]
     variants2d = {"2d": dict(LOOKUP=True, ROUND=True), "2d-noround": dict(LOOKUP=True, ROUND=False),
                   "2d-nolookup": dict(LOOKUP=False, ROUND=True)}
-    tilings2d = [(bn, words, warps) for bn, words, warps, _ in K.MATVEC_TILINGS]
+    tilings2d = [(1, 512, 4), (2, 256, 4), (4, 128, 4), (8, 64, 4), (2, 512, 4), (4, 256, 4), (8, 128, 4), (4, 256, 8),
+                 (8, 256, 8), (16, 128, 8), (1, 256, 2), (2, 128, 2)]
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "bitsandbytes": bnb.__version__, "rows": {}}
     for name, (n, k) in SHAPES.items():

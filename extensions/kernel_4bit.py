@@ -69,54 +69,20 @@ def dequantize_tile(words, absmax, absmax2, code2_ptr, code_ptr, offset, NESTED:
     return weight.to(W_DTYPE).to(X_DTYPE)
 
 @triton.jit
-def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, N, K,
-           NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
-    """out[N] = W[N, K] @ x[K] (one row of x); a program: BLOCK_N rows of W, WORDS words (8 codes each) of each row a
-    step along K. The tile stays two-dimensional, [rows, words]: a word's 8 codes are taken one shift at a time, each
-    multiplied by x's matching column and added into the word's own sum, so no register is spent on the codes' axis
-    and no value moves between threads until the single sum at the end."""
-    X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    KW = K // 8                                                                   # words a row
-    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-    col = tl.arange(0, WORDS)
-    ok = row_ok[:, None] & (col < KW)[None, :]
-    word = rows[:, None] * KW + col[None, :]                                      # [R, W]: the word's index
-    next_words = tl.load(w_ptr + word, mask=ok, other=0)
-    next_absmax = tl.load(absmax_ptr + word // 8, mask=ok, other=0)               # 8 words a block of 64 codes
-    for w0 in range(0, KW, WORDS):
-        words, absmax, block, cur_ok = next_words, next_absmax, word // 8, ok
-        word += WORDS                                                             # the next step's loads, now
-        ok = row_ok[:, None] & (col + w0 + WORDS < KW)[None, :]
-        next_words = tl.load(w_ptr + word, mask=ok, other=0)
-        next_absmax = tl.load(absmax_ptr + word // 8, mask=ok, other=0)
-        if NESTED:
-            scale = tl.load(code2_ptr + absmax.to(tl.int32)) * tl.load(absmax2_ptr + block // 256, mask=cur_ok,
-                                                                          other=0.0)
-            scale = scale + offset
-        else:
-            scale = absmax
-        x_col = (w0 + col) * 8
-        x_ok = w0 + col < KW
-        for j in tl.static_range(8):   # a little-endian word: bytes 0..3, each byte's first code its high nibble
-            codes = (words >> ((j // 2) * 8 + 4 * (1 - j % 2))) & 15
-            weight = (tl.load(code_ptr + codes) * scale).to(W_DTYPE).to(X_DTYPE).to(tl.float32)
-            x = tl.load(x_ptr + x_col + j, mask=x_ok, other=0.0).to(tl.float32)
-            acc += weight * x[None, :]
-    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(X_DTYPE), mask=row_ok)
-
-@triton.jit
 def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, M, N, K,
-           NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
-    """out[M, N] = x[M, K] @ W[N, K]^T for 2-16 rows of x on the tensor cores; a program: BLOCK_N rows of W against
-    the 16 rows, BLOCKS blocks of 64 codes a step along K, the tile dequantized in K's order for tl.dot."""
+           NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCKS: tl.constexpr):
+    """out[M, N] = x[M, K] @ W[N, K]^T; a program: BLOCK_N rows of W against BLOCK_M rows of x (1: a matvec), BLOCKS
+    blocks of 64 codes a step along K."""
     X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    m = tl.arange(0, 16)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     KB = K // 64
-    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    if BLOCK_M == 1:        # a matvec: multiply-add elementwise, one sum at the end
+        acc = tl.zeros((BLOCK_N, BLOCKS, 8, 8), dtype=tl.float32)
+    else:                   # 2-16 rows: the tensor cores
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     next_words, next_absmax, next_absmax2 = load_step(w_ptr, absmax_ptr, absmax2_ptr, rows, row_ok, 0, KB, NESTED,
                                                       BLOCKS)
     for b0 in range(0, KB, BLOCKS):
@@ -125,9 +91,17 @@ def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
                                                           KB, NESTED, BLOCKS)
         weight = dequantize_tile(words, absmax, absmax2, code2_ptr, code_ptr, offset, NESTED, W_DTYPE, X_DTYPE)
         col = b0 * 64 + tl.arange(0, BLOCKS * 64)                                 # this step's columns of x
-        x = tl.load(x_ptr + m[:, None] * K + col[None, :], mask=(m < M)[:, None] & (col < K)[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(weight.reshape(BLOCK_N, BLOCKS * 64)), acc)
-    tl.store(out_ptr + m[:, None] * N + rows[None, :], acc.to(X_DTYPE), mask=(m < M)[:, None] & row_ok[None, :])
+        if BLOCK_M == 1:
+            x = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32).reshape(1, BLOCKS, 8, 8)
+            acc += weight.to(tl.float32) * x
+        else:
+            x = tl.load(x_ptr + m[:, None] * K + col[None, :], mask=(m < M)[:, None] & (col < K)[None, :],
+                        other=0.0)
+            acc = tl.dot(x, tl.trans(weight.reshape(BLOCK_N, BLOCKS * 64)), acc)
+    if BLOCK_M == 1:
+        tl.store(out_ptr + rows, tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1).to(X_DTYPE), mask=row_ok)
+    else:
+        tl.store(out_ptr + m[:, None] * N + rows[None, :], acc.to(X_DTYPE), mask=(m < M)[:, None] & row_ok[None, :])
 
 @triton.jit
 def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, N, K,
@@ -142,20 +116,17 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
     tl.store(out_ptr + rows[:, None] * K + col[None, :], weight.reshape(BLOCK_N, BLOCKS * 64),
              mask=(rows < N)[:, None] & (col < K)[None, :])
 
-def autotuned(kernel, configs, names):
-    """The kernel with its tiling picked on the GPU, once per (N, K): the first call of a shape times each
+def autotuned(configs, block_m: int):
+    """The matmul with its tiling picked on the GPU, once per (N, K): the first call of a shape times each
     configuration (the decoders' warm-up runs make that call, before any CUDA graph is captured)."""
-    return triton.autotune([triton.Config(dict(zip(names, c[:2])), num_warps=c[2], num_stages=c[3])
-                            for c in configs], key=["N", "K"])(kernel)
+    return triton.autotune([triton.Config(dict(BLOCK_M=block_m, BLOCK_N=n, BLOCKS=b), num_warps=w, num_stages=s)
+                            for n, b, w, s in configs], key=["N", "K"])(matmul)
 
-# The tilings tried. The matvec: (rows of W a program, words a row a step, warps, stages) — 4 to 16 words (16 to 64
-# bytes of codes) a thread a step, so that enough loads are in flight to keep the memory busy. The tensor-core path:
-# (rows of W a program, blocks of 64 codes a step, warps, pipeline stages).
-MATVEC_TILINGS = [(1, 512, 4, 1), (2, 256, 4, 1), (4, 128, 4, 1), (8, 64, 4, 1), (2, 512, 4, 1), (4, 256, 4, 1),
-                  (8, 128, 4, 1), (4, 256, 8, 1), (8, 256, 8, 1), (16, 128, 8, 1), (1, 256, 2, 1), (2, 128, 2, 1)]
-MATVEC = autotuned(matvec, MATVEC_TILINGS, ("BLOCK_N", "WORDS"))
-DOT = autotuned(matmul, [(32, 1, 4, 3), (32, 2, 4, 3), (64, 1, 4, 3), (64, 2, 4, 3), (64, 2, 8, 3), (128, 1, 8, 3),
-                         (32, 4, 4, 2), (16, 2, 4, 3)], ("BLOCK_N", "BLOCKS"))
+# The tilings tried: (rows of W a program, blocks of 64 codes a step, warps, pipeline stages).
+MATVEC = autotuned([(4, 4, 4, 1), (8, 4, 4, 1), (8, 8, 4, 1), (4, 8, 4, 1), (16, 4, 8, 1), (8, 8, 8, 1),
+                    (4, 16, 8, 1), (2, 8, 2, 1)], 1)
+DOT = autotuned([(32, 1, 4, 3), (32, 2, 4, 3), (64, 1, 4, 3), (64, 2, 4, 3), (64, 2, 8, 3), (128, 1, 8, 3),
+                 (32, 4, 4, 2), (16, 2, 4, 3)], 16)
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -179,23 +150,22 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, abs
                 weight_dtype: torch.dtype, tiling: list[int] | None = None) -> torch.Tensor:
     """x[M, K] @ W^T (M <= 16; x contiguous, in the compute dtype) with W read from bitsandbytes' storage. A custom
     op: torch.compile keeps it whole in the compiled step (and a CUDA graph captures its launch). `offset` is a float
-    the caller keeps (reading it from the GPU on each call would wait for the GPU). tiling fixes the tiling (Triton's
-    interpreter, a test): (BLOCK_N, WORDS) for one row, (BLOCK_N, BLOCKS) for more; by default the autotuned kernels
-    pick it."""
+    the caller keeps (reading it from the GPU on each call would wait for the GPU). tiling (BLOCK_N, BLOCKS) fixes
+    the tiling (Triton's interpreter, a test); by default the autotuned kernel picks it."""
     m, k = x.shape
     n = out_features
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    args = (x, words(packed), absmax, absmax2, code2, code, out, offset, m, n, k)
     flags = dict(NESTED=nested, W_DTYPE=TL_DTYPES[weight_dtype])
-    if m == 1:
-        args = (x, words(packed), absmax, absmax2, code2, code, out, offset, n, k)
-        kernel, names = (MATVEC, {}) if tiling is None else (matvec, dict(BLOCK_N=tiling[0], WORDS=tiling[1]))
-    else:
-        args = (x, words(packed), absmax, absmax2, code2, code, out, offset, m, n, k)
-        kernel, names = (DOT, {}) if tiling is None else (matmul, dict(BLOCK_N=tiling[0], BLOCKS=tiling[1]))
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    block_m = 1 if m == 1 else 16
     # enable_fp_fusion=False: the scale's product and its sum with the offset are rounded apart, as in bitsandbytes
     # (a fused multiply-add rounds once: a scale could differ in its last bit).
-    kernel[grid](*args, **flags, **names, enable_fp_fusion=False)
+    if tiling is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
+        (MATVEC if m == 1 else DOT)[grid](*args, **flags, enable_fp_fusion=False)
+    else:
+        matmul[(triton.cdiv(n, tiling[0]), triton.cdiv(m, block_m))](
+            *args, **flags, BLOCK_M=block_m, BLOCK_N=tiling[0], BLOCKS=tiling[1], enable_fp_fusion=False)
     return out
 
 @matmul_4bit.register_fake
