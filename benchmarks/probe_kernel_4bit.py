@@ -2,14 +2,15 @@
     python benchmarks/probe_kernel_4bit.py --json $OUT/kernel-4bit.json          # ~3-5 min (kernel compiles)
 
 Device probe (issue 25): extensions/kernel_4bit.py's 4-bit matmul, one linear at a time, at Llama-2-7B's shapes.
-  exact    the kernel's dequantized weight (kernel_4bit.dequantize) against bitsandbytes' dequantize_4bit on the GPU,
-           bit for bit: nf4 and fp4, double quant on and off, fp16 and bf16, 7B shapes and two odd ones (a row of 576,
-           a block count that is not a multiple of 256).
+  exact    the kernel's dequantized weight (kernel_4bit.dequantize_state) against bitsandbytes' dequantize_4bit on the
+           GPU, bit for bit: nf4 and fp4, double quant on and off, fp16 and bf16, 7B shapes and two odd ones (a row of
+           576, a block count that is not a multiple of 256); q/k/v of a 7B layer fused (Int4WeightOnly.concatenate,
+           one offset a row), its dequantization and its matvec (one-hot rows of x).
   time     the kernel as the model calls it (the custom op, autotuned), bitsandbytes' matmul_4bit (what Linear4bit
-           runs) and the fp16 matmul of the same weight, x fp16 and bf16, 1 and 16 rows: CUDA graphs of 24 calls
-           cycling through 8 copies of the weights (more than L2 holds: every call reads memory), median of 5
-           replays; the kernel's weight bytes / time as GB/s; its output against x @ W^T in fp32; the tilings the
-           autotuner picked.
+           runs) and the fp16 matmul of the same weight (16 rows: also the kernel's dequantization, then F.linear),
+           x in --dtypes (fp16 and bf16), 1 and 16 rows: CUDA graphs of 24 calls cycling through 8 copies of the
+           weights (more than L2 holds: every call reads memory), median of 5 replays; the kernel's weight bytes /
+           time as GB/s; its output against x @ W^T in fp32; the tilings the autotuner picked.
 """
 import argparse
 import json
@@ -53,6 +54,8 @@ def main() -> int:
     from extensions import kernel_4bit as K
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default="kernel-4bit.json")
+    parser.add_argument("--dtypes", default="fp16,bf16", help="the dtypes of x timed (the JSON is written after each "
+                        "shape, so a run cut short keeps what it timed)")
     args = parser.parse_args()
     torch.manual_seed(0)
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -64,10 +67,23 @@ def main() -> int:
                     w = (torch.randn(n, k, device="cuda") * 0.02).to(dtype)
                     packed, qs = F.quantize_4bit(w, blocksize=64, quant_type=qt, compress_statistics=dq)
                     ref = F.dequantize_4bit(packed, qs)
-                    mine = K.dequantize(packed, qs)
+                    mine = K.dequantize_state(packed, qs)
                     key = f"{name} {qt} dq={dq} {str(dtype)[6:]}"
                     result["exact"][key] = {"equal": bool(torch.equal(mine, ref)),
                                             "differ": int((mine != ref).sum())}
+    # q, k and v of one 7B layer fused (Int4WeightOnly.concatenate): each part's own offset, read per row
+    from extensions.quantized_matmul import weight_only_4bit_class
+    for dtype in (torch.float16, torch.bfloat16):
+        layers = [F.quantize_4bit((torch.randn(4096, 4096, device="cuda") * s).to(dtype), blocksize=64,
+                                  compress_statistics=True) for s in (0.02, 0.05, 0.01)]
+        fused = weight_only_4bit_class().concatenate([weight_only_4bit_class().from_state(*layer) for layer in layers])
+        want = torch.cat([F.dequantize_4bit(*layer) for layer in layers])
+        x = torch.eye(4096, device="cuda", dtype=dtype)[[0, 1, 2, 3, 4, 5, 6, 7, 4095]]
+        one_row = torch.cat([fused(row[None]) for row in x])                  # the matvec, column by column
+        result["exact"][f"q/k/v fused {str(dtype)[6:]}"] = {
+            "equal": bool(torch.equal(fused.dequantized(), want))
+            and bool(torch.equal(one_row, want[:, x.argmax(1)].t())),
+            "differ": int((fused.dequantized() != want).sum())}
     bad = [k for k, v in result["exact"].items() if not v["equal"]]
     print(f"exact: {len(result['exact']) - len(bad)}/{len(result['exact'])} equal; differ: {bad}", flush=True)
     for name, (n, k) in SHAPES.items():
@@ -80,9 +96,9 @@ def main() -> int:
         nbytes = copies[0][0].numel() + copies[0][1].absmax.numel() + copies[0][1].state2.absmax.numel() * 4
         rows = {}
         for m in (1, 16):
-            for dtype in (torch.float16, torch.bfloat16):
+            for dtype in [{"fp16": torch.float16, "bf16": torch.bfloat16}[d] for d in args.dtypes.split(",")]:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
-                states = {id(c): K.state_args(c[1]) for c in copies}    # read on the host before any capture
+                states = {id(c): K.state_args(c[1]) for c in copies}    # the per-row offsets made before capture
                 def ours(c):
                     (absmax, absmax2, code2, code, offset), nested = states[id(c)]
                     return K.matmul_4bit(x, c[0], absmax, absmax2, code2, code, offset, n, nested, c[1].dtype)
@@ -95,14 +111,25 @@ def main() -> int:
                                                               for c in copies])
                 rows[f"fp16 F.linear {label}"] = graph_time([lambda c=c: torch.nn.functional.linear(x, c[2].to(dtype))
                                                             for c in copies[:3]])
+                if m > 1:    # the other way for several rows: the weight dequantized whole, then one matmul
+                    for tiling in ((4, 4), (16, 8)):
+                        def whole(c, tiling=tiling):
+                            (absmax, absmax2, code2, code, offset), nested = states[id(c)]
+                            weight = K.dequantize(c[0], absmax, absmax2, code2, code, offset, nested, c[1].shape,
+                                                  c[1].dtype, tiling)
+                            return torch.nn.functional.linear(x, weight.to(dtype))
+                        key = f"ours dequantize {tiling} + F.linear {label}"
+                        rows[key] = graph_time([lambda c=c: whole(c) for c in copies])
+                        print(f"{name} {key}: {rows[key] * 1e6:.1f} us", flush=True)
                 print(f"{name} {label}: ours {rows[f'ours {label}'] * 1e6:.1f} us "
                       f"({nbytes / rows[f'ours {label}'] / 1e9:.0f} GB/s, rel err {err:.1e}), bnb "
-                      f"{rows[f'bnb matmul_4bit {label}'] * 1e6:.1f} us, fp16 {rows[f'fp16 F.linear {label}'] * 1e6:.1f}"
-                      f" us", flush=True)
+                      f"{rows[f'bnb matmul_4bit {label}'] * 1e6:.1f} us, "
+                      f"fp16 {rows[f'fp16 F.linear {label}'] * 1e6:.1f} us", flush=True)
         best = {str(key): str(config) for key, config in K.MATVEC.cache.items()}
         best.update({str(key): str(config) for key, config in K.DOT.cache.items()})
         result["time"][name] = {"shape": [n, k], "weight_bytes": nbytes, "seconds": rows, "tilings": best}
         print(f"{name} autotuned: {best}", flush=True)
+        json.dump(result, open(args.json, "w"), indent=1)
         del copies
         torch.cuda.empty_cache()
     json.dump(result, open(args.json, "w"), indent=1)

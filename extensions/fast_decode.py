@@ -46,7 +46,8 @@ class FastDecodeConfig(lesson.DeployConfig):
                     "on a static KV cache, compiled by transformers"] = "ours"
     step: Annotated[Literal["auto", *STEPS], "how a decode step runs; auto: compiled (plain model on a GPU), "
                     "cuda-graph (bitsandbytes), eager (CPU; LLM.int8 with outliers)"] = "auto"
-    fuse: Annotated[bool, "one matmul for q/k/v and one for gate/up, where they are plain linears"] = True
+    fuse: Annotated[bool, "one matmul for q/k/v and one for gate/up, where they are plain linears or 4-bit "
+                    "weight-only layers"] = True
     tune: Annotated[bool, "torch.compile's coordinate-descent tuning of a compiled step's kernels"] = True
     all_reduce: Annotated[Literal["push", "one-shot", "nccl"], "tensor parallel, compiled step: push (no barrier), "
                           "one-shot (symmetric memory) or NCCL's (extensions/tp_all_reduce.py)"] = "push"
@@ -110,20 +111,20 @@ def part_class():
     import torch
 
     class Part(torch.nn.Module):
-        """Output `index` of one matmul over several linears' concatenated weights. Part 0, called first (q_proj,
-        gate_proj), runs the matmul; the others (k_proj, v_proj; up_proj), called next on the same input, hand out
-        their slice, and the last one drops the held outputs (nothing escapes a compiled step)."""
+        """Output `index` of one matmul over several linears' concatenated rows (`fused`: an nn.Linear, or a
+        quantized layer's concatenation). Part 0, called first (q_proj, gate_proj), holds the fused module and runs
+        it; the others (k_proj, v_proj; up_proj), called next on the same input, hand out their slice, and the last
+        one drops the held outputs (nothing escapes a compiled step)."""
 
-        def __init__(self, weight, bias, sizes, index, held):
+        def __init__(self, fused, sizes, index, held):
             super().__init__()
             self.index, self.sizes, self.held = index, sizes, held
-            if index == 0:                  # the fused weight belongs to part 0 (counted once in parameters())
-                self.weight = torch.nn.Parameter(weight, requires_grad=False)
-                self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+            if index == 0:                  # the fused weights belong to part 0 (counted once in parameters())
+                self.fused = fused
 
         def forward(self, x):
             if self.index == 0:
-                self.held["out"] = torch.nn.functional.linear(x, self.weight, self.bias).split(self.sizes, -1)
+                self.held["out"] = self.fused(x).split(self.sizes, -1)
             out = self.held["out"][self.index]
             if self.index == len(self.sizes) - 1:
                 self.held["out"] = None
@@ -142,28 +143,50 @@ def plain_matmul(layer) -> bool:
         return False
     return type(layer) is LinearLayer and not layer.gather_output and not LinearLayer.tp_overlap_comm
 
-def fuse_projections(model) -> int:
-    """One matmul for q, k and v, and one for gate and up, in each layer where they are plain matmuls (unquantized;
-    at tp N each rank's column-parallel shards): what DeepSpeed's injected kernels and gpt-fast do. At batch 1 a decode
-    step is a chain of matrix-vector products; three that read the same input become one bigger kernel. bitsandbytes
-    layers are left as they are. Checked like the rest of the step: the engine against the unwrapped model. Returns
-    how many groups were fused (--no-fuse: none, to measure one against the other)."""
+def fused_matmul(layers) -> tuple:
+    """(module, sizes): one module computing `layers`' outputs side by side, and each one's size; (None, None) where
+    they cannot be one. Plain matmuls: an nn.Linear over their concatenated weights. Layers of one type with a
+    `concatenate` classmethod (extensions/quantized_matmul.py's Int4WeightOnly: the 4-bit storage stacked row by
+    row) build their own, or refuse (None)."""
     import torch
+    if all(plain_matmul(x) for x in layers):
+        if len({x.weight.shape[1] for x in layers}) > 1 or len({x.bias is None for x in layers}) > 1:
+            return None, None
+        with torch.no_grad():
+            weight = torch.cat([x.weight for x in layers])
+            bias = None if layers[0].bias is None else torch.cat([x.bias for x in layers])
+        fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        fused.weight = torch.nn.Parameter(weight, requires_grad=False)
+        fused.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        return fused, [x.weight.shape[0] for x in layers]
+    kind = type(layers[0])
+    if callable(getattr(kind, "concatenate", None)) and all(type(x) is kind for x in layers):
+        fused = kind.concatenate(layers)
+        if isinstance(fused, torch.nn.Module):
+            return fused, [x.out_features for x in layers]
+    return None, None
+
+def fuse_projections(model) -> int:
+    """One matmul for q, k and v, and one for gate and up, in each layer where they can be one (fused_matmul): plain
+    matmuls (unquantized; at tp N each rank's column-parallel shards), and quantized_matmul.py's 4-bit weight-only
+    layers (--quant 4bit's default) - what DeepSpeed's injected kernels and gpt-fast do. At batch 1 a decode step is a
+    chain of matrix-vector products; three that read the same input become one bigger kernel. bitsandbytes' own
+    Linear4bit and Linear8bitLt, tensor_parallel.py's quantized shards and int8 weight-only layers are left as they
+    are. The fused copy replaces the parts (their weights are freed with them). Checked like the rest of the step: the
+    engine against the unwrapped model. Returns how many groups were fused (--no-fuse: none, to measure one against
+    the other)."""
     count = 0
     for module in list(model.modules()):
         for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-            linears = [getattr(module, n, None) for n in names]
-            if not all(plain_matmul(x) for x in linears) or \
-                    len({x.weight.shape[1] for x in linears}) > 1 or len({x.bias is None for x in linears}) > 1:
+            layers = [getattr(module, n, None) for n in names]
+            if any(x is None for x in layers):
                 continue
-            with torch.no_grad():
-                weight = torch.cat([x.weight for x in linears])
-                bias = None if linears[0].bias is None else torch.cat([x.bias for x in linears])
+            fused, sizes = fused_matmul(layers)
+            if fused is None:
+                continue
             held = {}
-            parts = [part_class()(weight, bias, [x.weight.shape[0] for x in linears], i, held)
-                     for i in range(len(names))]
-            for name, part in zip(names, parts):
-                setattr(module, name, part)
+            for i, name in enumerate(names):
+                setattr(module, name, part_class()(fused, sizes, i, held))
             count += 1
     return count
 

@@ -15,8 +15,10 @@ leaves the registers.
 What it reads, unchanged (bitsandbytes' Params4bit and QuantState, as the lesson's load and tensor_parallel.py's
 shards leave them): two codes a byte, the first in the high nibble, over the weight flattened row by row; one scale
 (absmax) per block of 64 codes; with double quantization (bnb_4bit_use_double_quant) the scales are themselves 8-bit
-codes with one fp32 absmax per 256 of them, a 256-entry table and one offset:
-    scale[b] = code2[absmax8[b]] * absmax2[b // 256] + offset          (fp32; the product rounded before the sum)
+codes with one fp32 absmax per 256 of them, a 256-entry table and one offset (a layer's scalar, given to the kernels
+once per output row, so that one call can multiply several layers' rows stacked: q, k and v fused, each part with its
+own offset):
+    scale[b] = code2[absmax8[b]] * absmax2[b // 256] + offset[row]     (fp32; the product rounded before the sum)
     W[e]     = to_weight_dtype(code[q[e]] * scale[e // 64])             (fp32 product, rounded once)
 which is bitsandbytes' dequantize_4bit bit for bit (tests/test_kernel_4bit.py checks it on a CPU for the torch code
 below and, under Triton's interpreter, for the kernel). Only the products with x and their sum differ from
@@ -26,8 +28,9 @@ whole step against the model unwrapped, as every decoder is.
 How it reads them fast. The codes are read as int32 words (8 codes a word) and split with shifts; each step of the
 loop over K issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a
 matvec, so without this each step would wait on memory). One row of x (batch 1) multiplies and sums elementwise on
-the CUDA cores; 2-16 rows use the tensor cores (tl.dot of x against the dequantized tile). The tiling of each matrix
-shape is autotuned on its first call. The measured speed: benchmarks/README.md. On a CPU (no Triton) the same
+the CUDA cores; 2-16 rows use the tensor cores (tl.dot of x against the dequantized tile), a form that measured
+slower than dequantizing the weight whole and one matmul (what Int4WeightOnly does for more than one row). The
+tiling of each matrix shape is autotuned on its first call. The measured speed: benchmarks/README.md. On a CPU (no Triton) the same
 dequantization runs in torch (extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs.
 """
 from __future__ import annotations
@@ -55,10 +58,10 @@ def load_step(w_ptr, absmax_ptr, absmax2_ptr, rows, row_ok, b0, KB, NESTED: tl.c
 def dequantize_tile(words, absmax, absmax2, code2_ptr, code_ptr, offset, NESTED: tl.constexpr,
                     W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr):
     """The weights of load_step's tile, [R, B, 8, 8] in K's order, as bitsandbytes dequantizes them (module
-    docstring), then in x's dtype."""
+    docstring), then in x's dtype. `offset`: the tile's rows' offsets [R] (double quantization)."""
     if NESTED:
         scale = tl.load(code2_ptr + absmax.to(tl.int32)) * absmax2
-        scale = scale + offset
+        scale = scale + offset[:, None]
     else:
         scale = absmax
     # A little-endian word holds bytes 0..3; each byte's first code is its high nibble: shifts 4, 0, 12, 8, ...
@@ -69,16 +72,17 @@ def dequantize_tile(words, absmax, absmax2, code2_ptr, code_ptr, offset, NESTED:
     return weight.to(W_DTYPE).to(X_DTYPE)
 
 @triton.jit
-def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, M, N, K,
+def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, M, N, K,
            NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
            BLOCKS: tl.constexpr):
     """out[M, N] = x[M, K] @ W[N, K]^T; a program: BLOCK_N rows of W against BLOCK_M rows of x (1: a matvec), BLOCKS
-    blocks of 64 codes a step along K."""
+    blocks of 64 codes a step along K. offset_ptr: one offset a row of W (double quantization)."""
     X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     KB = K // 64
+    offset = tl.load(offset_ptr + rows, mask=row_ok, other=0.0) if NESTED else 0.0    # [R]: each row's offset
     if BLOCK_M == 1:        # a matvec: multiply-add elementwise, one sum at the end
         acc = tl.zeros((BLOCK_N, BLOCKS, 8, 8), dtype=tl.float32)
     else:                   # 2-16 rows: the tensor cores
@@ -104,13 +108,14 @@ def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
         tl.store(out_ptr + m[:, None] * N + rows[None, :], acc.to(X_DTYPE), mask=(m < M)[:, None] & row_ok[None, :])
 
 @triton.jit
-def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, N, K,
+def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, K,
                       NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
     """The matmul's dequantization (load_step, dequantize_tile) written out as the weight [N, K]."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     b0 = tl.program_id(1) * BLOCKS
     KB = K // 64
     words, absmax, absmax2 = load_step(w_ptr, absmax_ptr, absmax2_ptr, rows, rows < N, b0, KB, NESTED, BLOCKS)
+    offset = tl.load(offset_ptr + rows, mask=rows < N, other=0.0) if NESTED else 0.0
     weight = dequantize_tile(words, absmax, absmax2, code2_ptr, code_ptr, offset, NESTED, W_DTYPE, W_DTYPE)
     col = b0 * 64 + tl.arange(0, BLOCKS * 64)
     tl.store(out_ptr + rows[:, None] * K + col[None, :], weight.reshape(BLOCK_N, BLOCKS * 64),
@@ -130,15 +135,17 @@ DOT = autotuned([(32, 1, 4, 3), (32, 2, 4, 3), (64, 1, 4, 3), (64, 2, 4, 3), (64
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
-def state_args(quant_state, offset: float | None = None):
+def state_args(quant_state):
     """bitsandbytes' QuantState as the kernels' arguments: (absmax, the second level's absmax and code, the 4-bit
-    code, offset), NESTED. Without double quantization the second level is absent: absmax and code stand in for it
-    (not read)."""
-    nested = quant_state.nested
+    code, offset), NESTED; offset holds the layer's one offset once per output row (fp32 [N]; a fused layer's rows
+    hold their own part's), repeated on the weights' device without a read to the host. Without double quantization
+    the second level is absent: absmax and code stand in for it, and the offsets are zeros (none of them read).
+    Int4WeightOnly keeps the same tensors as its buffers."""
+    nested, absmax, n = quant_state.nested, quant_state.absmax, quant_state.shape[0]
     second = quant_state.state2 if nested else quant_state
-    if offset is None:                     # read from the GPU: a wait, so callers in a loop pass it
-        offset = float(quant_state.offset) if nested else 0.0
-    return (quant_state.absmax, second.absmax, second.code, quant_state.code, offset), nested
+    offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=absmax.device).reshape(1).expand(n) \
+        if nested else torch.zeros(1, dtype=torch.float32, device=absmax.device).expand(n)
+    return (absmax, second.absmax, second.code, quant_state.code, offset.contiguous()), nested
 
 def words(packed):
     """The packed codes as int32 words (the kernels' loads: 8 codes a word)."""
@@ -146,12 +153,12 @@ def words(packed):
 
 @torch.library.custom_op("ds_bnb_infer::matmul_4bit", mutates_args=())
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor,
-                code2: torch.Tensor, code: torch.Tensor, offset: float, out_features: int, nested: bool,
+                code2: torch.Tensor, code: torch.Tensor, offset: torch.Tensor, out_features: int, nested: bool,
                 weight_dtype: torch.dtype, tiling: list[int] | None = None) -> torch.Tensor:
-    """x[M, K] @ W^T (M <= 16; x contiguous, in the compute dtype) with W read from bitsandbytes' storage. A custom
-    op: torch.compile keeps it whole in the compiled step (and a CUDA graph captures its launch). `offset` is a float
-    the caller keeps (reading it from the GPU on each call would wait for the GPU). tiling (BLOCK_N, BLOCKS) fixes
-    the tiling (Triton's interpreter, a test); by default the autotuned kernel picks it."""
+    """x[M, K] @ W^T (M <= 16; x contiguous, in the compute dtype) with W read from bitsandbytes' storage; offset: one
+    per output row (state_args). A custom op: torch.compile keeps it whole in the compiled step (and a CUDA graph
+    captures its launch). tiling (BLOCK_N, BLOCKS) fixes the tiling (Triton's interpreter, a test); by default the
+    autotuned kernel picks it."""
     m, k = x.shape
     n = out_features
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -172,13 +179,20 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, abs
 def _(x, packed, absmax, absmax2, code2, code, offset, out_features, nested, weight_dtype, tiling=None):
     return x.new_empty(x.shape[0], out_features)
 
-def dequantize(packed, quant_state, offset: float | None = None, tiling: tuple[int, int] = (4, 4)):
-    """The weight as the kernels dequantize it (load_step and dequantize_tile, written out): bitsandbytes'
-    dequantize_4bit bit for bit (the test of exactness), and the weight of a prefill's matmul (more than 16 rows)."""
-    n, k = quant_state.shape
-    out = torch.empty(n, k, dtype=quant_state.dtype, device=packed.device)
-    (absmax, absmax2, code2, code, offset), nested = state_args(quant_state, offset)
+def dequantize(packed, absmax, absmax2, code2, code, offset, nested: bool, shape, weight_dtype,
+               tiling: tuple[int, int] = (4, 4)):
+    """The weight [N, K] = shape as the kernels dequantize it (load_step and dequantize_tile, written out), from the
+    tensors the matmul takes (Int4WeightOnly's buffers, a fused layer's included): bitsandbytes' dequantize_4bit bit
+    for bit (the test of exactness), and the weight of a prefill's matmul (more than 16 rows)."""
+    n, k = shape
+    out = torch.empty(n, k, dtype=weight_dtype, device=packed.device)
     dequantize_kernel[(triton.cdiv(n, tiling[0]), triton.cdiv(k // BLOCK, tiling[1]))](
         words(packed), absmax, absmax2, code2, code, out, offset, n, k, NESTED=nested,
-        W_DTYPE=TL_DTYPES[quant_state.dtype], BLOCK_N=tiling[0], BLOCKS=tiling[1], enable_fp_fusion=False)
+        W_DTYPE=TL_DTYPES[weight_dtype], BLOCK_N=tiling[0], BLOCKS=tiling[1], enable_fp_fusion=False)
     return out
+
+def dequantize_state(packed, quant_state, tiling: tuple[int, int] = (4, 4)):
+    """dequantize() of one bitsandbytes layer's packed codes and QuantState (the tests' and probes' shorthand)."""
+    (absmax, absmax2, code2, code, offset), nested = state_args(quant_state)
+    return dequantize(packed, absmax, absmax2, code2, code, offset, nested, quant_state.shape, quant_state.dtype,
+                      tiling)

@@ -11,8 +11,9 @@ torch.compile fuses the int8 -> fp16 conversion into the matrix-vector kernel, s
 As the activations are no longer rounded to int8, its output is nearer the unquantized model than bitsandbytes' own.
 --quant 4bit multiplies weight-only by default as well: extensions/kernel_4bit.py's kernel reads bitsandbytes' packed
 4-bit codes and (double-quantized) scales as stored and dequantizes them inside the matrix-vector product, each weight
-equal to bitsandbytes' dequantize_4bit bit for bit (why a kernel of our own: that file's docstring). serve.py's rows
-and tensor_parallel.py's shards take the same --matmul and swap with the same swap_matmuls().
+equal to bitsandbytes' dequantize_4bit bit for bit (why a kernel of our own: that file's docstring); fast_decode.py's
+loop then fuses q/k/v and gate/up into one kernel each (Int4WeightOnly.concatenate: 4 kernels a layer, not 7).
+serve.py's rows and tensor_parallel.py's shards take the same --matmul and swap with the same swap_matmuls().
 --matmul bitsandbytes keeps bitsandbytes' kernels (any --bnb-4bit-* setting): the same loop, for comparison.
 
 Every run decodes with fast_decode.py's loop (its flags apply), is verified as every decoder (against the same model
@@ -89,23 +90,24 @@ def unreadable_4bit(quant_state, packed) -> str | None:
         return "the packed weight does not hold two codes a byte"
     return None
 
-def scales_4bit(quant_state):
+def scales_4bit(absmax, absmax2, code2, offset, nested: bool):
     """The fp32 scale of each block of 64 codes (double quantization: dequantized from its 8-bit codes first, the
-    product rounded before the offset is added, as bitsandbytes does)."""
-    if not quant_state.nested:
-        return quant_state.absmax.float()
-    s2 = quant_state.state2
-    second = s2.absmax.float().repeat_interleave(BLOCK2)[: quant_state.absmax.numel()]
-    return s2.code.float()[quant_state.absmax.long()] * second + float(quant_state.offset)
+    product rounded before its row's offset is added, as bitsandbytes does). Arguments: Int4WeightOnly's buffers."""
+    if not nested:
+        return absmax.float()
+    second = absmax2.float().repeat_interleave(BLOCK2)[: absmax.numel()]
+    per_block = offset.float().repeat_interleave(absmax.numel() // offset.numel())       # a row's blocks: its offset
+    return code2.float()[absmax.long()] * second + per_block
 
-def dequantize_4bit(packed, quant_state):
-    """The weight (out_features, in_features) as bitsandbytes' dequantize_4bit gives it, bit for bit, in plain
-    torch: each code looked up in the 16-entry table (nf4 or fp4), times its block's scale in fp32, rounded once."""
+def dequantize_4bit(packed, absmax, absmax2, code2, code, offset, nested: bool, shape, weight_dtype):
+    """The weight `shape` (out_features, in_features) from Int4WeightOnly's buffers (kernel_4bit.dequantize()'s
+    arguments), as bitsandbytes' dequantize_4bit gives it, bit for bit, in plain torch: each code looked up in the
+    16-entry table (nf4 or fp4), times its block's scale in fp32, rounded once."""
     import torch
     codes = packed.reshape(-1).view(torch.uint8)
     codes = torch.stack([codes >> 4, codes & 15], dim=-1).reshape(-1, BLOCK).long()    # the high nibble first
-    weight = quant_state.code.float()[codes] * scales_4bit(quant_state)[:, None]
-    return weight.to(quant_state.dtype).reshape(quant_state.shape)
+    weight = code.float()[codes] * scales_4bit(absmax, absmax2, code2, offset, nested)[:, None]
+    return weight.to(weight_dtype).reshape(shape)
 
 @functools.cache
 def weight_only_4bit_class():
@@ -114,42 +116,95 @@ def weight_only_4bit_class():
 
     class Int4WeightOnly(torch.nn.Module):
         """y = x @ W^T + b over bitsandbytes' 4-bit storage, unchanged: the packed codes and the QuantState's tensors
-        become this module's buffers. On a GPU, up to 16 rows of x go through extensions/kernel_4bit.py's kernel (the
-        weight dequantized in registers); more rows (a prefill) through the kernel's dequantization, then one matmul,
-        as bitsandbytes does. On a CPU the dequantization runs in torch: the same weight bit for bit."""
+        become this module's buffers, the layer's double-quantization offset repeated once per output row (so that
+        concatenate() can stack layers with different offsets: fast_decode.py fuses q/k/v and gate/up into one
+        matmul each). On a GPU one row of x (a decode step at batch 1) goes through extensions/kernel_4bit.py's matvec
+        (the weight dequantized in registers); more rows (a batch, a prefill) through the kernel's dequantization,
+        then one matmul, as bitsandbytes does: at 16 rows that measured 3.5-4x faster than the kernel's tensor-core
+        form (benchmarks/README.md). On a CPU the dequantization runs in torch: the same weight bit for bit."""
 
-        def __init__(self, layer):
+        def __init__(self, packed, absmax, code, offset, shape, weight_dtype, compute_dtype, bias, absmax2=None,
+                     code2=None):
             super().__init__()
-            state = layer.weight.quant_state
-            self.register_buffer("packed", layer.weight.data)
-            self.register_buffer("absmax", state.absmax)
-            self.register_buffer("code", state.code)
-            self.nested = state.nested
-            # Without double quantization the kernel's second-level arguments are placeholders (not read).
-            self.register_buffer("absmax2", state.state2.absmax if state.nested else state.absmax)
-            self.register_buffer("code2", state.state2.code if state.nested else state.code)
-            self.offset = float(state.offset) if state.nested else 0.0     # read once here, never per call
-            self.state = state                                              # for the CPU's torch dequantization
-            self.out_features, self.weight_dtype = state.shape[0], state.dtype
-            self.compute_dtype = layer.compute_dtype
-            self.bias = layer.bias
+            self.register_buffer("packed", packed)                      # uint8, two codes a byte, row by row
+            self.register_buffer("absmax", absmax)                      # a scale per block of 64 (8-bit if nested)
+            self.register_buffer("code", code)                          # the 16-entry table (nf4 or fp4)
+            self.register_buffer("offset", offset)                      # fp32 [out_features] (nested; else zeros)
+            self.nested = absmax2 is not None
+            # Without double quantization the kernel's second-level arguments are placeholders (not read): the same
+            # tensors again, no memory of their own.
+            self.register_buffer("absmax2", absmax2 if self.nested else absmax)
+            self.register_buffer("code2", code2 if self.nested else code)
+            (self.out_features, self.in_features), self.weight_dtype = shape, weight_dtype
+            self.compute_dtype = compute_dtype
+            self.bias = bias
             self.kernels = None
             if self.packed.is_cuda:
                 from extensions import kernel_4bit
                 self.kernels = kernel_4bit
 
+        @classmethod
+        def from_state(cls, packed, state, compute_dtype=None, bias=None):
+            """The module over one layer's packed codes and bitsandbytes QuantState (tensors kept, not copied; the
+            offset, a 0-d tensor, repeated per row on its device without a read to the host)."""
+            rows = state.shape[0]
+            offset = torch.as_tensor(state.offset, dtype=torch.float32, device=packed.device).reshape(1) \
+                if state.nested else torch.zeros(1, dtype=torch.float32, device=packed.device)
+            return cls(packed, state.absmax, state.code, offset.expand(rows).contiguous(), tuple(state.shape),
+                       state.dtype, compute_dtype, bias, *((state.state2.absmax, state.state2.code) if state.nested
+                                                           else ()))
+
+        @classmethod
+        def of_layer(cls, layer):
+            """The module over a bitsandbytes Linear4bit's storage (weight_only())."""
+            return cls.from_state(layer.weight.data, layer.weight.quant_state, layer.compute_dtype, layer.bias)
+
+        @classmethod
+        def concatenate(cls, layers):
+            """One module whose output rows are `layers`' rows in order (fast_decode.fuse_projections: q/k/v, or
+            gate/up, as one matmul), or None where they cannot be read as one weight: another in_features, nested
+            flag, code table, second-level table, weight or compute dtype, device, or bias presence. The copies
+            replace the parts' buffers (the caller drops the parts), so the memory is not held twice."""
+            first = layers[0]
+            same = [(x.in_features, x.nested, x.weight_dtype, x.compute_dtype, x.packed.device, x.bias is None)
+                    for x in layers]
+            if len(set(same)) > 1 or not all(torch.equal(x.code, first.code) for x in layers):
+                return None
+            if first.nested and not all(torch.equal(x.code2, first.code2) for x in layers):
+                return None
+            # The kernels find block b's second-level absmax at b // 256 of the concatenated absmax2: that is the
+            # part's own only if every part before it ends on a whole group of 256 blocks.
+            if first.nested and any(x.absmax.numel() % BLOCK2 for x in layers):
+                return None
+            with torch.no_grad():
+                cat = lambda name: torch.cat([getattr(x, name).reshape(-1) for x in layers])  # noqa: E731
+                bias = None if first.bias is None else torch.nn.Parameter(cat("bias"), requires_grad=False)
+                rows = sum(x.out_features for x in layers)
+                return cls(cat("packed").reshape(-1, 1), cat("absmax"), first.code, cat("offset"),
+                           (rows, first.in_features), first.weight_dtype, first.compute_dtype, bias,
+                           *((cat("absmax2"), first.code2) if first.nested else ()))
+
+        def storage(self) -> tuple:
+            """The buffers as kernel_4bit.dequantize() and dequantize_4bit() take them."""
+            return (self.packed, self.absmax, self.absmax2, self.code2, self.code, self.offset, self.nested,
+                    (self.out_features, self.in_features), self.weight_dtype)
+
+        def dequantized(self, tiling=(4, 4)):
+            """The weight (out_features, in_features): bitsandbytes' dequantize_4bit of the stored weights, bit for
+            bit (the kernel's dequantization on a GPU, in `tiling`; the same in torch on a CPU)."""
+            return self.kernels.dequantize(*self.storage(), tiling) if self.kernels is not None else \
+                dequantize_4bit(*self.storage())
+
         def forward(self, x):
             in_dtype = x.dtype
             x = x.to(self.compute_dtype or x.dtype)
             rows = x.reshape(-1, x.shape[-1])
-            if self.kernels is not None and rows.shape[0] <= 16:
+            if self.kernels is not None and rows.shape[0] == 1:
                 out = self.kernels.matmul_4bit(rows.contiguous(), self.packed, self.absmax, self.absmax2, self.code2,
                                                self.code, self.offset, self.out_features, self.nested,
                                                self.weight_dtype)
             else:
-                weight = self.kernels.dequantize(self.packed, self.state, self.offset) if self.kernels is not None else \
-                    dequantize_4bit(self.packed, self.state)
-                out = torch.nn.functional.linear(rows, weight.to(x.dtype))
+                out = torch.nn.functional.linear(rows, self.dequantized((16, 8)).to(x.dtype))
             out = out.reshape(*x.shape[:-1], self.out_features)
             if self.bias is not None:
                 out = out + self.bias.to(x.dtype)
@@ -161,7 +216,7 @@ def weight_only(model) -> int:
     (Linear8bitLt by Int8WeightOnly, Linear4bit by Int4WeightOnly); returns how many. Outlier columns (threshold
     > 0) are refused before loading: their fp16 part is not in CB."""
     import bitsandbytes as bnb
-    swaps = {bnb.nn.Linear8bitLt: weight_only_class(), bnb.nn.Linear4bit: weight_only_4bit_class()}
+    swaps = {bnb.nn.Linear8bitLt: weight_only_class(), bnb.nn.Linear4bit: weight_only_4bit_class().of_layer}
     layers = [(name, m) for name, m in model.named_modules() if type(m) in swaps or isinstance(m, tuple(swaps))]
     for name, layer in layers:
         if isinstance(layer, bnb.nn.Linear4bit):
@@ -235,6 +290,8 @@ def init_engine(config: QuantizedMatmulConfig, decoder=QuantizedGreedy) -> tuple
     """The lesson's init_engine with this file's loop; then the error against the same weights unquantized."""
     engine, tokenizer, info = lesson.init_engine(config, decoder)
     error = vs_unquantized(engine, tokenizer, config, info)
+    if getattr(engine, "fused", 0):
+        info.notes.append(f"{engine.fused} groups of projections fused into one matmul each (fast_decode.py)")
     what = f"{info.quant} weights" + (f", 4-bit {config.bnb_4bit_quant_type}, double quant "
                                       f"{config.bnb_4bit_use_double_quant}, compute {config.bnb_4bit_compute_dtype}"
                                       if info.quant == "4bit" else "")

@@ -33,9 +33,10 @@ def test_decode_loop_equals_generate_with_padding_and_eos():
     assert ours["texts"] == plain["texts"] and ours["new_tokens"] == plain["new_tokens"]
 
 
-def test_fused_projections_give_the_models_logits_and_leave_quantized_layers():
+def test_fused_projections_give_the_models_logits_and_leave_bitsandbytes_layers():
     """q/k/v and gate/up become one matmul each (2 layers x 2 groups), logits equal within fp32 rounding, weights
-    counted once; bitsandbytes layers are not fused; the loop fuses nothing under --no-fuse."""
+    counted once; bitsandbytes' own layers are not fused (its 4-bit layers swapped to Int4WeightOnly are:
+    test_kernel_4bit.py); the loop fuses nothing under --no-fuse."""
     config = m.DeployConfig(model_name="random:tiny", dtype="fp32", device="cpu")
     model = m.load_model(config, "none", "cpu")
     ids = torch.tensor([[5, 17, 99, 3, 250]])
@@ -44,6 +45,7 @@ def test_fused_projections_give_the_models_logits_and_leave_quantized_layers():
         assert fuse_projections(model) == 4
         after = model(input_ids=ids).logits
     assert type(model.model.layers[0].self_attn.k_proj).__name__ == "Part"
+    assert model.model.layers[0].self_attn.q_proj.fused.weight.shape == (3 * 256, 256)
     assert sum(p.numel() for p in model.parameters()) == n_params
     assert torch.allclose(after, before, rtol=0, atol=1e-5) and m.rel_error(after, before) < 1e-6
     assert fuse_projections(m.load_model(config, "4bit", "cpu")) == 0

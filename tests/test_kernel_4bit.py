@@ -1,9 +1,12 @@
 """The 4-bit weight-only matmul (extensions/kernel_4bit.py, used by extensions/quantized_matmul.py --quant 4bit):
 bitsandbytes' stored 4-bit weights read as they are, the dequantized weight equal to bitsandbytes' dequantize_4bit bit
 for bit — in torch (the CPU path) and in the Triton kernel (run by Triton's interpreter here; on a GPU by the gpu
-test) — and a model whose Linear4bit layers are swapped decoding verified."""
+test), for one layer and for layers concatenated (q/k/v, gate/up fused into one matmul) — and a model whose Linear4bit
+layers are swapped (and fused) decoding verified."""
+import gc
 import json
 import sys
+import weakref
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
@@ -12,17 +15,35 @@ import torch
 
 import ds_bnb_infer as m
 from conftest import ROOT, run_cli, run_group
-from extensions.quantized_matmul import dequantize_4bit, unreadable_4bit, weight_only
+from extensions.fast_decode import fuse_projections
+from extensions.quantized_matmul import QuantizedGreedy, QuantizedMatmulConfig, dequantize_4bit, unreadable_4bit, \
+    weight_only, weight_only_4bit_class
 
 QMM = ROOT / "extensions" / "quantized_matmul.py"
 # Odd shapes: a row of 576 codes (not a multiple of 128), 1000 blocks (not a multiple of 256), a row of 320.
 SHAPES = [(48, 576), (100, 640), (37, 320)]
 
 
-def quantized(shape, quant_type, double_quant, dtype, device="cpu", seed=0):
+# Layers to concatenate (q, k, v of a GQA model: k and v fewer rows than q), each at its own scale, so that each has
+# another double-quantization offset (the mean of its block scales); every part's block count a multiple of 256.
+PARTS = [((128, 256), 0.02), ((64, 256), 0.06), ((64, 256), 0.01)]
+
+
+def quantized(shape, quant_type, double_quant, dtype, device="cpu", seed=0, scale=0.02):
     g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(*shape, generator=g) * 0.02).to(dtype).to(device)
+    w = (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
     return F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+
+
+def module(packed, state, **kw):
+    """The Int4WeightOnly over one quantized weight's storage."""
+    return weight_only_4bit_class().from_state(packed, state, **kw)
+
+
+def parts(quant_type, double_quant, dtype, shapes=PARTS, device="cpu"):
+    """[(packed, state)] of the layers to concatenate."""
+    return [quantized(shape, quant_type, double_quant, dtype, device, seed=i, scale=scale)
+            for i, (shape, scale) in enumerate(shapes)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -32,7 +53,8 @@ def test_torch_dequantization_is_bitsandbytes_bit_for_bit(dtype, quant_type, dou
     for shape in SHAPES:
         packed, state = quantized(shape, quant_type, double_quant, dtype)
         assert unreadable_4bit(state, packed) is None
-        assert torch.equal(dequantize_4bit(packed, state), F.dequantize_4bit(packed, state)), (shape, quant_type)
+        want = F.dequantize_4bit(packed, state)
+        assert torch.equal(dequantize_4bit(*module(packed, state).storage()), want), (shape, quant_type)
 
 
 def test_layouts_the_kernel_cannot_read_are_named():
@@ -40,6 +62,76 @@ def test_layouts_the_kernel_cannot_read_are_named():
     assert "multiple of 64" in unreadable_4bit(state, packed)
     packed, state = F.quantize_4bit(torch.randn(8, 128), blocksize=128)
     assert "blocksize 128" in unreadable_4bit(state, packed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", True), ("nf4", False)])
+def test_concatenated_layers_are_each_layers_weight_and_multiply_as_the_separate_layers(dtype, quant_type,
+                                                                                        double_quant):
+    """q, k and v (k and v fewer rows, each its own offset) as one Int4WeightOnly: its dequantized weight is the
+    layers' bitsandbytes dequantize_4bit stacked, bit for bit; so its output is theirs side by side. Bit for bit
+    here too on this CPU, but asserted within fp32 rounding: the same products, yet a matmul library may block a
+    wider matrix's sums in another order."""
+    layers = parts(quant_type, double_quant, dtype)
+    if double_quant:                                                    # three offsets, one per part
+        assert len({float(state.offset) for _, state in layers}) == 3
+    g = torch.Generator().manual_seed(2)
+    biases = [torch.randn(state.shape[0], generator=g) for _, state in layers]
+    separate = [module(*layer, compute_dtype=torch.float32, bias=b) for layer, b in zip(layers, biases)]
+    fused = type(separate[0]).concatenate(separate)
+    assert fused.out_features == 256 and fused.offset.shape == (256,) and fused.nested == double_quant
+    assert torch.equal(fused.dequantized(), torch.cat([F.dequantize_4bit(*layer) for layer in layers]))
+    x = torch.randn(3, 256, generator=g)
+    torch.testing.assert_close(fused(x), torch.cat([layer(x) for layer in separate], -1), rtol=1e-5, atol=1e-6)
+
+
+def test_layers_that_cannot_be_one_weight_are_not_concatenated():
+    """concatenate() returns None for parts that no one weight holds: another in_features, double quant on in one
+    only, another code table (fp4 / nf4), weight or compute dtype, second-level table, bias on one only; with double
+    quant a part whose block count is not a multiple of 256 (the kernels index the second level at block // 256 of the
+    concatenation); without double quant that part is fine."""
+    cls = weight_only_4bit_class()
+
+    def one(shape=(128, 256), quant_type="nf4", double_quant=True, dtype=torch.float16, **kw):
+        return module(*quantized(shape, quant_type, double_quant, dtype), **kw)
+    assert cls.concatenate([one(), one((64, 256))]) is not None
+    assert cls.concatenate([one((128, 640), double_quant=False), one((100, 640), double_quant=False)]) is not None
+    code2 = one()
+    code2.code2 = code2.code2.flip(0)
+    refused = {"in_features": [one(), one((128, 512))],
+               "double quant": [one(), one(double_quant=False)],
+               "code table": [one(), one(quant_type="fp4")],
+               "weight dtype": [one(), one(dtype=torch.float32)],
+               "compute dtype": [one(compute_dtype=torch.float32), one(compute_dtype=torch.bfloat16)],
+               "second-level table": [one(), code2],
+               "bias": [one(), one(bias=torch.zeros(128))],
+               "1000 blocks": [one((128, 640)), one((100, 640))]}
+    for why, layers in refused.items():
+        assert cls.concatenate(layers) is None, why
+
+
+def test_fused_4bit_model_frees_its_parts_and_decodes_verified():
+    """random:tiny (q/k/v 4 x 256 blocks, gate/up 12 x 256: double quant fuses) swapped to Int4WeightOnly: the fast
+    loop fuses q/k/v and gate/up of both layers (4 groups), passes verification against the model unfused, and the
+    parts are gone once fused (no weight held twice)."""
+    config = m.DeployConfig(model_name="random:tiny", quant="4bit", dtype="fp32", device="cpu")
+    model = m.load_model(config, "4bit", "cpu")
+    assert weight_only(model) == 14
+    attn = model.model.layers[0].self_attn
+    ids = torch.tensor([[5, 17, 99, 3, 250]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        gone = [weakref.ref(attn.q_proj), weakref.ref(attn.v_proj.packed)]
+        assert fuse_projections(model) == 4
+        gc.collect()
+        assert all(ref() is None for ref in gone)
+        assert type(attn.q_proj.fused).__name__ == "Int4WeightOnly" and attn.q_proj.fused.out_features == 768
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    config = QuantizedMatmulConfig(model_name="random:tiny", backend="hf", quant="4bit", device="cpu",
+                                   max_new_tokens=8)
+    engine, _, info = m.init_engine(config, QuantizedGreedy)
+    assert engine.fused == 4 and info.verify["passed"]
+    assert type(engine.module.model.layers[1].mlp.gate_proj.fused).__name__ == "Int4WeightOnly"
 
 
 # Run by Triton's interpreter in a fresh interpreter (it is chosen when triton is imported). The interpreter's
@@ -51,7 +143,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
 import torch, bitsandbytes.functional as F
 from extensions import kernel_4bit
-from test_kernel_4bit import SHAPES, quantized
+from test_kernel_4bit import SHAPES, module, parts, quantized
 out = {}
 for shape in SHAPES:
     for quant_type in ("nf4", "fp4"):
@@ -60,7 +152,7 @@ for shape in SHAPES:
                 packed, state = quantized(shape, quant_type, double_quant, dtype)
                 want = F.dequantize_4bit(packed, state)
                 key = f"{shape} {quant_type} {double_quant} {dtype}"
-                out[key] = {"equal": bool(torch.equal(kernel_4bit.dequantize(packed, state), want))}
+                out[key] = {"equal": bool(torch.equal(kernel_4bit.dequantize_state(packed, state), want))}
                 if dtype == torch.float16 and double_quant:
                     (absmax, absmax2, code2, code, offset), nested = kernel_4bit.state_args(state)
                     for rows, tiling in ((1, [4, 4]), (3, [16, 2])):
@@ -77,6 +169,23 @@ for shape in SHAPES:
                                                              offset, shape[0], nested, state.dtype, [4, 4])
                                      for row in x])
                     out[key]["matvec columns equal"] = bool(torch.equal(got, want[:, columns].t()))
+# Two layers concatenated (q and a smaller k), each with its own offset: the kernels read one offset a row. Tiles of
+# 128 rows (one holds rows of both parts) and a whole row of 256 codes a step: the interpreter's time is per step.
+for quant_type, double_quant in (("nf4", True), ("fp4", True), ("nf4", False)):
+    layers = parts(quant_type, double_quant, torch.float16)[:2]
+    fused = type(module(*layers[0])).concatenate([module(*layer) for layer in layers])
+    want = torch.cat([F.dequantize_4bit(*layer) for layer in layers])
+    args = (fused.packed, fused.absmax, fused.absmax2, fused.code2, fused.code, fused.offset, fused.out_features,
+            fused.nested, fused.weight_dtype)
+    columns = [*range(8), 255]
+    x = torch.zeros(len(columns), 256, dtype=torch.float16)
+    x[range(len(columns)), columns] = 1
+    matvec = torch.cat([kernel_4bit.matmul_4bit(row[None], *args, [128, 4]) for row in x])
+    out[f"fused {quant_type} {double_quant}"] = {
+        "equal": bool(torch.equal(kernel_4bit.dequantize(*fused.storage(), tiling=(128, 2)), want)),
+        "matvec columns equal": bool(torch.equal(matvec, want[:, columns].t())),
+        "tensor-core columns equal": bool(torch.equal(kernel_4bit.matmul_4bit(x, *args, [128, 2]),
+                                                      want[:, columns].t()))}
 print(json.dumps(out))
 '''
 
@@ -84,13 +193,16 @@ print(json.dumps(out))
 def test_triton_kernel_dequantizes_bit_for_bit_and_multiplies_under_the_interpreter():
     """The very kernel a GPU runs (its `tile`), interpreted on the CPU: the dequantized weight equals bitsandbytes'
     (nf4, fp4; double quant on and off; fp16 and fp32 weights; odd shapes), and its matvec (1 row of x) and tensor-core
-    path (3 rows, padded to 16) equal x @ W^T within fp32 summation's rounding."""
+    path (3 rows, padded to 16) equal x @ W^T within fp32 summation's rounding. Two layers concatenated, each with its
+    own offset: the dequantization, the matvec's and the tensor-core path's (one-hot rows of x: a product with 1 and
+    sums of zeros, exact) equal each layer's bitsandbytes dequantize_4bit bit for bit."""
     r = run_group([sys.executable, "-c", INTERPRETED, str(ROOT)], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(results) == 24
+    assert len(results) == 24 + 3
     for key, row in results.items():
         assert row["equal"] and row.get("matvec columns equal", True), (key, row)
+        assert row.get("tensor-core columns equal", True), (key, row)
         for name, error in row.items():
             if name.startswith("matmul"):
                 assert error < 1e-3, (key, name, error)
@@ -121,13 +233,15 @@ def test_4bit_runs_weight_only_by_default_verified(tmp_path):
     engine = json.loads(path.read_text())["engine"]
     assert engine["verify"]["passed"] and engine["quant"] == "4bit"
     assert "4-bit fp4, double quant True, compute bf16, weight-only matmul" in engine["notes"][-1]
+    assert "4 groups of projections fused into one matmul each (fast_decode.py)" in engine["notes"]
     assert 0 < engine["verify"]["vs_unquantized"]["prefill_rel_error"] < 1
 
 
 @pytest.mark.gpu
 def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_path):
-    """On a GPU: the kernel's dequantization equals bitsandbytes' for bf16 too, its matmul (1 and 16 rows) is near
-    x @ W^T, and the compiled fast loop over Int4WeightOnly layers (the default of --quant 4bit) is verified."""
+    """On a GPU: the kernel's dequantization equals bitsandbytes' for bf16 too (one layer, and layers concatenated),
+    its matmul (1 and 16 rows) is near x @ W^T, and the compiled fast loop over Int4WeightOnly layers (the default of
+    --quant 4bit, q/k/v and gate/up fused) is verified."""
     from extensions import kernel_4bit
     for dtype in (torch.float16, torch.bfloat16):
         for quant_type in ("nf4", "fp4"):
@@ -135,7 +249,7 @@ def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_
                 for shape in SHAPES + [(4096, 4096)]:
                     packed, state = quantized(shape, quant_type, double_quant, dtype, device="cuda")
                     want = F.dequantize_4bit(packed, state)
-                    assert torch.equal(kernel_4bit.dequantize(packed, state), want), (dtype, quant_type, shape)
+                    assert torch.equal(kernel_4bit.dequantize_state(packed, state), want), (dtype, quant_type, shape)
                     (absmax, absmax2, code2, code, offset), nested = kernel_4bit.state_args(state)
                     for rows in (1, 16):
                         x = torch.randn(rows, shape[1], device="cuda").to(dtype)
@@ -143,12 +257,20 @@ def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_
                                                     nested, state.dtype)
                         exact = x.float() @ want.float().t()
                         assert float((y.float() - exact).norm() / exact.norm()) < 1e-2
+                layers = parts(quant_type, True, dtype, device="cuda")
+                fused = type(module(*layers[0])).concatenate([module(*layer) for layer in layers])
+                want = torch.cat([F.dequantize_4bit(*layer) for layer in layers])
+                assert torch.equal(fused.dequantized(), want), (dtype, quant_type)
+                x = torch.randn(1, want.shape[1], device="cuda").to(dtype)
+                exact = x.float() @ want.float().t()
+                assert float((fused(x).float() - exact).norm() / exact.norm()) < 1e-2
     path = tmp_path / "gpu4.json"
     r = run_cli("--model", "random:tiny", "--backend", "hf", "--quant", "4bit", "--max-new-tokens", "16",
                 "--iters", "1", "--warmup", "1", "--json", str(path), script=QMM, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     engine = json.loads(path.read_text())["engine"]
     assert engine["verify"]["passed"] and engine["decode"] == "compiled", engine
+    assert "4 groups of projections fused" in " ".join(engine["notes"]), engine["notes"]
 
 
 def test_the_server_multiplies_4bit_weight_only_verified():
