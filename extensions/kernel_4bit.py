@@ -28,9 +28,10 @@ whole step against the model unwrapped, as every decoder is.
 How it reads them fast. The codes are read as int32 words (8 codes a word) and split with shifts; each step of the
 loop over K issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a
 matvec, so without this each step would wait on memory). One row of x (batch 1) multiplies and sums elementwise on
-the CUDA cores; 2-16 rows use the tensor cores (tl.dot of x against the dequantized tile), a form that measured
-slower than dequantizing the weight whole and one matmul (what Int4WeightOnly does for more than one row). The
-tiling of each matrix shape is autotuned on its first call. The measured speed: benchmarks/README.md. On a CPU (no Triton) the same
+the CUDA cores. For 2-16 rows the kernel has a tensor-core form (tl.dot of x against the dequantized tile), but it
+measured 3.5-4x slower than dequantizing the weight whole, then one matmul (benchmarks/README.md): matmul_4bit does
+the latter, and takes the tensor-core form only when a tiling is given (the tests keep it exact for a later design).
+The tiling of each matrix shape is autotuned on its first call. The measured speed: benchmarks/README.md. On a CPU (no Triton) the same
 dequantization runs in torch (extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs.
 """
 from __future__ import annotations
@@ -157,10 +158,14 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, abs
                 weight_dtype: torch.dtype, tiling: list[int] | None = None) -> torch.Tensor:
     """x[M, K] @ W^T (M <= 16; x contiguous, in the compute dtype) with W read from bitsandbytes' storage; offset: one
     per output row (state_args). A custom op: torch.compile keeps it whole in the compiled step (and a CUDA graph
-    captures its launch). tiling (BLOCK_N, BLOCKS) fixes the tiling (Triton's interpreter, a test); by default the
-    autotuned kernel picks it."""
+    captures its launches). One row: the matvec; more: the weight dequantized whole, then one matmul. tiling
+    (BLOCK_N, BLOCKS) fixes the kernel's tiling and takes the kernel for any M (Triton's interpreter, a test); by
+    default the autotuned kernel picks it."""
     m, k = x.shape
     n = out_features
+    if m > 1 and tiling is None:     # the weight dequantized whole, then one matmul (the module docstring says why)
+        weight = dequantize(packed, absmax, absmax2, code2, code, offset, nested, (n, k), weight_dtype, (16, 8))
+        return torch.nn.functional.linear(x, weight.to(x.dtype))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     args = (x, words(packed), absmax, absmax2, code2, code, out, offset, m, n, k)
     flags = dict(NESTED=nested, W_DTYPE=TL_DTYPES[weight_dtype])

@@ -118,10 +118,10 @@ def weight_only_4bit_class():
         """y = x @ W^T + b over bitsandbytes' 4-bit storage, unchanged: the packed codes and the QuantState's tensors
         become this module's buffers, the layer's double-quantization offset repeated once per output row (so that
         concatenate() can stack layers with different offsets: fast_decode.py fuses q/k/v and gate/up into one
-        matmul each). On a GPU one row of x (a decode step at batch 1) goes through extensions/kernel_4bit.py's matvec
-        (the weight dequantized in registers); more rows (a batch, a prefill) through the kernel's dequantization,
-        then one matmul, as bitsandbytes does: at 16 rows that measured 3.5-4x faster than the kernel's tensor-core
-        form (benchmarks/README.md). On a CPU the dequantization runs in torch: the same weight bit for bit."""
+        matmul each). On a GPU up to 16 rows of x (a decode step) go through extensions/kernel_4bit.py's matmul_4bit
+        (one row: the weight dequantized in registers; 2-16: dequantized whole, then one matmul, inside the op); more
+        rows (a prefill) through the kernel's dequantization, then one matmul, as bitsandbytes does. On a CPU the
+        dequantization runs in torch: the same weight bit for bit."""
 
         def __init__(self, packed, absmax, code, offset, shape, weight_dtype, compute_dtype, bias, absmax2=None,
                      code2=None):
@@ -189,22 +189,22 @@ def weight_only_4bit_class():
             return (self.packed, self.absmax, self.absmax2, self.code2, self.code, self.offset, self.nested,
                     (self.out_features, self.in_features), self.weight_dtype)
 
-        def dequantized(self, tiling=(4, 4)):
+        def dequantized(self):
             """The weight (out_features, in_features): bitsandbytes' dequantize_4bit of the stored weights, bit for
-            bit (the kernel's dequantization on a GPU, in `tiling`; the same in torch on a CPU)."""
-            return self.kernels.dequantize(*self.storage(), tiling) if self.kernels is not None else \
+            bit (the kernel's dequantization on a GPU, the same in torch on a CPU)."""
+            return self.kernels.dequantize(*self.storage()) if self.kernels is not None else \
                 dequantize_4bit(*self.storage())
 
         def forward(self, x):
             in_dtype = x.dtype
             x = x.to(self.compute_dtype or x.dtype)
             rows = x.reshape(-1, x.shape[-1])
-            if self.kernels is not None and rows.shape[0] == 1:
+            if self.kernels is not None and rows.shape[0] <= 16:
                 out = self.kernels.matmul_4bit(rows.contiguous(), self.packed, self.absmax, self.absmax2, self.code2,
                                                self.code, self.offset, self.out_features, self.nested,
                                                self.weight_dtype)
             else:
-                out = torch.nn.functional.linear(rows, self.dequantized((16, 8)).to(x.dtype))
+                out = torch.nn.functional.linear(rows, self.dequantized().to(x.dtype))
             out = out.reshape(*x.shape[:-1], self.out_features)
             if self.bias is not None:
                 out = out + self.bias.to(x.dtype)

@@ -155,12 +155,14 @@ for shape in SHAPES:
                 out[key] = {"equal": bool(torch.equal(kernel_4bit.dequantize_state(packed, state), want))}
                 if dtype == torch.float16 and double_quant:
                     (absmax, absmax2, code2, code, offset), nested = kernel_4bit.state_args(state)
-                    for rows, tiling in ((1, [4, 4]), (3, [16, 2])):
+                    # 1 row: the matvec; 3 rows: the tensor-core form (a tiling given) and, by default, the weight
+                    # dequantized whole, then one matmul
+                    for rows, tiling in ((1, [4, 4]), (3, [16, 2]), (3, None)):
                         x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(1)).half()
                         y = kernel_4bit.matmul_4bit(x, packed, absmax, absmax2, code2, code, offset, shape[0],
                                                     nested, state.dtype, tiling)
                         exact = x.float() @ want.float().t()
-                        out[key][f"matmul {rows}"] = float((y.float() - exact).norm() / exact.norm())
+                        out[key][f"matmul {rows} {tiling}"] = float((y.float() - exact).norm() / exact.norm())
                     # one-hot rows of x: the matvec's own dequantization, column by column (each nibble's place)
                     columns = [*range(8), shape[1] - 1]
                     x = torch.zeros(len(columns), shape[1], dtype=torch.float16)
