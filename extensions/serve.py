@@ -227,7 +227,8 @@ class Request:
     lp: list = dataclasses.field(default_factory=list)    # (token, logprob, [(token, logprob), ...]) a position
     prompt_lp: list = dataclasses.field(default_factory=list)
     finished: bool = False
-    arrived: float = dataclasses.field(default_factory=time.perf_counter)
+    arrived: float = dataclasses.field(default_factory=time.perf_counter)     # tokenized, into the queue
+    admitted_at: float | None = None     # taken from the queue into a prefill
     first_token_at: float | None = None
 
 
@@ -235,13 +236,19 @@ SAMPLING_EPS = 1e-5     # temperatures below this sample greedily, as vLLM does:
 
 
 class Metrics:
-    """Prometheus text for GET /metrics: gauges, counters and two histograms (TTFT, time per output token)."""
+    """Prometheus text for GET /metrics: gauges, counters and histograms: TTFT (from the request in the queue to its
+    first token on the host) and its two parts, the time in the queue and the time from admission (the prefill, with
+    the rows admitted with it) to the first token; the time per output token. prefill_rows_total / prefills_total is
+    how many requests a prefill took on average (requests that arrive together but are admitted apart each pay a
+    prefill, and hold up the rows already decoding)."""
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
     def __init__(self):
         self.counts = {"requests_finished_total": 0, "requests_rejected_total": 0, "requests_failed_total": 0,
-                       "generation_tokens_total": 0, "prompt_tokens_total": 0}
-        self.hist = {name: [0] * (len(self.BUCKETS) + 1) + [0.0] for name in ("ttft_seconds", "tpot_seconds")}
+                       "generation_tokens_total": 0, "prompt_tokens_total": 0, "prefills_total": 0,
+                       "prefill_rows_total": 0}
+        self.hist = {name: [0] * (len(self.BUCKETS) + 1) + [0.0]
+                     for name in ("ttft_seconds", "queue_seconds", "prefill_seconds", "tpot_seconds")}
 
     def observe(self, name: str, seconds: float) -> None:
         h = self.hist[name]
@@ -401,6 +408,12 @@ class Worker:
                 new.append(req)
         admitted = step = None
         if new:
+            now = time.perf_counter()
+            for req in new:
+                req.admitted_at = now
+                self.metrics.observe("queue_seconds", now - req.arrived)
+            self.metrics.counts["prefills_total"] += 1
+            self.metrics.counts["prefill_rows_total"] += len(new)
             rows, prompts = free[:len(new)], [r.prompt_ids for r in new]
             sampling = [(r.temperature, r.top_p, r.seed if r.seed is not None else
                          int.from_bytes(os.urandom(8), "little") >> 1) for r in new]
@@ -471,6 +484,7 @@ class Worker:
                 if first:
                     req.first_token_at = now
                     self.metrics.observe("ttft_seconds", now - req.arrived)
+                    self.metrics.observe("prefill_seconds", now - req.admitted_at)
                 self.advance(row, req, tokens[row], lps.get(row))
             except Exception as e:
                 self.fail(row, req, e)

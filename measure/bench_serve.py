@@ -11,7 +11,9 @@ latency at p50/p95/p99, and how many requests were refused (429) or failed. The 
 are --distinct texts, each first sent alone. In fp32 an answer under load equals its prompt's answer alone; in
 half precision a row's place in the cache changes the rounding, and random weights have near-tied tokens, so
 answers part after a common start (reported). An answer that starts more like another prompt's answer than its
-own counts as mixed up, and must never happen.
+own counts as mixed up, and must never happen. Where the server is extensions/serve.py, each level also reports
+what its /metrics say of that level: how many prefills it ran and how many requests each took, and the mean time a
+request waited in the queue and took from admission to its first token (the parts of TTFT).
 """
 import argparse
 import asyncio
@@ -67,9 +69,41 @@ def stats(values: list) -> dict:
     return {f"p{q}": lesson.percentile(values, q) for q in (50, 95, 99)} if values else {}
 
 
+async def counters(client, url: str) -> dict:
+    """The server's Prometheus counters and histogram sums and counts (names ending _total, _sum, _count), or {}
+    where it has no /metrics."""
+    import httpx
+    try:
+        r = await client.get(url + "/metrics")
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for line in r.text.splitlines() if r.status_code == 200 else []:
+        name, _, value = line.rpartition(" ")
+        if not line.startswith("#") and name.endswith(("_total", "_sum", "_count")):
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def server_side(before: dict, after: dict) -> dict:
+    """extensions/serve.py's own account of one level (its /metrics after minus before); {} for another server."""
+    def get(name):
+        return after.get("ds_bnb_" + name, 0.0) - before.get("ds_bnb_" + name, 0.0)
+    if not get("prefills_total"):
+        return {}
+    return {"prefills": int(get("prefills_total")),
+            "rows_per_prefill": get("prefill_rows_total") / get("prefills_total"),
+            "queue_s_mean": get("queue_seconds_sum") / max(get("queue_seconds_count"), 1),
+            "prefill_s_mean": get("prefill_seconds_sum") / max(get("prefill_seconds_count"), 1)}
+
+
 async def level(client, args, texts: list[str], alone: dict, concurrency: int, requests: int) -> dict:
     """One concurrency level: `requests` requests, at most `concurrency` in flight."""
     gate, rng, tasks = asyncio.Semaphore(concurrency), random.Random(args.seed), []
+    before = await counters(client, args.url)
 
     async def gated(i):
         async with gate:
@@ -81,6 +115,7 @@ async def level(client, args, texts: list[str], alone: dict, concurrency: int, r
         tasks.append(asyncio.create_task(gated(i)))
     results = await asyncio.gather(*tasks)
     duration = time.perf_counter() - t0
+    server = server_side(before, await counters(client, args.url))
     ok = [(i, r) for i, r in enumerate(results) if r["status"] == 200]
     own = [common_prefix(r["text"], alone[texts[i % len(texts)]]) for i, r in ok]
     equal = sum(r["text"] == alone[texts[i % len(texts)]] for i, r in ok)
@@ -95,7 +130,8 @@ async def level(client, args, texts: list[str], alone: dict, concurrency: int, r
             "output_tokens_per_s": sum(r["tokens"] for _, r in ok) / duration,
             "ttft_s": stats([r["ttft_s"] for _, r in ok]), "tpot_s": stats(tpot),
             "itl_s": stats([g for _, r in ok for g in r["gaps_s"]]),
-            "answers_equal_alone": equal, "common_prefix_with_alone_chars": stats(own), "answers_mixed_up": mixed}
+            "answers_equal_alone": equal, "common_prefix_with_alone_chars": stats(own), "answers_mixed_up": mixed,
+            "server": server}
 
 
 async def bench(args) -> dict:
@@ -120,6 +156,10 @@ async def bench(args) -> dict:
                   f"TTFT p50 {x['ttft_s'].get('p50', math.nan) * 1e3:.1f} ms, "
                   f"TPOT p50 {x['tpot_s'].get('p50', math.nan) * 1e3:.2f} ms; answers equal alone "
                   f"{x['answers_equal_alone']}/{x['ok']}, mixed up {x['answers_mixed_up']}", flush=True)
+            if x["server"]:
+                print(f"  server: {x['server']['prefills']} prefills, {x['server']['rows_per_prefill']:.1f} requests "
+                      f"each; mean {x['server']['queue_s_mean'] * 1e3:.1f} ms in the queue, "
+                      f"{x['server']['prefill_s_mean'] * 1e3:.1f} ms from admission to the first token", flush=True)
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "server": health, "client_versions": lesson.versions(),
             "settings": {k: v for k, v in vars(args).items() if k != "json_path"}, "levels": levels}

@@ -124,6 +124,12 @@ def test_health_and_prometheus_metrics(server):
         return float(next(l.split()[-1] for l in text.splitlines() if l.startswith(name + " ")))
     assert value(after, "ds_bnb_generation_tokens_total") - value(before, "ds_bnb_generation_tokens_total") == 5
     assert value(after, "ds_bnb_ttft_seconds_count") == value(before, "ds_bnb_ttft_seconds_count") + 1
+    for name in ("queue_seconds_count", "prefill_seconds_count", "prefills_total", "prefill_rows_total"):
+        assert value(after, "ds_bnb_" + name) == value(before, "ds_bnb_" + name) + 1, name
+    # TTFT's two parts (the queue, then admission to the first token) add up to no more than TTFT itself
+    parts = sum(value(after, f"ds_bnb_{n}_seconds_sum") - value(before, f"ds_bnb_{n}_seconds_sum")
+                for n in ("queue", "prefill"))
+    assert 0 < parts <= value(after, "ds_bnb_ttft_seconds_sum") - value(before, "ds_bnb_ttft_seconds_sum") + 1e-6
     assert "# TYPE ds_bnb_requests_waiting gauge" in after and 'ds_bnb_tpot_seconds_bucket{le="+Inf"}' in after
 
 
@@ -587,6 +593,11 @@ def test_load_generator_reports_each_level_and_checks_the_answers(server, tmp_pa
     for level in (one, many):
         assert level["output_tokens_per_s"] > 0 and 0 < level["ttft_s"]["p50"] <= level["ttft_s"]["p99"]
         assert level["tpot_s"]["p50"] > 0 and level["itl_s"]["p50"] > 0
+    # the server's own account of each level (its /metrics): one prefill a request alone, several rows a prefill
+    # at most under load, and TTFT's parts
+    assert one["server"]["prefills"] == 3 and one["server"]["rows_per_prefill"] == 1
+    assert 1 <= many["server"]["rows_per_prefill"] <= 4 and many["server"]["prefills"] * 4 >= many["ok"]
+    assert one["server"]["queue_s_mean"] >= 0 and one["server"]["prefill_s_mean"] > 0
     bad = run_cli("--requests", "0", script=bench)
     assert bad.returncode == 2 and "--requests values must be at least 1" in bad.stderr
     gone = run_cli("--url", f"http://127.0.0.1:{free_port()}", "--requests", "1", script=bench)
