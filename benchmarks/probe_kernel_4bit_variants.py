@@ -5,11 +5,12 @@ quant, fp16. Variants of extensions/kernel_4bit.py's matvec (one row of x), each
 that cycle through 8 copies of the weights (more than the card's L2 cache, so every call reads from memory), beside
 bitsandbytes' matmul_4bit and the fp16 matvec timed the same way; 16 rows: the tensor-core tile (dot16):
   prefetch           extensions/kernel_4bit.py's matvec: a [rows, blocks, 8 words, 8 codes] tile, int32 words, a table
-                     lookup each, each weight rounded to fp16 (exact), each step's loads issued one step ahead
+                     lookup each, each weight rounded to fp16 (exact), each step's loads issued one step ahead; also
+                     tiles larger than the kernel's autotuner tries
+  prefetch-gather    prefetch with the 16-entry table held in registers and read by tl.gather, not loaded per code
+  prefetch-nolookup  prefetch without the table lookup (a linear code: not nf4; what the lookup costs)
   2d                 a form tried after it (slower: benchmarks/README.md): a [rows, words] tile, a word's codes taken
                      one shift at a time into the word's own sum, x read once per code position (strided)
-  2d-noround         2d with each weight left in fp32 (what the rounding to fp16 costs)
-  2d-nolookup        2d without the table lookup (a linear code: not nf4; what the lookup costs)
 Each variant's output is compared with x @ W^T (W bitsandbytes' dequantized weight) in fp32.
 """
 import argparse
@@ -73,8 +74,11 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
         scale = tl.load(code2_ptr + q8) * a2
         scale = scale + offset
         codes = (packed[:, :, :, None] >> shifts[None, None, None, :]) & 15                 # [R, B, 8, 8]
-        if LOOKUP:
+        if LOOKUP == 1:    # a load from the 16-entry table (in memory, cached) for each code
             c = tl.load(code_ptr + codes)
+        elif LOOKUP == 2:  # the table in registers, each code's entry taken by tl.gather
+            table = tl.load(code_ptr + tl.arange(0, 16))
+            c = tl.gather(table, codes.reshape(BLOCK_N * BLOCKS * 64), 0).reshape(BLOCK_N, BLOCKS, 8, 8)
         else:              # diagnostic: no table lookup (a linear code, not nf4)
             c = codes.to(tl.float32) * 0.125 - 1.0
         acc += (c * scale[:, :, None, None]).to(tl.float16).to(tl.float32) * x[None]
@@ -154,12 +158,12 @@ def main() -> int:
     parser.add_argument("--json", default="variants.json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    variants = {"prefetch": dict(PREFETCH=True, LOOKUP=True, SPLIT=False)}
-    tilings = [(8, 8, 4), (4, 8, 4)]
-    variants2d = {"2d": dict(LOOKUP=True, ROUND=True), "2d-noround": dict(LOOKUP=True, ROUND=False),
-                  "2d-nolookup": dict(LOOKUP=False, ROUND=True)}
-    tilings2d = [(1, 512, 4), (2, 256, 4), (4, 128, 4), (8, 64, 4), (2, 512, 4), (4, 256, 4), (8, 128, 4), (4, 256, 8),
-                 (8, 256, 8), (16, 128, 8), (1, 256, 2), (2, 128, 2)]
+    variants = {"prefetch": dict(PREFETCH=True, LOOKUP=1, SPLIT=False),
+                "prefetch-gather": dict(PREFETCH=True, LOOKUP=2, SPLIT=False),
+                "prefetch-nolookup": dict(PREFETCH=True, LOOKUP=0, SPLIT=False)}
+    tilings = [(8, 8, 4), (4, 8, 4), (8, 16, 4), (16, 8, 8), (16, 16, 8), (8, 32, 8)]
+    variants2d = {"2d": dict(LOOKUP=True, ROUND=True)}
+    tilings2d = [(8, 64, 4), (4, 256, 4)]
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "bitsandbytes": bnb.__version__, "rows": {}}
     for name, (n, k) in SHAPES.items():

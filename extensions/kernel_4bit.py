@@ -130,7 +130,7 @@ def autotuned(configs, block_m: int):
 
 # The tilings tried: (rows of W a program, blocks of 64 codes a step, warps, pipeline stages).
 MATVEC = autotuned([(4, 4, 4, 1), (8, 4, 4, 1), (8, 8, 4, 1), (4, 8, 4, 1), (16, 4, 8, 1), (8, 8, 8, 1),
-                    (4, 16, 8, 1), (2, 8, 2, 1)], 1)
+                    (4, 16, 8, 1), (2, 8, 2, 1), (8, 16, 4, 1), (16, 8, 8, 1)], 1)
 DOT = autotuned([(32, 1, 4, 3), (32, 2, 4, 3), (64, 1, 4, 3), (64, 2, 4, 3), (64, 2, 8, 3), (128, 1, 8, 3),
                  (32, 4, 4, 2), (16, 2, 4, 3)], 16)
 
