@@ -7,10 +7,11 @@ Device probe (issue 25): extensions/kernel_4bit.py's 4-bit matmul, one linear at
            576, a block count that is not a multiple of 256); q/k/v of a 7B layer fused (Int4WeightOnly.concatenate,
            one offset a row), its dequantization and its matvec (one-hot rows of x).
   time     the kernel as the model calls it (the custom op, autotuned), bitsandbytes' matmul_4bit (what Linear4bit
-           runs) and the fp16 matmul of the same weight (16 rows: also the kernel's dequantization, then F.linear),
-           x in --dtypes (fp16 and bf16), 1 and 16 rows: CUDA graphs of 24 calls cycling through 8 copies of the
-           weights (more than L2 holds: every call reads memory), median of 5 replays; the kernel's weight bytes /
-           time as GB/s; its output against x @ W^T in fp32; the tilings the autotuner picked.
+           runs) and the fp16 matmul of the same weight (16 rows: ours dequantizes whole, then one matmul; the
+           kernel's tensor-core form beside it), x in --dtypes (fp16 and bf16), 1 and 16 rows: CUDA graphs of 24
+           calls cycling through 8 copies of the weights (more than L2 holds: every call reads memory), median of 5
+           replays; the kernel's weight bytes / time as GB/s; its output against x @ W^T in fp32; the tilings the
+           autotuner picked.
 """
 import argparse
 import json
@@ -111,22 +112,19 @@ def main() -> int:
                                                               for c in copies])
                 rows[f"fp16 F.linear {label}"] = graph_time([lambda c=c: torch.nn.functional.linear(x, c[2].to(dtype))
                                                             for c in copies[:3]])
-                if m > 1:    # the other way for several rows: the weight dequantized whole, then one matmul
-                    for tiling in ((4, 4), (16, 8)):
-                        def whole(c, tiling=tiling):
-                            (absmax, absmax2, code2, code, offset), nested = states[id(c)]
-                            weight = K.dequantize(c[0], absmax, absmax2, code2, code, offset, nested, c[1].shape,
-                                                  c[1].dtype, tiling)
-                            return torch.nn.functional.linear(x, weight.to(dtype))
-                        key = f"ours dequantize {tiling} + F.linear {label}"
-                        rows[key] = graph_time([lambda c=c: whole(c) for c in copies])
-                        print(f"{name} {key}: {rows[key] * 1e6:.1f} us", flush=True)
+                if m > 1:    # the kernel's tensor-core form (32 x 4 blocks: what its autotuner picked on an H100)
+                    def dot(c):
+                        (absmax, absmax2, code2, code, offset), nested = states[id(c)]
+                        return K.matmul_4bit(x, c[0], absmax, absmax2, code2, code, offset, n, nested, c[1].dtype,
+                                             [32, 4])
+                    rows[f"ours tensor-core {label}"] = graph_time([lambda c=c: dot(c) for c in copies])
+                    print(f"{name} ours tensor-core {label}: {rows[f'ours tensor-core {label}'] * 1e6:.1f} us",
+                          flush=True)
                 print(f"{name} {label}: ours {rows[f'ours {label}'] * 1e6:.1f} us "
                       f"({nbytes / rows[f'ours {label}'] / 1e9:.0f} GB/s, rel err {err:.1e}), bnb "
                       f"{rows[f'bnb matmul_4bit {label}'] * 1e6:.1f} us, "
                       f"fp16 {rows[f'fp16 F.linear {label}'] * 1e6:.1f} us", flush=True)
         best = {str(key): str(config) for key, config in K.MATVEC.cache.items()}
-        best.update({str(key): str(config) for key, config in K.DOT.cache.items()})
         result["time"][name] = {"shape": [n, k], "weight_bytes": nbytes, "seconds": rows, "tilings": best}
         print(f"{name} autotuned: {best}", flush=True)
         json.dump(result, open(args.json, "w"), indent=1)

@@ -12,12 +12,12 @@ the kernel (Triton): each program reads its rows' packed codes once, looks each 
 (nf4 or fp4), multiplies by its block's scale and by x, and keeps the sum in fp32 — the dequantized weight never
 leaves the registers.
 
-What it reads, unchanged (bitsandbytes' Params4bit and QuantState, as the lesson's load and tensor_parallel.py's
-shards leave them): two codes a byte, the first in the high nibble, over the weight flattened row by row; one scale
-(absmax) per block of 64 codes; with double quantization (bnb_4bit_use_double_quant) the scales are themselves 8-bit
-codes with one fp32 absmax per 256 of them, a 256-entry table and one offset (a layer's scalar, given to the kernels
-once per output row, so that one call can multiply several layers' rows stacked: q, k and v fused, each part with its
-own offset):
+What it reads (bitsandbytes' Params4bit and QuantState as the lesson's load and tensor_parallel.py's shards leave
+them; a fused layer's are the same tensors stacked row by row): two codes a byte, the first in the high nibble, over
+the weight flattened row by row; one scale (absmax) per block of 64 codes; with double quantization
+(bnb_4bit_use_double_quant) the scales are themselves 8-bit codes with one fp32 absmax per 256 of them, a 256-entry
+table and one offset (a layer's scalar, given to the kernels once per output row, so that one call can multiply
+several layers' rows stacked: q, k and v fused, each part with its own offset):
     scale[b] = code2[absmax8[b]] * absmax2[b // 256] + offset[row]     (fp32; the product rounded before the sum)
     W[e]     = to_weight_dtype(code[q[e]] * scale[e // 64])             (fp32 product, rounded once)
 which is bitsandbytes' dequantize_4bit bit for bit (tests/test_kernel_4bit.py checks it on a CPU for the torch code
@@ -29,10 +29,11 @@ How it reads them fast. The codes are read as int32 words (8 codes a word) and s
 loop over K issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a
 matvec, so without this each step would wait on memory). One row of x (batch 1) multiplies and sums elementwise on
 the CUDA cores. For 2-16 rows the kernel has a tensor-core form (tl.dot of x against the dequantized tile), but it
-measured 3.5-4x slower than dequantizing the weight whole, then one matmul (benchmarks/README.md): matmul_4bit does
-the latter, and takes the tensor-core form only when a tiling is given (the tests keep it exact for a later design).
-The tiling of each matrix shape is autotuned on its first call. The measured speed: benchmarks/README.md. On a CPU (no Triton) the same
-dequantization runs in torch (extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs.
+measured 3.4-4.1x slower than dequantizing the weight whole, then one matmul (benchmarks/README.md): matmul_4bit does
+the latter, and takes the tensor-core form only when a tiling is given (the interpreter test keeps it exact, for a
+later design). The matvec's tiling is autotuned per matrix shape on its first call. The measured speed:
+benchmarks/README.md. On a CPU (no Triton) the same dequantization runs in torch (extensions/quantized_matmul.py),
+so a CPU run verifies what the GPU runs.
 """
 from __future__ import annotations
 
@@ -122,17 +123,13 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
     tl.store(out_ptr + rows[:, None] * K + col[None, :], weight.reshape(BLOCK_N, BLOCKS * 64),
              mask=(rows < N)[:, None] & (col < K)[None, :])
 
-def autotuned(configs, block_m: int):
-    """The matmul with its tiling picked on the GPU, once per (N, K): the first call of a shape times each
-    configuration (the decoders' warm-up runs make that call, before any CUDA graph is captured)."""
-    return triton.autotune([triton.Config(dict(BLOCK_M=block_m, BLOCK_N=n, BLOCKS=b), num_warps=w, num_stages=s)
-                            for n, b, w, s in configs], key=["N", "K"])(matmul)
-
-# The tilings tried: (rows of W a program, blocks of 64 codes a step, warps, pipeline stages).
-MATVEC = autotuned([(4, 4, 4, 1), (8, 4, 4, 1), (8, 8, 4, 1), (4, 8, 4, 1), (16, 4, 8, 1), (8, 8, 8, 1),
-                    (4, 16, 8, 1), (2, 8, 2, 1), (8, 16, 4, 1), (16, 8, 8, 1)], 1)
-DOT = autotuned([(32, 1, 4, 3), (32, 2, 4, 3), (64, 1, 4, 3), (64, 2, 4, 3), (64, 2, 8, 3), (128, 1, 8, 3),
-                 (32, 4, 4, 2), (16, 2, 4, 3)], 16)
+# The matvec with its tiling picked on the GPU, once per (N, K): the first call of a shape times each configuration
+# (the decoders' warm-up runs make that call, before any CUDA graph is captured). A configuration: rows of W a
+# program, blocks of 64 codes a step, warps, pipeline stages.
+MATVEC = triton.autotune([triton.Config(dict(BLOCK_M=1, BLOCK_N=n, BLOCKS=b), num_warps=w, num_stages=s)
+                          for n, b, w, s in [(4, 4, 4, 1), (8, 4, 4, 1), (8, 8, 4, 1), (4, 8, 4, 1), (16, 4, 8, 1),
+                                             (8, 8, 8, 1), (4, 16, 8, 1), (2, 8, 2, 1), (8, 16, 4, 1), (16, 8, 8, 1)]],
+                         key=["N", "K"])(matmul)
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -156,15 +153,15 @@ def words(packed):
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor,
                 code2: torch.Tensor, code: torch.Tensor, offset: torch.Tensor, out_features: int, nested: bool,
                 weight_dtype: torch.dtype, tiling: list[int] | None = None) -> torch.Tensor:
-    """x[M, K] @ W^T (M <= 16; x contiguous, in the compute dtype) with W read from bitsandbytes' storage; offset: one
-    per output row (state_args). A custom op: torch.compile keeps it whole in the compiled step (and a CUDA graph
-    captures its launches). One row: the matvec; more: the weight dequantized whole, then one matmul. tiling
-    (BLOCK_N, BLOCKS) fixes the kernel's tiling and takes the kernel for any M (Triton's interpreter, a test); by
-    default the autotuned kernel picks it."""
+    """x[M, K] @ W^T (M <= 16, in the compute dtype) with W read from bitsandbytes' storage; offset: one per output
+    row (state_args). A custom op: torch.compile keeps it whole in the compiled step (and a CUDA graph captures its
+    launches). One row: the matvec, its tiling autotuned; more: the weight dequantized whole, then one matmul.
+    tiling (BLOCK_N, BLOCKS) takes the kernel for any M (2-16: its tensor-core form) with that tiling (x contiguous):
+    Triton's interpreter, the tests, the probes."""
     m, k = x.shape
     n = out_features
     if m > 1 and tiling is None:     # the weight dequantized whole, then one matmul (the module docstring says why)
-        weight = dequantize(packed, absmax, absmax2, code2, code, offset, nested, (n, k), weight_dtype, (16, 8))
+        weight = dequantize(packed, absmax, absmax2, code2, code, offset, nested, (n, k), weight_dtype)
         return torch.nn.functional.linear(x, weight.to(x.dtype))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     args = (x, words(packed), absmax, absmax2, code2, code, out, offset, m, n, k)
@@ -173,8 +170,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, abs
     # enable_fp_fusion=False: the scale's product and its sum with the offset are rounded apart, as in bitsandbytes
     # (a fused multiply-add rounds once: a scale could differ in its last bit).
     if tiling is None:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
-        (MATVEC if m == 1 else DOT)[grid](*args, **flags, enable_fp_fusion=False)
+        MATVEC[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1)](*args, **flags, enable_fp_fusion=False)
     else:
         matmul[(triton.cdiv(n, tiling[0]), triton.cdiv(m, block_m))](
             *args, **flags, BLOCK_M=block_m, BLOCK_N=tiling[0], BLOCKS=tiling[1], enable_fp_fusion=False)
@@ -185,10 +181,11 @@ def _(x, packed, absmax, absmax2, code2, code, offset, out_features, nested, wei
     return x.new_empty(x.shape[0], out_features)
 
 def dequantize(packed, absmax, absmax2, code2, code, offset, nested: bool, shape, weight_dtype,
-               tiling: tuple[int, int] = (4, 4)):
+               tiling: tuple[int, int] = (16, 8)):
     """The weight [N, K] = shape as the kernels dequantize it (load_step and dequantize_tile, written out), from the
     tensors the matmul takes (Int4WeightOnly's buffers, a fused layer's included): bitsandbytes' dequantize_4bit bit
-    for bit (the test of exactness), and the weight of a prefill's matmul (more than 16 rows)."""
+    for bit (the test of exactness), and the weight of every matmul of more than one row (matmul_4bit's 2-16, a
+    prefill's). tiling: rows, blocks of 64 codes a program (16 x 8 measured faster than 4 x 4)."""
     n, k = shape
     out = torch.empty(n, k, dtype=weight_dtype, device=packed.device)
     dequantize_kernel[(triton.cdiv(n, tiling[0]), triton.cdiv(k // BLOCK, tiling[1]))](
@@ -196,7 +193,7 @@ def dequantize(packed, absmax, absmax2, code2, code, offset, nested: bool, shape
         W_DTYPE=TL_DTYPES[weight_dtype], BLOCK_N=tiling[0], BLOCKS=tiling[1], enable_fp_fusion=False)
     return out
 
-def dequantize_state(packed, quant_state, tiling: tuple[int, int] = (4, 4)):
+def dequantize_state(packed, quant_state, tiling: tuple[int, int] = (16, 8)):
     """dequantize() of one bitsandbytes layer's packed codes and QuantState (the tests' and probes' shorthand)."""
     (absmax, absmax2, code2, code, offset), nested = state_args(quant_state)
     return dequantize(packed, absmax, absmax2, code2, code, offset, nested, quant_state.shape, quant_state.dtype,

@@ -10,9 +10,10 @@ activations' dtype (int8 weights, fp16 activations: W8A16, the int8 of gpt-fast)
 torch.compile fuses the int8 -> fp16 conversion into the matrix-vector kernel, so a step reads each int8 weight once.
 As the activations are no longer rounded to int8, its output is nearer the unquantized model than bitsandbytes' own.
 --quant 4bit multiplies weight-only by default as well: extensions/kernel_4bit.py's kernel reads bitsandbytes' packed
-4-bit codes and (double-quantized) scales as stored and dequantizes them inside the matrix-vector product, each weight
-equal to bitsandbytes' dequantize_4bit bit for bit (why a kernel of our own: that file's docstring); fast_decode.py's
-loop then fuses q/k/v and gate/up into one kernel each (Int4WeightOnly.concatenate: 4 kernels a layer, not 7).
+4-bit codes and (double-quantized) scales as stored and dequantizes them inside the matrix-vector product (batch 1;
+more rows: dequantized whole, then one matmul), each weight equal to bitsandbytes' dequantize_4bit bit for bit (why
+a kernel of our own: that file's docstring); fast_decode.py's loop then fuses q/k/v and gate/up into one matmul each
+(Int4WeightOnly.concatenate: 4 matmuls a layer, not 7).
 serve.py's rows and tensor_parallel.py's shards take the same --matmul and swap with the same swap_matmuls().
 --matmul bitsandbytes keeps bitsandbytes' kernels (any --bnb-4bit-* setting): the same loop, for comparison.
 
@@ -173,8 +174,8 @@ def weight_only_4bit_class():
             if first.nested and not all(torch.equal(x.code2, first.code2) for x in layers):
                 return None
             # The kernels find block b's second-level absmax at b // 256 of the concatenated absmax2: that is the
-            # part's own only if every part before it ends on a whole group of 256 blocks.
-            if first.nested and any(x.absmax.numel() % BLOCK2 for x in layers):
+            # part's own only if every part before it ends on a whole group of 256 blocks (the last may not).
+            if first.nested and any(x.absmax.numel() % BLOCK2 for x in layers[:-1]):
                 return None
             with torch.no_grad():
                 cat = lambda name: torch.cat([getattr(x, name).reshape(-1) for x in layers])  # noqa: E731

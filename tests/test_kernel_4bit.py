@@ -96,6 +96,7 @@ def test_layers_that_cannot_be_one_weight_are_not_concatenated():
         return module(*quantized(shape, quant_type, double_quant, dtype), **kw)
     assert cls.concatenate([one(), one((64, 256))]) is not None
     assert cls.concatenate([one((128, 640), double_quant=False), one((100, 640), double_quant=False)]) is not None
+    assert cls.concatenate([one((128, 640)), one((100, 640))]) is not None     # 1280 blocks, then the last: 1000
     code2 = one()
     code2.code2 = code2.code2.flip(0)
     refused = {"in_features": [one(), one((128, 512))],
@@ -105,7 +106,7 @@ def test_layers_that_cannot_be_one_weight_are_not_concatenated():
                "compute dtype": [one(compute_dtype=torch.float32), one(compute_dtype=torch.bfloat16)],
                "second-level table": [one(), code2],
                "bias": [one(), one(bias=torch.zeros(128))],
-               "1000 blocks": [one((128, 640)), one((100, 640))]}
+               "1000 blocks before another part": [one((100, 640)), one((128, 640))]}
     for why, layers in refused.items():
         assert cls.concatenate(layers) is None, why
 
@@ -171,10 +172,11 @@ for shape in SHAPES:
                                                              offset, shape[0], nested, state.dtype, [4, 4])
                                      for row in x])
                     out[key]["matvec columns equal"] = bool(torch.equal(got, want[:, columns].t()))
-# Two layers concatenated (q and a smaller k), each with its own offset: the kernels read one offset a row. Tiles of
-# 128 rows (one holds rows of both parts) and a whole row of 256 codes a step: the interpreter's time is per step.
+# Two layers concatenated (a smaller k, then q), each with its own offset: the kernels read one offset a row. Tiles
+# of 128 rows (the first holds k's 64 rows and q's first 64) and a whole row of 256 codes a step: the interpreter's
+# time is per step.
 for quant_type, double_quant in (("nf4", True), ("fp4", True), ("nf4", False)):
-    layers = parts(quant_type, double_quant, torch.float16)[:2]
+    layers = parts(quant_type, double_quant, torch.float16)[1::-1]
     fused = type(module(*layers[0])).concatenate([module(*layer) for layer in layers])
     want = torch.cat([F.dequantize_4bit(*layer) for layer in layers])
     args = (fused.packed, fused.absmax, fused.absmax2, fused.code2, fused.code, fused.offset, fused.out_features,
