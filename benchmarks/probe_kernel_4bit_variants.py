@@ -11,6 +11,11 @@ bitsandbytes' matmul_4bit and the fp16 matvec timed the same way; 16 rows: the t
   prefetch-nolookup  prefetch without the table lookup (a linear code: not nf4; what the lookup costs)
   2d                 a form tried after it (slower: benchmarks/README.md): a [rows, words] tile, a word's codes taken
                      one shift at a time into the word's own sum, x read once per code position (strided)
+  smem               a [rows, words] tile whose 8 codes a word are joined into one tl.gather a step (Triton puts the
+                     16-entry table in shared memory: a 32-bit address and one shared load a code, where a load from
+                     the table in global memory costs a 64-bit address each), products in fp32 with the table's
+                     value unrounded, each block's scale applied once to the sum of its 64 products (not to each
+                     weight); compiled for sm_90 it is ~5 instructions a code against the prefetch form's ~40
 Each variant's output is compared with x @ W^T (W bitsandbytes' dequantized weight) in fp32.
 """
 import argparse
@@ -129,6 +134,49 @@ def matvec2d(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr
 
 
 @triton.jit
+def matvec_smem(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, N, KW, KB,
+                BLOCK_N: tl.constexpr, WORDS: tl.constexpr, EVEN: tl.constexpr):
+    """The smem form (module docstring): nested scales, fp32 sums; EVEN: KW is a multiple of WORDS (no masks on K)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    col = tl.arange(0, WORDS)
+    wptr = w_ptr + rows[:, None] * KW + col[None, :]
+    nxt = tl.load(wptr, mask=row_ok[:, None] & (col < KW)[None, :], other=0)
+    for w0 in range(0, KW, WORDS):
+        words = nxt
+        nxt = tl.load(wptr + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < KW)[None, :], other=0)
+        c = tl.join(tl.join(tl.join((words >> 4) & 15, words & 15), tl.join((words >> 12) & 15, (words >> 8) & 15)),
+                    tl.join(tl.join((words >> 20) & 15, (words >> 16) & 15),
+                            tl.join((words >> 28) & 15, (words >> 24) & 15)))
+        v = tl.gather(table, c.reshape(BLOCK_N * WORDS * 8), 0).reshape(BLOCK_N, WORDS, 2, 2, 2)
+        v01, v23 = tl.split(v)
+        a, b = tl.split(v01)
+        e, f = tl.split(v23)
+        v0, v1 = tl.split(a)
+        v2, v3 = tl.split(b)
+        v4, v5 = tl.split(e)
+        v6, v7 = tl.split(f)
+        values = (v0, v1, v2, v3, v4, v5, v6, v7)      # split undoes the joins, outermost first
+        p = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        xw = (w0 + col) * 8
+        for j in tl.static_range(8):
+            if EVEN:
+                x = tl.load(x_ptr + xw + j)
+            else:
+                x = tl.load(x_ptr + xw + j, mask=w0 + col < KW, other=0.0)
+            p += values[j] * x.to(tl.float32)[None, :]
+        blocks = w0 // 8 + tl.arange(0, WORDS // 8)
+        block = rows[:, None] * KB + blocks[None, :]
+        bok = row_ok[:, None] & (blocks < KB)[None, :]
+        q8 = tl.load(absmax_ptr + block, mask=bok, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q8) * tl.load(absmax2_ptr + block // 256, mask=bok, other=0.0) + offset
+        acc += p * tl.broadcast_to(scale[:, :, None], (BLOCK_N, WORDS // 8, 8)).reshape(BLOCK_N, WORDS)
+    tl.store(out_ptr + rows, tl.sum(acc, axis=1), mask=row_ok)
+
+
+@triton.jit
 def matmul16(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, M, N, K,
              BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
     """16 rows of x: the tile dequantized in K's natural order ([R, B*64] fp16), then tl.dot on the tensor cores."""
@@ -156,6 +204,8 @@ def main() -> int:
     import bitsandbytes.functional as F
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default="variants.json")
+    parser.add_argument("--only", default="prefetch,2d,smem,dot16",
+                        help="comma-separated groups to time: prefetch (its three variants), 2d, smem, dot16")
     args = parser.parse_args()
     torch.manual_seed(0)
     variants = {"prefetch": dict(PREFETCH=True, LOOKUP=1, SPLIT=False),
@@ -181,7 +231,7 @@ def main() -> int:
                                               for w, c in zip(weights, copies)])
         for label in list(rows):
             print(f"{name} {label}: {rows[label] * 1e6:.1f} us", flush=True)
-        for vname, flags in variants.items():
+        for vname, flags in variants.items() if "prefetch" in args.only else ():
             for bn, blocks, warps in tilings:
                 splits = 4 if flags["SPLIT"] else 1
                 kb = k // 64
@@ -206,7 +256,7 @@ def main() -> int:
                           f"rel err {err:.1e}", flush=True)
                 except Exception as e:
                     print(f"{name} {label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
-        for vname, flags in variants2d.items():
+        for vname, flags in variants2d.items() if "2d" in args.only else {}.items():
             for bn, nwords, warps in tilings2d:
                 label = f"{vname} BLOCK_N={bn} WORDS={nwords} warps={warps}"
                 try:
@@ -225,13 +275,33 @@ def main() -> int:
                           f"rel err {err:.1e}", flush=True)
                 except Exception as e:
                     print(f"{name} {label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+        for bn, nwords, warps in [(8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 8),
+                                  (16, 32, 4), (32, 128, 8), (8, 256, 8), (4, 128, 2)] if "smem" in args.only else ():
+            label = f"smem BLOCK_N={bn} WORDS={nwords} warps={warps}"
+            try:
+                outs = [torch.zeros(1, n, dtype=torch.float32, device="cuda") for _ in copies]
+                def call_smem(c, out):
+                    matvec_smem[(triton.cdiv(n, bn),)](
+                        x, c[1].view(-1).view(torch.int32), c[2].absmax, c[2].state2.absmax, c[2].state2.code,
+                        c[2].code, out, c[3], n, k // 8, k // 64, BLOCK_N=bn, WORDS=nwords,
+                        EVEN=(k // 8) % nwords == 0, num_warps=warps, num_stages=1)
+                call_smem(copies[0], outs[0])
+                exact = x.float() @ copies[0][4].float().t()
+                err = float((outs[0] - exact).norm() / exact.norm())
+                seconds = graph_time([lambda c=c, o=o: call_smem(c, o) for c, o in zip(copies, outs)])
+                rows[label] = seconds
+                print(f"{name} {label}: {seconds * 1e6:.1f} us, {nbytes / seconds / 1e9:.0f} GB/s, "
+                      f"rel err {err:.1e}", flush=True)
+            except Exception as e:
+                print(f"{name} {label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
         x16 = torch.randn(16, k, device="cuda", dtype=torch.float16)
         rows["fp16 F.linear m=16"] = graph_time([lambda w=c[4]: torch.nn.functional.linear(x16, w) for c in copies[:4]])
         rows["bnb matmul_4bit m=16"] = graph_time([lambda w=w, c=c: bnb.matmul_4bit(x16, w.t(), quant_state=c[2])
                                                    for w, c in zip(weights, copies)])
         print(f"{name} m=16 fp16 {rows['fp16 F.linear m=16'] * 1e6:.1f} us, bnb {rows['bnb matmul_4bit m=16'] * 1e6:.1f} us")
         for bn, blocks, warps, stages in [(32, 1, 4, 3), (32, 2, 4, 3), (64, 1, 4, 3), (64, 2, 4, 3), (64, 2, 8, 3),
-                                          (128, 1, 8, 3), (32, 4, 4, 2), (16, 2, 4, 3), (64, 4, 8, 2)]:
+                                          (128, 1, 8, 3), (32, 4, 4, 2), (16, 2, 4, 3), (64, 4, 8, 2)] \
+                if "dot16" in args.only else ():
             label = f"dot16 BLOCK_N={bn} BLOCKS={blocks} warps={warps} stages={stages}"
             try:
                 outs = [torch.zeros(16, n, dtype=torch.float32, device="cuda") for _ in copies]

@@ -21,19 +21,27 @@ several layers' rows stacked: q, k and v fused, each part with its own offset):
     scale[b] = code2[absmax8[b]] * absmax2[b // 256] + offset[row]     (fp32; the product rounded before the sum)
     W[e]     = to_weight_dtype(code[q[e]] * scale[e // 64])             (fp32 product, rounded once)
 which is bitsandbytes' dequantize_4bit bit for bit (tests/test_kernel_4bit.py checks it on a CPU for the torch code
-below and, under Triton's interpreter, for the kernel). Only the products with x and their sum differ from
-bitsandbytes' matmul in rounding (fp32 sums in another order), as any two matmul kernels do: the decoders verify the
-whole step against the model unwrapped, as every decoder is.
+below and, under Triton's interpreter, for the kernels). dequantize() writes that weight out (the 2-16-row matmuls
+and the prefill multiply it). The matvec multiplies x by each weight's fp32 value code[q] * scale itself, the value
+that bitsandbytes then rounds to the weight's dtype: a one-hot row of x gives back the dequantized weight bit for
+bit (the tests check it column by column), and any other x a product nearer the exact one than a matmul of the
+rounded weight. Its sums run in fp32 in another order than bitsandbytes' kernel, as any two matmul kernels differ:
+the decoders verify the whole step against the model unwrapped, as every decoder is.
 
-How it reads them fast. The codes are read as int32 words (8 codes a word) and split with shifts; each step of the
-loop over K issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a
-matvec, so without this each step would wait on memory). One row of x (batch 1) multiplies and sums elementwise on
-the CUDA cores. For 2-16 rows the kernel has a tensor-core form (tl.dot of x against the dequantized tile), but it
-measured 3.4-4.1x slower than dequantizing the weight whole, then one matmul (benchmarks/README.md): matmul_4bit does
-the latter, and takes the tensor-core form only when a tiling is given (the interpreter test keeps it exact, for a
-later design). The matvec's tiling is autotuned per matrix shape on its first call. The measured speed:
-benchmarks/README.md. On a CPU (no Triton) the same dequantization runs in torch (extensions/quantized_matmul.py),
-so a CPU run verifies what the GPU runs.
+How the matvec reads them fast. Its time is the weights' bytes over the card's bandwidth only if every code costs
+few instructions; a table lookup from memory costs a 64-bit address and a load a code, and a tile whose codes are
+spread over threads needs shuffles and shared-memory copies to sum. So a program takes BLOCK_N rows x WORDS int32
+words (8 codes a word) a step, splits each word with shifts, and joins the 8 codes into one tl.gather from the
+16-entry table, which Triton keeps in shared memory (one 32-bit shared load a code); each word's 8 products with x
+are summed in registers (fused multiply-adds) and each block's scale multiplies its words' sums once, not each
+weight. Compiled for sm_90 that is about 5 instructions a code, where the first form (a [rows, blocks, 8, 8] tile,
+each weight scaled and rounded, the table in global memory) took about 40 (benchmarks/README.md has both forms'
+times). Each step issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not
+those of a matvec). The tiling is autotuned per matrix shape on its first call. For 2-16 rows a tensor-core form
+(tl.dot of x against the dequantized tile) measured 3.4-4.1x slower than dequantizing the weight whole, then one
+matmul: matmul_4bit does the latter, and takes the tensor-core form only when a tiling is given (the interpreter
+test keeps it exact, for a later design). On a CPU (no Triton) the same dequantization runs in torch
+(extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs.
 """
 from __future__ import annotations
 
@@ -75,20 +83,17 @@ def dequantize_tile(words, absmax, absmax2, code2_ptr, code_ptr, offset, NESTED:
 
 @triton.jit
 def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, M, N, K,
-           NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCKS: tl.constexpr):
-    """out[M, N] = x[M, K] @ W[N, K]^T; a program: BLOCK_N rows of W against BLOCK_M rows of x (1: a matvec), BLOCKS
-    blocks of 64 codes a step along K. offset_ptr: one offset a row of W (double quantization)."""
+           NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
+    """out[M, N] = x[M, K] @ W[N, K]^T on the tensor cores (the 2-16-row form): a program multiplies BLOCK_N rows of W,
+    dequantized a tile at a time (BLOCKS blocks of 64 codes), against 16 rows of x. offset_ptr: one offset a row of W
+    (double quantization)."""
     X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = tl.program_id(1) * 16 + tl.arange(0, 16)
     KB = K // 64
     offset = tl.load(offset_ptr + rows, mask=row_ok, other=0.0) if NESTED else 0.0    # [R]: each row's offset
-    if BLOCK_M == 1:        # a matvec: multiply-add elementwise, one sum at the end
-        acc = tl.zeros((BLOCK_N, BLOCKS, 8, 8), dtype=tl.float32)
-    else:                   # 2-16 rows: the tensor cores
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     next_words, next_absmax, next_absmax2 = load_step(w_ptr, absmax_ptr, absmax2_ptr, rows, row_ok, 0, KB, NESTED,
                                                       BLOCKS)
     for b0 in range(0, KB, BLOCKS):
@@ -97,17 +102,60 @@ def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
                                                           KB, NESTED, BLOCKS)
         weight = dequantize_tile(words, absmax, absmax2, code2_ptr, code_ptr, offset, NESTED, W_DTYPE, X_DTYPE)
         col = b0 * 64 + tl.arange(0, BLOCKS * 64)                                 # this step's columns of x
-        if BLOCK_M == 1:
-            x = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32).reshape(1, BLOCKS, 8, 8)
-            acc += weight.to(tl.float32) * x
+        x = tl.load(x_ptr + m[:, None] * K + col[None, :], mask=(m < M)[:, None] & (col < K)[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(weight.reshape(BLOCK_N, BLOCKS * 64)), acc)
+    tl.store(out_ptr + m[:, None] * N + rows[None, :], acc.to(X_DTYPE), mask=(m < M)[:, None] & row_ok[None, :])
+
+@triton.jit
+def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, KW, KB,
+           NESTED: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, EVEN: tl.constexpr):
+    """out[N] = W[N, K] @ x[K] (one row of x: a decode step at batch 1). A program: BLOCK_N rows of W, WORDS int32
+    words (8 codes each) of every row a step, the next step's words loaded before this step's are used. KW, KB: words
+    and blocks of 64 codes a row; EVEN: KW is a multiple of WORDS (no masks along K)."""
+    X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    table = tl.load(code_ptr + tl.arange(0, 16))                                  # the 16-entry code (nf4 or fp4)
+    offset = tl.load(offset_ptr + rows, mask=row_ok, other=0.0) if NESTED else 0.0    # [R]: each row's offset
+    col = tl.arange(0, WORDS)
+    w_at = w_ptr + rows[:, None] * KW + col[None, :]
+    next_words = tl.load(w_at, mask=row_ok[:, None] & (col < KW)[None, :], other=0)
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    for w0 in range(0, KW, WORDS):
+        words = next_words
+        next_words = tl.load(w_at + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < KW)[None, :], other=0)
+        # A word's 8 codes (a byte's high nibble first), joined so that one tl.gather looks them all up: Triton
+        # keeps the table in shared memory (a 32-bit address a code, no 64-bit pointer sums), and split again, free.
+        codes = tl.join(tl.join(tl.join((words >> 4) & 15, words & 15), tl.join((words >> 12) & 15, (words >> 8) & 15)),
+                        tl.join(tl.join((words >> 20) & 15, (words >> 16) & 15),
+                                tl.join((words >> 28) & 15, (words >> 24) & 15)))
+        value = tl.gather(table, codes.reshape(BLOCK_N * WORDS * 8), 0).reshape(BLOCK_N, WORDS, 2, 2, 2)
+        first, second = tl.split(value)
+        v01, v23 = tl.split(first)
+        v45, v67 = tl.split(second)
+        v0, v1 = tl.split(v01)
+        v2, v3 = tl.split(v23)
+        v4, v5 = tl.split(v45)
+        v6, v7 = tl.split(v67)
+        values = (v0, v1, v2, v3, v4, v5, v6, v7)
+        # Each word's sum of its 8 products with x, then each block's scale once on its words' sums.
+        xw = x_ptr + (w0 + col) * 8
+        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        for j in tl.static_range(8):
+            x = tl.load(xw + j) if EVEN else tl.load(xw + j, mask=w0 + col < KW, other=0.0)
+            part = tl.fma(values[j], x.to(tl.float32)[None, :], part)
+        blocks = w0 // 8 + tl.arange(0, WORDS // 8)
+        block = rows[:, None] * KB + blocks[None, :]
+        block_ok = row_ok[:, None] & (blocks < KB)[None, :]
+        absmax = tl.load(absmax_ptr + block, mask=block_ok, other=0)
+        if NESTED:
+            scale = tl.load(code2_ptr + absmax.to(tl.int32)) * tl.load(absmax2_ptr + block // 256, mask=block_ok,
+                                                                        other=0.0)
+            scale = scale + offset[:, None]
         else:
-            x = tl.load(x_ptr + m[:, None] * K + col[None, :], mask=(m < M)[:, None] & (col < K)[None, :],
-                        other=0.0)
-            acc = tl.dot(x, tl.trans(weight.reshape(BLOCK_N, BLOCKS * 64)), acc)
-    if BLOCK_M == 1:
-        tl.store(out_ptr + rows, tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1).to(X_DTYPE), mask=row_ok)
-    else:
-        tl.store(out_ptr + m[:, None] * N + rows[None, :], acc.to(X_DTYPE), mask=(m < M)[:, None] & row_ok[None, :])
+            scale = absmax
+        acc = tl.fma(part, tl.broadcast_to(scale[:, :, None], (BLOCK_N, WORDS // 8, 8)).reshape(BLOCK_N, WORDS), acc)
+    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(X_DTYPE), mask=row_ok)
 
 @triton.jit
 def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, K,
@@ -123,13 +171,13 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
     tl.store(out_ptr + rows[:, None] * K + col[None, :], weight.reshape(BLOCK_N, BLOCKS * 64),
              mask=(rows < N)[:, None] & (col < K)[None, :])
 
-# The matvec with its tiling picked on the GPU, once per (N, K): the first call of a shape times each configuration
+# The matvec with its tiling picked on the GPU, once per (N, KW): the first call of a shape times each configuration
 # (the decoders' warm-up runs make that call, before any CUDA graph is captured). A configuration: rows of W a
-# program, blocks of 64 codes a step, warps, pipeline stages.
-MATVEC = triton.autotune([triton.Config(dict(BLOCK_M=1, BLOCK_N=n, BLOCKS=b), num_warps=w, num_stages=s)
-                          for n, b, w, s in [(4, 4, 4, 1), (8, 4, 4, 1), (8, 8, 4, 1), (4, 8, 4, 1), (16, 4, 8, 1),
-                                             (8, 8, 8, 1), (4, 16, 8, 1), (2, 8, 2, 1), (8, 16, 4, 1), (16, 8, 8, 1)]],
-                         key=["N", "K"])(matmul)
+# program, words a step, warps.
+MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w), num_warps=warps, num_stages=1)
+                          for n, w, warps in [(8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8),
+                                              (32, 64, 8), (16, 32, 4), (32, 128, 8), (8, 256, 8), (4, 128, 2)]],
+                         key=["N", "KW"])(triton.heuristics(dict(EVEN=lambda a: a["KW"] % a["WORDS"] == 0))(matvec))
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -156,24 +204,27 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, abs
     """x[M, K] @ W^T (M <= 16, in the compute dtype) with W read from bitsandbytes' storage; offset: one per output
     row (state_args). A custom op: torch.compile keeps it whole in the compiled step (and a CUDA graph captures its
     launches). One row: the matvec, its tiling autotuned; more: the weight dequantized whole, then one matmul.
-    tiling (BLOCK_N, BLOCKS) takes the kernel for any M (2-16: its tensor-core form) with that tiling (x contiguous):
-    Triton's interpreter, the tests, the probes."""
+    tiling (BLOCK_N, BLOCKS): rows of W and blocks of 64 codes a step, for any M (1: the matvec, 2-16: the
+    tensor-core form), x contiguous: Triton's interpreter, the tests, the probes."""
     m, k = x.shape
     n = out_features
     if m > 1 and tiling is None:     # the weight dequantized whole, then one matmul (the module docstring says why)
         weight = dequantize(packed, absmax, absmax2, code2, code, offset, nested, (n, k), weight_dtype)
         return torch.nn.functional.linear(x, weight.to(x.dtype))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    args = (x, words(packed), absmax, absmax2, code2, code, out, offset, m, n, k)
-    flags = dict(NESTED=nested, W_DTYPE=TL_DTYPES[weight_dtype])
-    block_m = 1 if m == 1 else 16
-    # enable_fp_fusion=False: the scale's product and its sum with the offset are rounded apart, as in bitsandbytes
-    # (a fused multiply-add rounds once: a scale could differ in its last bit).
-    if tiling is None:
-        MATVEC[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1)](*args, **flags, enable_fp_fusion=False)
+    # enable_fp_fusion=False: a scale's product and its sum with the offset are rounded apart, as in bitsandbytes (a
+    # fused multiply-add rounds once: a scale could differ in its last bit); the products with x are tl.fma.
+    if m == 1:
+        args = (x, words(packed), absmax, absmax2, code2, code, out, offset, n, k // 8, k // BLOCK)
+        if tiling is None:
+            MATVEC[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, NESTED=nested, enable_fp_fusion=False)
+        else:
+            matvec[(triton.cdiv(n, tiling[0]),)](*args, NESTED=nested, BLOCK_N=tiling[0], WORDS=8 * tiling[1],
+                                                 EVEN=(k // 8) % (8 * tiling[1]) == 0, enable_fp_fusion=False)
     else:
-        matmul[(triton.cdiv(n, tiling[0]), triton.cdiv(m, block_m))](
-            *args, **flags, BLOCK_M=block_m, BLOCK_N=tiling[0], BLOCKS=tiling[1], enable_fp_fusion=False)
+        matmul[(triton.cdiv(n, tiling[0]), triton.cdiv(m, 16))](
+            x, words(packed), absmax, absmax2, code2, code, out, offset, m, n, k, NESTED=nested,
+            W_DTYPE=TL_DTYPES[weight_dtype], BLOCK_N=tiling[0], BLOCKS=tiling[1], enable_fp_fusion=False)
     return out
 
 @matmul_4bit.register_fake
