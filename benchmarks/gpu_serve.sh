@@ -2,16 +2,23 @@
 # Usage (repo root, after the device prefix of benchmarks/README.md, whose .whl also holds requirements-serve.txt's
 # wheels, carry [".whl"]):
 #   PART=serve bash benchmarks/gpu_serve.sh     # one GPU: the server, 16 rows x 256 positions, queue 32; load at 1, 16, 64
+#   SERVE_ARGS="--admit-wait-ms 0" PART=serve bash benchmarks/gpu_serve.sh   # the same, the server given these flags
+#                                               # too; its files are named after them: serve-admit-wait-ms-0.json, ...
 #   PART=offline bash benchmarks/gpu_serve.sh   # one GPU: extensions/fast_decode.py batch 1 and 16, the baseline
 #   PART=tp2 bash benchmarks/gpu_serve.sh       # two GPUs: the 2-GPU tests, then the server under the launcher
 # extensions/serve.py under load (measure/bench_serve.py) against the offline decode of the same card:
 # random:llama-2-7b fp16, prompts of 32 tokens, 128-token answers, greedy. Run serve and offline in one call on one
-# machine to compare them. env-PART.log: date, card, each step's exit; a device call returns few files, so when there
-# are more than 8 they are packed into PART.tgz.
+# machine to compare them (and PART=serve with and without SERVE_ARGS). env-PART.log: date, card, each step's exit; a
+# device call returns few files, so when there are more than 8 in OUT (earlier runs' included) they are packed into
+# PART.tgz (PART-<flags>.tgz with SERVE_ARGS).
 set -uo pipefail
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 export PATH="${PYTHONPATH:+$PYTHONPATH/bin:}$PATH"   # the launcher of a deepspeed installed with --target
-OUT=${OUT:-/tmp/out}; PART=${PART:-serve}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; PART=${PART:-serve}; SERVE_ARGS=${SERVE_ARGS:-}; mkdir -p "$OUT"
+# PART=serve's files carry its extra flags in their names, so that runs with other flags can share OUT.
+TAG=$(printf '%s' "$SERVE_ARGS" | tr -s ' =/' '-' | tr -cd 'A-Za-z0-9._-' | sed 's/^-*//')
+[ "$PART" = serve ] || TAG=""
+PART=$PART${TAG:+-$TAG}; T=${TAG:+-$TAG}
 PROMPT="Serve the model over HTTP now:  "        # 32 characters: 32 tokens with the byte-level preset
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } > "$OUT/env-$PART.log" 2>&1
 if [ "$PART" = offline ]; then
@@ -33,15 +40,16 @@ elif [ "$PART" = tp2 ]; then
   kill -TERM "$(pgrep -f 'serve.py --local_rank=0')"; timeout 90 tail --pid="$pid" -f /dev/null
   wait "$pid"; echo "launcher exit $?" >> "$OUT/env-$PART.log"
 else
+  # shellcheck disable=SC2086  # SERVE_ARGS: several flags, split on spaces
   python3 extensions/serve.py --model random:llama-2-7b --backend hf --max-num-seqs 16 --max-model-len 256 \
-    --max-queue 32 --port 8000 > "$OUT/server.log" 2>&1 &
+    --max-queue 32 --port 8000 $SERVE_ARGS > "$OUT/server$T.log" 2>&1 &
   pid=$!
   for _ in $(seq 300); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
   echo "server up after ${SECONDS}s" >> "$OUT/env-$PART.log"
   timeout -k 10 240 python3 measure/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1 16 64 \
-    --requests 8 64 128 --max-tokens 128 --prompt-len 32 --distinct 8 --json "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    --requests 8 64 128 --max-tokens 128 --prompt-len 32 --distinct 8 --json "$OUT/serve$T.json" > "$OUT/bench$T.log" 2>&1
   echo "bench exit $?" >> "$OUT/env-$PART.log"
-  curl -s localhost:8000/metrics > "$OUT/metrics.txt"
+  curl -s localhost:8000/metrics > "$OUT/metrics$T.txt"
   kill -TERM "$pid"; timeout 60 tail --pid="$pid" -f /dev/null
   wait "$pid"; echo "server exit $?" >> "$OUT/env-$PART.log"
 fi
