@@ -57,13 +57,12 @@ class ServeConfig(QuantizedMatmulConfig):
     max_body_bytes: Annotated[int, "the largest request body taken; a larger one is answered 413"] = 4 * 2 ** 20
     read_timeout: Annotated[float, "seconds a client has to send a whole request (headers and body) from its "
                             "first byte; a connection that stops sending is closed after it"] = 30.0
-    # Requests sent together reach the worker spread out: each is parsed and tokenized in turn, and on a 2-core CPU
-    # 16 of them took 6-25 ms (the client on the same cores). Admitted as they come, they take several prefills,
-    # each stalling every row already decoding, and the rows they fill then end at different steps, so the clients'
-    # next requests arrive split the same way. A GPU host, with cores to spare for client and server, presumably
-    # takes less (not measured there). 10 ms leaves room for that; the wait ends at once when the free rows are full
-    # (a full burst waits for nothing), and a lone request on an idle server pays 10 ms of TTFT: 1.5 decode steps
-    # of a 7B model at 16 rows on an H100 (6.5 ms a step).
+    # Requests sent together reach the worker spread out: each is parsed and tokenized in turn. Admitted as they
+    # come, they take several prefills, each stalling every row already decoding, and the rows they fill then end at
+    # different steps, so the clients' next requests arrive split the same way (on an H100 each wave of 16 requests
+    # went in as two prefills of 8: benchmarks/README.md). The wait ends at once when the free rows are full (a full
+    # burst waits for nothing); a lone request on an idle server pays it in TTFT: 10 ms is about 1.5 decode steps of
+    # a 7B model at 16 rows on an H100.
     admit_wait_ms: Annotated[float, "milliseconds a request may wait for others to share its prefill: an idle "
                              "worker admits the first arrival with those that come within this time (at once when "
                              "they fill the free rows); while rows decode (never paused for this), waiting requests "
