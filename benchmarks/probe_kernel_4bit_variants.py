@@ -15,7 +15,8 @@ bitsandbytes' matmul_4bit and the fp16 matvec timed the same way; 16 rows: the t
                      16-entry table in shared memory: a 32-bit address and one shared load a code, where a load from
                      the table in global memory costs a 64-bit address each), products in fp32 with the table's
                      value unrounded, each block's scale applied once to the sum of its 64 products (not to each
-                     weight); compiled for sm_90 it is ~5 instructions a code against the prefetch form's ~40
+                     weight); compiled for sm_90 it is ~5 instructions a code against the prefetch form's 33-39
+                     (inspect_kernel_4bit.py counts them)
 Each variant's output is compared with x @ W^T (W bitsandbytes' dequantized weight) in fp32.
 """
 import argparse

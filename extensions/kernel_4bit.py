@@ -35,13 +35,13 @@ words (8 codes a word) a step, splits each word with shifts, and joins the 8 cod
 16-entry table, which Triton keeps in shared memory (one 32-bit shared load a code); each word's 8 products with x
 are summed in registers (fused multiply-adds) and each block's scale multiplies its words' sums once, not each
 weight. Compiled for sm_90 that is about 5 instructions a code, where the first form (a [rows, blocks, 8, 8] tile,
-each weight scaled and rounded, the table in global memory) took about 40 (benchmarks/README.md has both forms'
-times). Each step issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not
-those of a matvec). The tiling is autotuned per matrix shape on its first call. For 2-16 rows a tensor-core form
-(tl.dot of x against the dequantized tile) measured 3.4-4.1x slower than dequantizing the weight whole, then one
-matmul: matmul_4bit does the latter, and takes the tensor-core form only when a tiling is given (the interpreter
-test keeps it exact, for a later design). On a CPU (no Triton) the same dequantization runs in torch
-(extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs.
+each weight scaled and rounded, the table in global memory) took 33-39 (benchmarks/inspect_kernel_4bit.py counts
+them; benchmarks/README.md has both forms' times). Each step issues the next step's loads before it computes (Triton
+pipelines loads that feed tl.dot, not those of a matvec). The tiling is autotuned per matrix shape on its first
+call. For 2-16 rows a tensor-core form (tl.dot of x against the dequantized tile) measured 3.4-4.1x slower than
+dequantizing the weight whole, then one matmul: matmul_4bit does the latter, and takes the tensor-core form only
+when a tiling is given (the interpreter test keeps it exact, for a later design). On a CPU (no Triton) the same
+dequantization runs in torch (extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs.
 """
 from __future__ import annotations
 

@@ -212,6 +212,21 @@ def test_triton_kernel_dequantizes_bit_for_bit_and_multiplies_under_the_interpre
                 assert error < 1e-3, (key, name, error)
 
 
+def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
+    """The matvec's design (its table in shared memory, a word's codes looked up by one gather, each block's scale
+    once on its words' sums) read from the machine code Triton makes for sm_90, without a GPU: the loop over K spends
+    under 7 instructions a code at the tilings its autotuner took on an H100, the former form over 25."""
+    path = tmp_path / "inspect.json"
+    r = run_group([sys.executable, str(ROOT / "benchmarks" / "inspect_kernel_4bit.py"), "--json", str(path)],
+                  timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {(row["kernel"].split()[0], row["tiling"]): row["instructions_per_code"]
+            for row in json.loads(path.read_text())["rows"]}
+    assert rows[("matvec", "BLOCK_N=16 WORDS=128 warps=4")] < 7, rows
+    assert rows[("matvec", "BLOCK_N=8 WORDS=128 warps=4")] < 7, rows
+    assert min(v for (kernel, _), v in rows.items() if kernel == "former") > 25, rows
+
+
 def test_swapped_layers_hold_bitsandbytes_storage_and_multiply_as_its_dequantized_weight():
     config = m.DeployConfig(model_name="random:tiny", quant="4bit", dtype="fp32", device="cpu",
                             bnb_4bit_compute_dtype="fp32")

@@ -1,0 +1,108 @@
+"""Usage (no GPU needed): python benchmarks/inspect_kernel_4bit.py [--arch 90] [--json inspect.json]
+
+What a 4-bit matvec costs in instructions, read from the machine code Triton makes for an H100 (sm_90), on any
+machine: Triton compiles a kernel for a target without a GPU, and its wheel ships NVIDIA's ptxas and cuobjdump. For
+each kernel and tiling this prints the registers a thread takes (they bound how many programs share an SM), the
+shared memory, and the instructions of the loop over K with the codes a thread handles a step: instructions a code,
+and the most frequent ones (LDS: a shared-memory load, the table lookup; LDG: a global load; BAR: a barrier; SHFL: a
+shuffle between threads). The kernels: extensions/kernel_4bit.py's matvec, and the former form
+(probe_kernel_4bit_variants.py's `prefetch`, the table in global memory and each weight rounded). Integer arguments
+are taken divisible by 16 and pointers 16-byte aligned, as Triton specializes them at the 7B shapes.
+
+This counts instructions, not time: a kernel that issues few instructions a code can still wait on memory (the GPU
+probes, probe_kernel_4bit.py and probe_kernel_4bit_variants.py, time them). benchmarks/README.md has the counts of
+the day next to those times.
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from extensions import kernel_4bit  # noqa: E402
+import probe_kernel_4bit_variants as variants  # noqa: E402
+
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_kernel(fn, signature: dict, constants: dict, warps: int, arch: int, divisible: tuple):
+    """fn compiled for sm_<arch>: (SASS text, the resource line of cuobjdump)."""
+    names = list(fn.arg_names)
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in signature.items()
+             if t.startswith("*") or k in divisible}
+    sig = dict(signature, **{k: "constexpr" for k in constants})
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps, num_stages=1, enable_fp_fusion=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+    return sass, usage
+
+
+def loop_of(sass: str):
+    """The instructions of the innermost loop (the last backward branch's range) as their opcodes."""
+    lines = re.findall(r"/\*([0-9a-f]{4,5})\*/\s+(.*?);", sass)
+    body = []
+    for addr, ins in lines:
+        m = re.match(r"(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < int(addr, 16):
+            start, end = int(m.group(1), 16), int(addr, 16)
+            body = [i for a, i in lines if start <= int(a, 16) <= end]
+    return [re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in body]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", type=int, default=90, help="the target's compute capability x 10 (90: H100/H200)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    common = dict(w_ptr="*i32", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32", code_ptr="*fp32")
+    cases = []
+    for n, words, warps in [(16, 128, 4), (8, 128, 4), (16, 64, 4), (32, 128, 8)]:
+        cases.append(("matvec (kernel_4bit.py)", f"BLOCK_N={n} WORDS={words} warps={warps}", kernel_4bit.matvec,
+                      dict(x_ptr="*fp16", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32",
+                           KB="i32"),
+                      dict(NESTED=True, BLOCK_N=n, WORDS=words, EVEN=True), warps, n * words * 8 // (32 * warps),
+                      ("N", "KW")))
+    for n, blocks, warps in [(8, 8, 4), (4, 4, 4)]:
+        cases.append(("former matvec (variants' prefetch)", f"BLOCK_N={n} BLOCKS={blocks} warps={warps}",
+                      variants.matvec,
+                      dict(x_ptr="*fp16", **common, out_ptr="*fp32", offset="fp32", N="i32", K="i32", KSPLIT="i32"),
+                      dict(PREFETCH=True, LOOKUP=1, SPLIT=False, BLOCK_N=n, BLOCKS=blocks), warps,
+                      n * blocks * 64 // (32 * warps), ("N", "K")))
+    rows = []
+    for kernel, tiling, fn, signature, constants, warps, codes, divisible in cases:
+        sass, usage = compile_kernel(fn, signature, constants, warps, args.arch, divisible)
+        loop = loop_of(sass)
+        regs = int(re.search(r"REG:(\d+)", usage).group(1))
+        shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
+        top = collections.Counter(loop).most_common(8)
+        rows.append(dict(kernel=kernel, tiling=tiling, registers=regs, shared_bytes=shared, loop_instructions=len(loop),
+                         codes_per_thread_step=codes, instructions_per_code=round(len(loop) / codes, 2),
+                         most_frequent=dict(top)))
+        print(f"{kernel:36s} {tiling:30s} {regs:3d} registers, loop {len(loop):4d} instructions for {codes:3d} codes "
+              f"a thread: {len(loop) / codes:5.2f} a code; {', '.join(f'{k} {v}' for k, v in top)}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(arch=f"sm_{args.arch}", triton=triton.__version__, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
