@@ -3,7 +3,8 @@
 What a 4-bit matvec costs in instructions, read from the machine code Triton makes for an H100 (sm_90), on any
 machine: Triton compiles a kernel for a target without a GPU, and its wheel ships NVIDIA's ptxas and cuobjdump. For
 each kernel and tiling this prints the registers a thread takes (they bound how many programs share an SM), the
-shared memory, and the instructions of the loop over K with the codes a thread handles a step: instructions a code,
+shared memory, and the instructions of the loop over K with the codes a thread handles a step: instructions a code
+(for the tensor-core matmul: a code of W, multiplied by 16 rows of x),
 and the most frequent ones (LDS: a shared-memory load, the table lookup; LDG: a global load; BAR: a barrier; SHFL: a
 shuffle between threads). The kernels: extensions/kernel_4bit.py's matvec, and the former form
 (probe_kernel_4bit_variants.py's `prefetch`, the table in global memory and each weight rounded). Integer arguments
@@ -80,6 +81,13 @@ def main() -> int:
                            KB="i32"),
                       dict(NESTED=True, BLOCK_N=n, WORDS=words, EVEN=True), warps, n * words * 8 // (32 * warps),
                       ("N", "KW")))
+    for n, words, warps in [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 16, 4), (128, 16, 8)]:
+        cases.append(("tensor-core matmul (16 rows of x)", f"BLOCK_N={n} WORDS={words} warps={warps}",
+                      kernel_4bit.matmul,
+                      dict(x_ptr="*fp16", **common, out_ptr="*fp16", offset_ptr="*fp32", M="i32", N="i32", KW="i32",
+                           KB="i32"),
+                      dict(NESTED=True, W_DTYPE=tl.float16, BLOCK_N=n, WORDS=words), warps,
+                      n * words * 8 // (32 * warps), ("N", "KW")))
     for n, blocks, warps in [(8, 8, 4), (4, 4, 4)]:
         cases.append(("former matvec (variants' prefetch)", f"BLOCK_N={n} BLOCKS={blocks} warps={warps}",
                       variants.matvec,

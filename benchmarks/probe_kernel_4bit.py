@@ -112,14 +112,15 @@ def main() -> int:
                                                               for c in copies])
                 rows[f"fp16 F.linear {label}"] = graph_time([lambda c=c: torch.nn.functional.linear(x, c[2].to(dtype))
                                                             for c in copies[:3]])
-                if m > 1:    # the kernel's tensor-core form (32 x 4 blocks: what its autotuner picked on an H100)
-                    def dot(c):
+                for tiling in ([32, 4], [64, 4], [64, 2], [128, 2]) if m > 1 else ():   # the tensor-core form
+                    def dot(c, tiling=tiling):
                         (absmax, absmax2, code2, code, offset), nested = states[id(c)]
                         return K.matmul_4bit(x, c[0], absmax, absmax2, code2, code, offset, n, nested, c[1].dtype,
-                                             [32, 4])
-                    rows[f"ours tensor-core {label}"] = graph_time([lambda c=c: dot(c) for c in copies])
-                    print(f"{name} ours tensor-core {label}: {rows[f'ours tensor-core {label}'] * 1e6:.1f} us",
-                          flush=True)
+                                             tiling)
+                    key = f"ours tensor-core {tiling[0]}x{tiling[1]} {label}"
+                    err = float((dot(copies[0]).float() - exact).norm() / exact.norm())
+                    rows[key] = graph_time([lambda c=c: dot(c) for c in copies])
+                    print(f"{name} {key}: {rows[key] * 1e6:.1f} us (rel err {err:.1e})", flush=True)
                 print(f"{name} {label}: ours {rows[f'ours {label}'] * 1e6:.1f} us "
                       f"({nbytes / rows[f'ours {label}'] / 1e9:.0f} GB/s, rel err {err:.1e}), bnb "
                       f"{rows[f'bnb matmul_4bit {label}'] * 1e6:.1f} us, "

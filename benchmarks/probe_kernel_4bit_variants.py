@@ -16,7 +16,8 @@ bitsandbytes' matmul_4bit and the fp16 matvec timed the same way; 16 rows: the t
                      the table in global memory costs a 64-bit address each), products in fp32 with the table's
                      value unrounded, each block's scale applied once to the sum of its 64 products (not to each
                      weight); compiled for sm_90 it is ~5 instructions a code against the prefetch form's 33-39
-                     (inspect_kernel_4bit.py counts them)
+                     (inspect_kernel_4bit.py counts them); also with the words of two steps loaded ahead (depth=2),
+                     and with K split over 2-4 programs that add their sums atomically (split=)
 Each variant's output is compared with x @ W^T (W bitsandbytes' dequantized weight) in fp32.
 """
 import argparse
@@ -135,19 +136,32 @@ def matvec2d(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr
 
 
 @triton.jit
-def matvec_smem(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, N, KW, KB,
-                BLOCK_N: tl.constexpr, WORDS: tl.constexpr, EVEN: tl.constexpr):
-    """The smem form (module docstring): nested scales, fp32 sums; EVEN: KW is a multiple of WORDS (no masks on K)."""
+def matvec_smem(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset, N, KW, KB, KSPLIT,
+                BLOCK_N: tl.constexpr, WORDS: tl.constexpr, EVEN: tl.constexpr, DEPTH: tl.constexpr,
+                SPLIT: tl.constexpr):
+    """The smem form (module docstring): nested scales, fp32 sums; EVEN: KW is a multiple of WORDS (no masks on K);
+    DEPTH: steps whose words are loaded ahead (1 or 2); SPLIT: program_id(1) takes KSPLIT words of each row (a
+    multiple of WORDS) and adds its sums into out (fp32 zeros) atomically, for more programs at a short K."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     table = tl.load(code_ptr + tl.arange(0, 16))
     acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     col = tl.arange(0, WORDS)
+    k_start = tl.program_id(1) * KSPLIT if SPLIT else 0
+    k_end = tl.minimum(k_start + KSPLIT, KW) if SPLIT else KW
     wptr = w_ptr + rows[:, None] * KW + col[None, :]
-    nxt = tl.load(wptr, mask=row_ok[:, None] & (col < KW)[None, :], other=0)
-    for w0 in range(0, KW, WORDS):
+    nxt = tl.load(wptr + k_start, mask=row_ok[:, None] & (k_start + col < k_end)[None, :], other=0)
+    if DEPTH == 2:
+        nxt2 = tl.load(wptr + k_start + WORDS, mask=row_ok[:, None] & (k_start + WORDS + col < k_end)[None, :],
+                       other=0)
+    for w0 in range(k_start, k_end, WORDS):
         words = nxt
-        nxt = tl.load(wptr + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < KW)[None, :], other=0)
+        if DEPTH == 2:
+            nxt = nxt2
+            nxt2 = tl.load(wptr + w0 + 2 * WORDS, mask=row_ok[:, None] & (w0 + 2 * WORDS + col < k_end)[None, :],
+                           other=0)
+        else:
+            nxt = tl.load(wptr + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < k_end)[None, :], other=0)
         c = tl.join(tl.join(tl.join((words >> 4) & 15, words & 15), tl.join((words >> 12) & 15, (words >> 8) & 15)),
                     tl.join(tl.join((words >> 20) & 15, (words >> 16) & 15),
                             tl.join((words >> 28) & 15, (words >> 24) & 15)))
@@ -174,7 +188,10 @@ def matvec_smem(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_
         q8 = tl.load(absmax_ptr + block, mask=bok, other=0).to(tl.int32)
         scale = tl.load(code2_ptr + q8) * tl.load(absmax2_ptr + block // 256, mask=bok, other=0.0) + offset
         acc += p * tl.broadcast_to(scale[:, :, None], (BLOCK_N, WORDS // 8, 8)).reshape(BLOCK_N, WORDS)
-    tl.store(out_ptr + rows, tl.sum(acc, axis=1), mask=row_ok)
+    if SPLIT:
+        tl.atomic_add(out_ptr + rows, tl.sum(acc, axis=1), mask=row_ok)
+    else:
+        tl.store(out_ptr + rows, tl.sum(acc, axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -276,16 +293,25 @@ def main() -> int:
                           f"rel err {err:.1e}", flush=True)
                 except Exception as e:
                     print(f"{name} {label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
-        for bn, nwords, warps in [(8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 8),
-                                  (16, 32, 4), (32, 128, 8), (8, 256, 8), (4, 128, 2)] if "smem" in args.only else ():
-            label = f"smem BLOCK_N={bn} WORDS={nwords} warps={warps}"
+        smem_tilings = [(bn, w, warps, 1, 1) for bn, w, warps in [
+            (8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 8), (16, 32, 4), (32, 128, 8),
+            (8, 256, 8), (4, 128, 2)]]
+        # deeper prefetch, and K split over 2 or 4 programs (short rows: more programs, more loads in flight)
+        smem_tilings += [(16, 128, 4, 2, 1), (8, 128, 4, 2, 1), (8, 64, 4, 2, 1), (16, 128, 4, 1, 2),
+                         (16, 128, 4, 1, 4), (8, 128, 4, 1, 2), (8, 128, 4, 2, 2), (16, 64, 4, 2, 2)]
+        for bn, nwords, warps, depth, splits in smem_tilings if "smem" in args.only else ():
+            label = f"smem BLOCK_N={bn} WORDS={nwords} warps={warps}" + (f" depth={depth}" if depth > 1 else "") + \
+                (f" split={splits}" if splits > 1 else "")
+            ksplit = triton.cdiv(triton.cdiv(k // 8, splits), nwords) * nwords
             try:
                 outs = [torch.zeros(1, n, dtype=torch.float32, device="cuda") for _ in copies]
                 def call_smem(c, out):
-                    matvec_smem[(triton.cdiv(n, bn),)](
+                    if splits > 1:
+                        out.zero_()
+                    matvec_smem[(triton.cdiv(n, bn), triton.cdiv(k // 8, ksplit))](
                         x, c[1].view(-1).view(torch.int32), c[2].absmax, c[2].state2.absmax, c[2].state2.code,
-                        c[2].code, out, c[3], n, k // 8, k // 64, BLOCK_N=bn, WORDS=nwords,
-                        EVEN=(k // 8) % nwords == 0, num_warps=warps, num_stages=1)
+                        c[2].code, out, c[3], n, k // 8, k // 64, ksplit, BLOCK_N=bn, WORDS=nwords,
+                        EVEN=(k // 8) % nwords == 0, DEPTH=depth, SPLIT=splits > 1, num_warps=warps, num_stages=1)
                 call_smem(copies[0], outs[0])
                 exact = x.float() @ copies[0][4].float().t()
                 err = float((outs[0] - exact).norm() / exact.norm())

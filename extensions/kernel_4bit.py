@@ -38,10 +38,12 @@ weight. Compiled for sm_90 that is about 5 instructions a code, where the first 
 each weight scaled and rounded, the table in global memory) took 33-39 (benchmarks/inspect_kernel_4bit.py counts
 them; benchmarks/README.md has both forms' times). Each step issues the next step's loads before it computes (Triton
 pipelines loads that feed tl.dot, not those of a matvec). The tiling is autotuned per matrix shape on its first
-call. For 2-16 rows a tensor-core form (tl.dot of x against the dequantized tile) measured 3.4-4.1x slower than
-dequantizing the weight whole, then one matmul: matmul_4bit does the latter, and takes the tensor-core form only
-when a tiling is given (the interpreter test keeps it exact, for a later design). On a CPU (no Triton) the same
-dequantization runs in torch (extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs.
+call. For 2-16 rows the weight is dequantized whole, then one matmul: a first tensor-core form (tl.dot of x against
+a tile dequantized as the former matvec did) measured 3.4-4.1x slower than that. The tensor-core form here
+dequantizes its tile through the matvec's lookup (about 8 instructions a code of W for 16 rows of x); matmul_4bit
+takes it only when a tiling is given (the tests, the probes) until a GPU has timed it against the matmul of the
+whole weight. On a CPU (no Triton) the same dequantization runs in torch (extensions/quantized_matmul.py), so a CPU
+run verifies what the GPU runs.
 """
 from __future__ import annotations
 
@@ -82,28 +84,64 @@ def dequantize_tile(words, absmax, absmax2, code2_ptr, code_ptr, offset, NESTED:
     return weight.to(W_DTYPE).to(X_DTYPE)
 
 @triton.jit
-def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, M, N, K,
-           NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
-    """out[M, N] = x[M, K] @ W[N, K]^T on the tensor cores (the 2-16-row form): a program multiplies BLOCK_N rows of W,
-    dequantized a tile at a time (BLOCKS blocks of 64 codes), against 16 rows of x. offset_ptr: one offset a row of W
-    (double quantization)."""
+def lookup(table, words, K_ORDER: tl.constexpr):
+    """The 16-entry table's value of each code of `words` [R, W] (int32, 8 codes a word, a byte's high nibble first),
+    in one tl.gather: Triton keeps the table in shared memory (one 32-bit shared load a code). The 8 codes of a word
+    are joined along new axes, so the values come back as [R, W, 2, 2, 2]; K_ORDER: joined so that they flatten to K's
+    order ([R, W * 8], for a matmul's tile), else so that tl.split takes them apart in order (its first split gives
+    codes 0-3 and 4-7 of every word)."""
+    if K_ORDER:     # the innermost join pairs codes 4 apart, the outermost neighbours: flattened, code i is at i
+        codes = tl.join(tl.join(tl.join((words >> 4) & 15, (words >> 20) & 15),
+                                tl.join((words >> 12) & 15, (words >> 28) & 15)),
+                        tl.join(tl.join(words & 15, (words >> 16) & 15), tl.join((words >> 8) & 15, (words >> 24) & 15)))
+    else:
+        codes = tl.join(tl.join(tl.join((words >> 4) & 15, words & 15), tl.join((words >> 12) & 15, (words >> 8) & 15)),
+                        tl.join(tl.join((words >> 20) & 15, (words >> 16) & 15),
+                                tl.join((words >> 28) & 15, (words >> 24) & 15)))
+    R: tl.constexpr = words.shape[0]
+    W: tl.constexpr = words.shape[1]
+    return tl.gather(table, codes.reshape(R * W * 8), 0).reshape(R, W, 2, 2, 2)
+
+@triton.jit
+def block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED: tl.constexpr,
+                 BLOCKS: tl.constexpr):
+    """The fp32 scales [R, BLOCKS] of the blocks that start at word w0 (8 words a block), as bitsandbytes computes
+    them (the module docstring); offset: the rows' offsets [R] (double quantization)."""
+    blocks = w0 // 8 + tl.arange(0, BLOCKS)
+    block = rows[:, None] * KB + blocks[None, :]
+    ok = row_ok[:, None] & (blocks < KB)[None, :]
+    scale = tl.load(absmax_ptr + block, mask=ok, other=0)
+    if NESTED:
+        scale = tl.load(code2_ptr + scale.to(tl.int32)) * tl.load(absmax2_ptr + block // 256, mask=ok, other=0.0)
+        scale = scale + offset[:, None]
+    return scale
+
+@triton.jit
+def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, M, N, KW, KB,
+           NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    """out[M, N] = x[M, K] @ W[N, K]^T on the tensor cores (the 2-16-row form): a program multiplies BLOCK_N rows of
+    W, WORDS words (8 codes each) of every row a step, against 16 rows of x. Each step's tile is dequantized as
+    bitsandbytes does it (lookup(), then each block's scale, rounded to the weight's dtype), then one tl.dot."""
     X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     m = tl.program_id(1) * 16 + tl.arange(0, 16)
-    KB = K // 64
-    offset = tl.load(offset_ptr + rows, mask=row_ok, other=0.0) if NESTED else 0.0    # [R]: each row's offset
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    offset = tl.load(offset_ptr + rows, mask=row_ok, other=0.0) if NESTED else 0.0
+    col = tl.arange(0, WORDS)
+    w_at = w_ptr + rows[:, None] * KW + col[None, :]
+    next_words = tl.load(w_at, mask=row_ok[:, None] & (col < KW)[None, :], other=0)
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    next_words, next_absmax, next_absmax2 = load_step(w_ptr, absmax_ptr, absmax2_ptr, rows, row_ok, 0, KB, NESTED,
-                                                      BLOCKS)
-    for b0 in range(0, KB, BLOCKS):
-        words, absmax, absmax2 = next_words, next_absmax, next_absmax2
-        next_words, next_absmax, next_absmax2 = load_step(w_ptr, absmax_ptr, absmax2_ptr, rows, row_ok, b0 + BLOCKS,
-                                                          KB, NESTED, BLOCKS)
-        weight = dequantize_tile(words, absmax, absmax2, code2_ptr, code_ptr, offset, NESTED, W_DTYPE, X_DTYPE)
-        col = b0 * 64 + tl.arange(0, BLOCKS * 64)                                 # this step's columns of x
-        x = tl.load(x_ptr + m[:, None] * K + col[None, :], mask=(m < M)[:, None] & (col < K)[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(weight.reshape(BLOCK_N, BLOCKS * 64)), acc)
+    for w0 in range(0, KW, WORDS):
+        words = next_words
+        next_words = tl.load(w_at + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < KW)[None, :], other=0)
+        value = lookup(table, words, True).reshape(BLOCK_N, WORDS // 8, 64)
+        scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED, WORDS // 8)
+        weight = (value * scale[:, :, None]).to(W_DTYPE).to(X_DTYPE).reshape(BLOCK_N, WORDS * 8)
+        k = w0 * 8 + tl.arange(0, WORDS * 8)
+        x = tl.load(x_ptr + m[:, None] * (KW * 8) + k[None, :], mask=(m < M)[:, None] & (k < KW * 8)[None, :],
+                    other=0.0)
+        acc = tl.dot(x, tl.trans(weight), acc)
     tl.store(out_ptr + m[:, None] * N + rows[None, :], acc.to(X_DTYPE), mask=(m < M)[:, None] & row_ok[None, :])
 
 @triton.jit
@@ -124,13 +162,7 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
     for w0 in range(0, KW, WORDS):
         words = next_words
         next_words = tl.load(w_at + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < KW)[None, :], other=0)
-        # A word's 8 codes (a byte's high nibble first), joined so that one tl.gather looks them all up: Triton
-        # keeps the table in shared memory (a 32-bit address a code, no 64-bit pointer sums), and split again, free.
-        codes = tl.join(tl.join(tl.join((words >> 4) & 15, words & 15), tl.join((words >> 12) & 15, (words >> 8) & 15)),
-                        tl.join(tl.join((words >> 20) & 15, (words >> 16) & 15),
-                                tl.join((words >> 28) & 15, (words >> 24) & 15)))
-        value = tl.gather(table, codes.reshape(BLOCK_N * WORDS * 8), 0).reshape(BLOCK_N, WORDS, 2, 2, 2)
-        first, second = tl.split(value)
+        first, second = tl.split(lookup(table, words, False))
         v01, v23 = tl.split(first)
         v45, v67 = tl.split(second)
         v0, v1 = tl.split(v01)
@@ -144,16 +176,7 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
         for j in tl.static_range(8):
             x = tl.load(xw + j) if EVEN else tl.load(xw + j, mask=w0 + col < KW, other=0.0)
             part = tl.fma(values[j], x.to(tl.float32)[None, :], part)
-        blocks = w0 // 8 + tl.arange(0, WORDS // 8)
-        block = rows[:, None] * KB + blocks[None, :]
-        block_ok = row_ok[:, None] & (blocks < KB)[None, :]
-        absmax = tl.load(absmax_ptr + block, mask=block_ok, other=0)
-        if NESTED:
-            scale = tl.load(code2_ptr + absmax.to(tl.int32)) * tl.load(absmax2_ptr + block // 256, mask=block_ok,
-                                                                        other=0.0)
-            scale = scale + offset[:, None]
-        else:
-            scale = absmax
+        scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED, WORDS // 8)
         acc = tl.fma(part, tl.broadcast_to(scale[:, :, None], (BLOCK_N, WORDS // 8, 8)).reshape(BLOCK_N, WORDS), acc)
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(X_DTYPE), mask=row_ok)
 
@@ -223,8 +246,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, abs
                                                  EVEN=(k // 8) % (8 * tiling[1]) == 0, enable_fp_fusion=False)
     else:
         matmul[(triton.cdiv(n, tiling[0]), triton.cdiv(m, 16))](
-            x, words(packed), absmax, absmax2, code2, code, out, offset, m, n, k, NESTED=nested,
-            W_DTYPE=TL_DTYPES[weight_dtype], BLOCK_N=tiling[0], BLOCKS=tiling[1], enable_fp_fusion=False)
+            x, words(packed), absmax, absmax2, code2, code, out, offset, m, n, k // 8, k // BLOCK, NESTED=nested,
+            W_DTYPE=TL_DTYPES[weight_dtype], BLOCK_N=tiling[0], WORDS=8 * tiling[1], enable_fp_fusion=False)
     return out
 
 @matmul_4bit.register_fake
