@@ -93,7 +93,8 @@ def lookup(table, words, K_ORDER: tl.constexpr):
     if K_ORDER:     # the innermost join pairs codes 4 apart, the outermost neighbours: flattened, code i is at i
         codes = tl.join(tl.join(tl.join((words >> 4) & 15, (words >> 20) & 15),
                                 tl.join((words >> 12) & 15, (words >> 28) & 15)),
-                        tl.join(tl.join(words & 15, (words >> 16) & 15), tl.join((words >> 8) & 15, (words >> 24) & 15)))
+                        tl.join(tl.join(words & 15, (words >> 16) & 15),
+                                tl.join((words >> 8) & 15, (words >> 24) & 15)))
     else:
         codes = tl.join(tl.join(tl.join((words >> 4) & 15, words & 15), tl.join((words >> 12) & 15, (words >> 8) & 15)),
                         tl.join(tl.join((words >> 20) & 15, (words >> 16) & 15),
@@ -181,17 +182,18 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(X_DTYPE), mask=row_ok)
 
 @triton.jit
-def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, K,
+def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, ROW0, N, K,
                       NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
-    """The matmul's dequantization (load_step, dequantize_tile) written out as the weight [N, K]."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """The weight's rows ROW0 to N - 1 ([N - ROW0, K]) written out, dequantized as the tensor-core form's first design
+    did (load_step, dequantize_tile): bitsandbytes' dequantize_4bit bit for bit."""
+    rows = ROW0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     b0 = tl.program_id(1) * BLOCKS
     KB = K // 64
     words, absmax, absmax2 = load_step(w_ptr, absmax_ptr, absmax2_ptr, rows, rows < N, b0, KB, NESTED, BLOCKS)
     offset = tl.load(offset_ptr + rows, mask=rows < N, other=0.0) if NESTED else 0.0
     weight = dequantize_tile(words, absmax, absmax2, code2_ptr, code_ptr, offset, NESTED, W_DTYPE, W_DTYPE)
     col = b0 * 64 + tl.arange(0, BLOCKS * 64)
-    tl.store(out_ptr + rows[:, None] * K + col[None, :], weight.reshape(BLOCK_N, BLOCKS * 64),
+    tl.store(out_ptr + (rows - ROW0)[:, None] * K + col[None, :], weight.reshape(BLOCK_N, BLOCKS * 64),
              mask=(rows < N)[:, None] & (col < K)[None, :])
 
 # The matvec with its tiling picked on the GPU, once per (N, KW): the first call of a shape times each configuration
@@ -255,16 +257,41 @@ def _(x, packed, absmax, absmax2, code2, code, offset, out_features, nested, wei
     return x.new_empty(x.shape[0], out_features)
 
 def dequantize(packed, absmax, absmax2, code2, code, offset, nested: bool, shape, weight_dtype,
-               tiling: tuple[int, int] = (16, 8)):
+               tiling: tuple[int, int] = (16, 8), rows: tuple[int, int] | None = None):
     """The weight [N, K] = shape as the kernels dequantize it (load_step and dequantize_tile, written out), from the
     tensors the matmul takes (Int4WeightOnly's buffers, a fused layer's included): bitsandbytes' dequantize_4bit bit
     for bit (the test of exactness), and the weight of every matmul of more than one row (matmul_4bit's 2-16, a
-    prefill's). tiling: rows, blocks of 64 codes a program (16 x 8 measured faster than 4 x 4)."""
+    prefill's: linear()). tiling: rows, blocks of 64 codes a program (16 x 8 measured faster than 4 x 4); rows:
+    (first, end), only those rows of W."""
     n, k = shape
-    out = torch.empty(n, k, dtype=weight_dtype, device=packed.device)
-    dequantize_kernel[(triton.cdiv(n, tiling[0]), triton.cdiv(k // BLOCK, tiling[1]))](
-        words(packed), absmax, absmax2, code2, code, out, offset, n, k, NESTED=nested,
+    first, end = rows or (0, n)
+    out = torch.empty(end - first, k, dtype=weight_dtype, device=packed.device)
+    dequantize_kernel[(triton.cdiv(end - first, tiling[0]), triton.cdiv(k // BLOCK, tiling[1]))](
+        words(packed), absmax, absmax2, code2, code, out, offset, first, end, k, NESTED=nested,
         W_DTYPE=TL_DTYPES[weight_dtype], BLOCK_N=tiling[0], BLOCKS=tiling[1], enable_fp_fusion=False)
+    return out
+
+# The most dequantized weight that linear() holds at once: a fused gate/up of a 7B model (22016 x 4096) would take
+# 172 MiB in fp16 beside its 4-bit weights, twice what bitsandbytes' own matmul takes for its largest layer.
+CHUNK_BYTES = 64 * 2 ** 20
+
+def linear(x, packed, absmax, absmax2, code2, code, offset, nested: bool, shape, weight_dtype,
+           chunk_bytes: int = CHUNK_BYTES):
+    """x[M, K] @ W^T for many rows of x (a prefill): W dequantized (bit for bit, dequantize()) a range of its rows at
+    a time, at most chunk_bytes of it at once (16 rows at the least), each range's products written into its columns
+    of the output."""
+    n, k = shape
+    step = max(16, chunk_bytes // (k * torch.finfo(weight_dtype).bits // 8) // 16 * 16)
+    if step >= n:
+        return torch.nn.functional.linear(x, dequantize(packed, absmax, absmax2, code2, code, offset, nested, shape,
+                                                        weight_dtype).to(x.dtype))
+    out = x.new_empty(x.shape[0], n)
+    for first in range(0, n, step):
+        end = min(n, first + step)
+        weight = dequantize(packed, absmax, absmax2, code2, code, offset, nested, shape, weight_dtype,
+                            rows=(first, end))
+        out[:, first:end] = torch.nn.functional.linear(x, weight.to(x.dtype))
+        del weight
     return out
 
 def dequantize_state(packed, quant_state, tiling: tuple[int, int] = (16, 8)):

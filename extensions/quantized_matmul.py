@@ -120,8 +120,9 @@ def weight_only_4bit_class():
         become this module's buffers, the layer's double-quantization offset repeated once per output row (so that
         concatenate() can stack layers with different offsets: fast_decode.py fuses q/k/v and gate/up into one
         matmul each). On a GPU up to 16 rows of x (a decode step) go through extensions/kernel_4bit.py's matmul_4bit
-        (one row: the weight dequantized in registers; 2-16: dequantized whole, then one matmul, inside the op); more
-        rows (a prefill) through the kernel's dequantization, then one matmul, as bitsandbytes does. On a CPU the
+        (one row: the weight multiplied in registers; 2-16: dequantized whole, then one matmul, inside the op); more
+        rows (a prefill) through kernel_4bit.linear(): the weight dequantized a range of rows at a time (a bounded
+        buffer: a fused gate/up whole would double bitsandbytes' largest), one matmul each. On a CPU the
         dequantization runs in torch: the same weight bit for bit."""
 
         def __init__(self, packed, absmax, code, offset, shape, weight_dtype, compute_dtype, bias, absmax2=None,
@@ -204,6 +205,8 @@ def weight_only_4bit_class():
                 out = self.kernels.matmul_4bit(rows.contiguous(), self.packed, self.absmax, self.absmax2, self.code2,
                                                self.code, self.offset, self.out_features, self.nested,
                                                self.weight_dtype)
+            elif self.kernels is not None:       # a prefill: the weight dequantized a range of rows at a time
+                out = self.kernels.linear(rows, *self.storage())
             else:
                 out = torch.nn.functional.linear(rows, self.dequantized().to(x.dtype))
             out = out.reshape(*x.shape[:-1], self.out_features)

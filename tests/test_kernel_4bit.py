@@ -172,6 +172,18 @@ for shape in SHAPES:
                                                              offset, shape[0], nested, state.dtype, [4, 4])
                                      for row in x])
                     out[key]["matvec columns equal"] = bool(torch.equal(got, want[:, columns].t()))
+# A prefill's matmul: the weight dequantized a range of rows at a time (4 ranges of 32 rows here) equals it whole.
+packed, state = quantized((100, 640), "nf4", True, torch.float16)
+(absmax, absmax2, code2, code, offset), nested = kernel_4bit.state_args(state)
+storage = (packed, absmax, absmax2, code2, code, offset, nested, (100, 640), state.dtype)
+whole = kernel_4bit.dequantize(*storage)
+x = torch.randn(20, 640, generator=torch.Generator().manual_seed(2)).half()
+chunked = kernel_4bit.linear(x, *storage, chunk_bytes=32 * 640 * 2)
+exact = x.float() @ whole.float().t()
+out["prefill in row ranges"] = {
+    "equal": bool(torch.equal(kernel_4bit.dequantize(*storage, rows=(32, 64)), whole[32:64]))
+             and bool(torch.equal(whole, F.dequantize_4bit(packed, state))),
+    "matmul chunked": float((chunked.float() - exact).norm() / exact.norm())}
 # Two layers concatenated (a smaller k, then q), each with its own offset: the kernels read one offset a row. Tiles
 # of 128 rows (the first holds k's 64 rows and q's first 64) and a whole row of 256 codes a step: the interpreter's
 # time is per step.
@@ -203,7 +215,7 @@ def test_triton_kernel_dequantizes_bit_for_bit_and_multiplies_under_the_interpre
     r = run_group([sys.executable, "-c", INTERPRETED, str(ROOT)], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(results) == 24 + 3
+    assert len(results) == 24 + 1 + 3
     for key, row in results.items():
         assert row["equal"] and row.get("matvec columns equal", True), (key, row)
         assert row.get("tensor-core columns equal", True), (key, row)
