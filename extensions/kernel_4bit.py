@@ -198,10 +198,11 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
 
 # The matvec with its tiling picked on the GPU, once per (N, KW): the first call of a shape times each configuration
 # (the decoders' warm-up runs make that call, before any CUDA graph is captured). A configuration: rows of W a
-# program, words a step, warps.
+# program, words a step, warps. The first four were the fastest at a 7B model's shapes on an H100 (tiles of 64 words
+# and 8-warp programs were 1.5-3x slower there: benchmarks/README.md); the last two are for short rows (small models).
 MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w), num_warps=warps, num_stages=1)
-                          for n, w, warps in [(8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8),
-                                              (32, 64, 8), (16, 32, 4), (32, 128, 8), (8, 256, 8), (4, 128, 2)]],
+                          for n, w, warps in [(16, 128, 4), (8, 128, 4), (8, 256, 8), (4, 128, 2), (8, 64, 4),
+                                              (16, 32, 4)]],
                          key=["N", "KW"])(triton.heuristics(dict(EVEN=lambda a: a["KW"] % a["WORDS"] == 0))(matvec))
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
