@@ -4,20 +4,21 @@ Device probe (issue 25): where the time of a 4-bit matrix-vector kernel goes, at
 quant, fp16. Variants of extensions/kernel_4bit.py's matvec (one row of x), each timed as a CUDA graph of 24 calls
 that cycle through 8 copies of the weights (more than the card's L2 cache, so every call reads from memory), beside
 bitsandbytes' matmul_4bit and the fp16 matvec timed the same way; 16 rows: the tensor-core tile (dot16):
-  prefetch           extensions/kernel_4bit.py's matvec: a [rows, blocks, 8 words, 8 codes] tile, int32 words, a table
-                     lookup each, each weight rounded to fp16 (exact), each step's loads issued one step ahead; also
-                     tiles larger than the kernel's autotuner tries
+  prefetch           extensions/kernel_4bit.py's former matvec: a [rows, blocks, 8 words, 8 codes] tile, int32 words, a
+                     table lookup each, each weight rounded to fp16 (exact), each step's loads issued one step ahead;
+                     also tiles larger than its autotuner tried
   prefetch-gather    prefetch with the 16-entry table held in registers and read by tl.gather, not loaded per code
   prefetch-nolookup  prefetch without the table lookup (a linear code: not nf4; what the lookup costs)
   2d                 a form tried after it (slower: benchmarks/README.md): a [rows, words] tile, a word's codes taken
                      one shift at a time into the word's own sum, x read once per code position (strided)
-  smem               a [rows, words] tile whose 8 codes a word are joined into one tl.gather a step (Triton puts the
-                     16-entry table in shared memory: a 32-bit address and one shared load a code, where a load from
-                     the table in global memory costs a 64-bit address each), products in fp32 with the table's
-                     value unrounded, each block's scale applied once to the sum of its 64 products (not to each
-                     weight); compiled for sm_90 it is ~5 instructions a code against the prefetch form's 33-39
-                     (inspect_kernel_4bit.py counts them); also with the words of two steps loaded ahead (depth=2),
-                     and with K split over 2-4 programs that add their sums atomically (split=)
+  smem               the kernel's matvec now: a [rows, words] tile whose 8 codes a word are joined into one
+                     tl.gather a step (Triton puts the 16-entry table in shared memory: a 32-bit address and one
+                     shared load a code, where a load from the table in global memory costs a 64-bit address
+                     each), products in fp32 with the table's value unrounded, each block's scale applied once to
+                     the sum of its 64 products (not to each weight); compiled for sm_90 it is ~5 instructions a code
+                     against the prefetch form's 33-39 (inspect_kernel_4bit.py counts them); also with the words of
+                     two steps loaded ahead (depth=2), and with K split over 2-4 programs that add their sums
+                     atomically (split=)
 Each variant's output is compared with x @ W^T (W bitsandbytes' dequantized weight) in fp32.
 """
 import argparse
@@ -32,6 +33,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from probe_kernel_4bit import graph_time  # noqa: E402   (the same timing as the kernel's probe)
+from extensions import kernel_4bit  # noqa: E402
 
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
 COPIES = 8
@@ -162,18 +164,14 @@ def matvec_smem(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_
                            other=0)
         else:
             nxt = tl.load(wptr + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < k_end)[None, :], other=0)
-        c = tl.join(tl.join(tl.join((words >> 4) & 15, words & 15), tl.join((words >> 12) & 15, (words >> 8) & 15)),
-                    tl.join(tl.join((words >> 20) & 15, (words >> 16) & 15),
-                            tl.join((words >> 28) & 15, (words >> 24) & 15)))
-        v = tl.gather(table, c.reshape(BLOCK_N * WORDS * 8), 0).reshape(BLOCK_N, WORDS, 2, 2, 2)
-        v01, v23 = tl.split(v)
+        v01, v23 = tl.split(kernel_4bit.lookup(table, words, False))    # the kernel's lookup, codes 0-3 and 4-7
         a, b = tl.split(v01)
         e, f = tl.split(v23)
         v0, v1 = tl.split(a)
         v2, v3 = tl.split(b)
         v4, v5 = tl.split(e)
         v6, v7 = tl.split(f)
-        values = (v0, v1, v2, v3, v4, v5, v6, v7)      # split undoes the joins, outermost first
+        values = (v0, v1, v2, v3, v4, v5, v6, v7)
         p = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
         xw = (w0 + col) * 8
         for j in tl.static_range(8):
