@@ -164,14 +164,7 @@ def matvec_smem(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_
                            other=0)
         else:
             nxt = tl.load(wptr + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < k_end)[None, :], other=0)
-        v01, v23 = tl.split(kernel_4bit.lookup(table, words, False))    # the kernel's lookup, codes 0-3 and 4-7
-        a, b = tl.split(v01)
-        e, f = tl.split(v23)
-        v0, v1 = tl.split(a)
-        v2, v3 = tl.split(b)
-        v4, v5 = tl.split(e)
-        v6, v7 = tl.split(f)
-        values = (v0, v1, v2, v3, v4, v5, v6, v7)
+        values = kernel_4bit.word_values(table, words)       # the kernel's lookup
         p = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
         xw = (w0 + col) * 8
         for j in tl.static_range(8):

@@ -104,6 +104,18 @@ def lookup(table, words, K_ORDER: tl.constexpr):
     return tl.gather(table, codes.reshape(R * W * 8), 0).reshape(R, W, 2, 2, 2)
 
 @triton.jit
+def word_values(table, words):
+    """lookup()'s values of `words` [R, W] as 8 tensors [R, W], the n-th holding each word's code n's value."""
+    first, second = tl.split(lookup(table, words, False))
+    v01, v23 = tl.split(first)
+    v45, v67 = tl.split(second)
+    v0, v1 = tl.split(v01)
+    v2, v3 = tl.split(v23)
+    v4, v5 = tl.split(v45)
+    v6, v7 = tl.split(v67)
+    return v0, v1, v2, v3, v4, v5, v6, v7
+
+@triton.jit
 def block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED: tl.constexpr,
                  BLOCKS: tl.constexpr):
     """The fp32 scales [R, BLOCKS] of the blocks that start at word w0 (8 words a block), as bitsandbytes computes
@@ -163,14 +175,7 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
     for w0 in range(0, KW, WORDS):
         words = next_words
         next_words = tl.load(w_at + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < KW)[None, :], other=0)
-        first, second = tl.split(lookup(table, words, False))
-        v01, v23 = tl.split(first)
-        v45, v67 = tl.split(second)
-        v0, v1 = tl.split(v01)
-        v2, v3 = tl.split(v23)
-        v4, v5 = tl.split(v45)
-        v6, v7 = tl.split(v67)
-        values = (v0, v1, v2, v3, v4, v5, v6, v7)
+        values = word_values(table, words)
         # Each word's sum of its 8 products with x, then each block's scale once on its words' sums.
         xw = x_ptr + (w0 + col) * 8
         part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
