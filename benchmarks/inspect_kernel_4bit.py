@@ -6,7 +6,7 @@ each kernel and tiling this prints the registers a thread takes (they bound how 
 shared memory, and the instructions of the loop over K with the codes a thread handles a step: instructions a code
 (for the tensor-core matmul: a code of W, multiplied by 16 rows of x),
 and the most frequent ones (LDS: a shared-memory load, the table lookup; LDG: a global load; BAR: a barrier; SHFL: a
-shuffle between threads). The kernels: extensions/kernel_4bit.py's matvec, and the former form
+shuffle between threads). The kernels: extensions/kernel_4bit.py's matvec and tensor-core matmul, and the former form
 (probe_kernel_4bit_variants.py's `prefetch`, the table in global memory and each weight rounded). Integer arguments
 are taken divisible by 16 and pointers 16-byte aligned, as Triton specializes them at the 7B shapes.
 
