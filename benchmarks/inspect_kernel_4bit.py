@@ -6,9 +6,11 @@ each kernel and tiling this prints the registers a thread takes (they bound how 
 shared memory, and the instructions of the loop over K with the codes a thread handles a step: instructions a code
 (for the tensor-core matmul: a code of W, multiplied by 16 rows of x),
 and the most frequent ones (LDS: a shared-memory load, the table lookup; LDG: a global load; BAR: a barrier; SHFL: a
-shuffle between threads). The kernels: extensions/kernel_4bit.py's matvec and tensor-core matmul, and the former form
-(probe_kernel_4bit_variants.py's `prefetch`, the table in global memory and each weight rounded). Integer arguments
-are taken divisible by 16 and pointers 16-byte aligned, as Triton specializes them at the 7B shapes.
+shuffle between threads). The kernels: extensions/kernel_4bit.py's matvec and tensor-core matmul (the tilings its
+autotuner tries), and two former forms of the matvec (probe_kernel_4bit_variants.py's `prefetch`, the table in global
+memory and each weight rounded; its `smem`, x a vector broadcast over the rows: through shared memory, with
+barriers). Integer arguments are taken divisible by 16 and pointers 16-byte aligned, as Triton specializes them at
+the 7B shapes.
 
 This counts instructions, not time: a kernel that issues few instructions a code can still wait on memory (the GPU
 probes, probe_kernel_4bit.py and probe_kernel_4bit_variants.py, time them). benchmarks/README.md has the counts of
@@ -75,13 +77,20 @@ def main() -> int:
     args = parser.parse_args()
     common = dict(w_ptr="*i32", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32", code_ptr="*fp32")
     cases = []
-    for n, words, warps in [(16, 128, 4), (8, 128, 4), (16, 64, 4), (32, 128, 8)]:
+    for n, words, warps in [(16, 128, 4), (8, 128, 4), (4, 128, 2), (16, 64, 4)]:
         cases.append(("matvec (kernel_4bit.py)", f"BLOCK_N={n} WORDS={words} warps={warps}", kernel_4bit.matvec,
-                      dict(x_ptr="*fp16", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32",
-                           KB="i32"),
-                      dict(NESTED=True, BLOCK_N=n, WORDS=words, EVEN=True), warps, n * words * 8 // (32 * warps),
-                      ("N", "KW")))
-    for n, words, warps in [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 16, 4), (128, 16, 8)]:
+                      dict(x_ptr="*fp32", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32",
+                           KB="i32", XW="i32"),
+                      dict(NESTED=True, BLOCK_N=n, WORDS=words), warps, n * words * 8 // (32 * warps),
+                      ("N", "KW", "XW")))
+    for n, words, warps in [(16, 128, 4), (8, 128, 4)]:
+        cases.append(("former smem matvec (variants' smem)", f"BLOCK_N={n} WORDS={words} warps={warps}",
+                      variants.matvec_smem,
+                      dict(x_ptr="*fp16", **common, out_ptr="*fp32", offset="fp32", N="i32", KW="i32", KB="i32",
+                           KSPLIT="i32"),
+                      dict(BLOCK_N=n, WORDS=words, EVEN=True, DEPTH=1, SPLIT=False, LOADONLY=False), warps,
+                      n * words * 8 // (32 * warps), ("N", "KW")))
+    for n, words, warps in [(32, 32, 4), (16, 32, 4), (32, 64, 4), (16, 64, 4)]:
         cases.append(("tensor-core matmul (16 rows of x)", f"BLOCK_N={n} WORDS={words} warps={warps}",
                       kernel_4bit.matmul,
                       dict(x_ptr="*fp16", **common, out_ptr="*fp16", offset_ptr="*fp32", M="i32", N="i32", KW="i32",
@@ -103,6 +112,7 @@ def main() -> int:
         top = collections.Counter(loop).most_common(8)
         rows.append(dict(kernel=kernel, tiling=tiling, registers=regs, shared_bytes=shared, loop_instructions=len(loop),
                          codes_per_thread_step=codes, instructions_per_code=round(len(loop) / codes, 2),
+                         barriers=loop.count("BAR"),
                          most_frequent=dict(top)))
         print(f"{kernel:36s} {tiling:30s} {regs:3d} registers, loop {len(loop):4d} instructions for {codes:3d} codes "
               f"a thread: {len(loop) / codes:5.2f} a code; {', '.join(f'{k} {v}' for k, v in top)}", flush=True)

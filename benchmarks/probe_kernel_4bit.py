@@ -6,12 +6,12 @@ Device probe (issue 25): extensions/kernel_4bit.py's 4-bit matmul, one linear at
            GPU, bit for bit: nf4 and fp4, double quant on and off, fp16 and bf16, 7B shapes and two odd ones (a row of
            576, a block count that is not a multiple of 256); q/k/v of a 7B layer fused (Int4WeightOnly.concatenate,
            one offset a row), its dequantization and its matvec (one-hot rows of x).
-  time     the kernel as the model calls it (the custom op, autotuned), bitsandbytes' matmul_4bit (what Linear4bit
-           runs) and the fp16 matmul of the same weight (16 rows: ours dequantizes whole, then one matmul; the
-           kernel's tensor-core form beside it), x in --dtypes (fp16 and bf16), 1 and 16 rows: CUDA graphs of 24
-           calls cycling through 8 copies of the weights (more than L2 holds: every call reads memory), median of 5
-           replays; the kernel's weight bytes / time as GB/s; its output against x @ W^T in fp32; the tilings the
-           autotuner picked.
+  time     the kernel as the model calls it (the custom op, autotuned; one row: x laid out by code_major() once,
+           timed apart), bitsandbytes' matmul_4bit (what Linear4bit runs) and the fp16 matmul of the same weight
+           (16 rows: the tensor-core form autotuned, and at four tilings), x in --dtypes (fp16 and bf16), 1 and 16
+           rows: CUDA graphs of 24 calls cycling through 8 copies of the weights (more than L2 holds: every call
+           reads memory), median of 5 replays; the kernel's weight bytes / time as GB/s; its output against x @ W^T
+           in fp32; the tilings the autotuners picked.
 """
 import argparse
 import json
@@ -100,19 +100,24 @@ def main() -> int:
             for dtype in [{"fp16": torch.float16, "bf16": torch.bfloat16}[d] for d in args.dtypes.split(",")]:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 states = {id(c): K.state_args(c[1]) for c in copies}    # the per-row offsets made before capture
+                xt = K.code_major(x) if m == 1 else None
                 def ours(c):
                     (absmax, absmax2, code2, code, offset), nested = states[id(c)]
+                    if m == 1:       # x laid out for the matvec once (a compiled step writes it from x's kernel)
+                        return K.matvec_4bit(xt, c[0], absmax, absmax2, code2, code, offset, n, nested, x.dtype)
                     return K.matmul_4bit(x, c[0], absmax, absmax2, code2, code, offset, n, nested, c[1].dtype)
                 exact = x.float() @ copies[0][2].float().t()
                 err = float((ours(copies[0]).float() - exact).norm() / exact.norm())
                 label = f"m={m} {str(dtype)[6:]}"
                 rows[f"ours {label}"] = graph_time([lambda c=c: ours(c) for c in copies])
+                if m == 1:
+                    rows[f"code_major {label}"] = graph_time([lambda: K.code_major(x) for _ in range(4)])
                 rows[f"bnb matmul_4bit {label}"] = graph_time([lambda c=c: bnb.matmul_4bit(x, c[3].t(),
                                                                                            quant_state=c[1])
                                                               for c in copies])
                 rows[f"fp16 F.linear {label}"] = graph_time([lambda c=c: torch.nn.functional.linear(x, c[2].to(dtype))
                                                             for c in copies[:3]])
-                for tiling in ([32, 4], [64, 4], [64, 2], [128, 2]) if m > 1 else ():   # the tensor-core form
+                for tiling in ([16, 4], [32, 4], [32, 8], [16, 8]) if m > 1 else ():      # the tensor-core form
                     def dot(c, tiling=tiling):
                         (absmax, absmax2, code2, code, offset), nested = states[id(c)]
                         return K.matmul_4bit(x, c[0], absmax, absmax2, code2, code, offset, n, nested, c[1].dtype,
@@ -125,7 +130,7 @@ def main() -> int:
                       f"({nbytes / rows[f'ours {label}'] / 1e9:.0f} GB/s, rel err {err:.1e}), bnb "
                       f"{rows[f'bnb matmul_4bit {label}'] * 1e6:.1f} us, "
                       f"fp16 {rows[f'fp16 F.linear {label}'] * 1e6:.1f} us", flush=True)
-        best = {str(key): str(config) for key, config in K.MATVEC.cache.items()}
+        best = {str(key): str(config) for tuner in (K.MATVEC, K.MATMUL) for key, config in tuner.cache.items()}
         result["time"][name] = {"shape": [n, k], "weight_bytes": nbytes, "seconds": rows, "tilings": best}
         print(f"{name} autotuned: {best}", flush=True)
         json.dump(result, open(args.json, "w"), indent=1)

@@ -21,8 +21,8 @@ several layers' rows stacked: q, k and v fused, each part with its own offset):
     scale[b] = code2[absmax8[b]] * absmax2[b // 256] + offset[row]     (fp32; the product rounded before the sum)
     W[e]     = to_weight_dtype(code[q[e]] * scale[e // 64])             (fp32 product, rounded once)
 which is bitsandbytes' dequantize_4bit bit for bit (tests/test_kernel_4bit.py checks it on a CPU for the torch code
-below and, under Triton's interpreter, for the kernels). dequantize() writes that weight out (the 2-16-row matmuls
-and the prefill multiply it). The matvec multiplies x by each weight's fp32 value code[q] * scale itself, the value
+below and, under Triton's interpreter, for the kernels). dequantize() writes that weight out (a prefill multiplies
+it). The matvec multiplies x by each weight's fp32 value code[q] * scale itself, the value
 that bitsandbytes then rounds to the weight's dtype: a one-hot row of x gives back the dequantized weight bit for
 bit (the tests check it column by column), and any other x a product nearer the exact one than a matmul of the
 rounded weight. Its sums run in fp32 in another order than bitsandbytes' kernel, as any two matmul kernels differ:
@@ -32,18 +32,21 @@ How the matvec reads them fast. Its time is the weights' bytes over the card's b
 few instructions; a table lookup from memory costs a 64-bit address and a load a code, and a tile whose codes are
 spread over threads needs shuffles and shared-memory copies to sum. So a program takes BLOCK_N rows x WORDS int32
 words (8 codes a word) a step, splits each word with shifts, and joins the 8 codes into one tl.gather from the
-16-entry table, which Triton keeps in shared memory (one 32-bit shared load a code); each word's 8 products with x
-are summed in registers (fused multiply-adds) and each block's scale multiplies its words' sums once, not each
-weight. Compiled for sm_90 that is about 5 instructions a code, where the first form (a [rows, blocks, 8, 8] tile,
-each weight scaled and rounded, the table in global memory) took 33-39 (benchmarks/inspect_kernel_4bit.py counts
-them; benchmarks/README.md has both forms' times). Each step issues the next step's loads before it computes (Triton
-pipelines loads that feed tl.dot, not those of a matvec). The tiling is autotuned per matrix shape on its first
-call. For 2-16 rows the weight is dequantized whole, then one matmul: a first tensor-core form (tl.dot of x against
-a tile dequantized as the former matvec did) measured 3.4-4.1x slower than that. The tensor-core form here
-dequantizes its tile through the matvec's lookup (about 8 instructions a code of W for 16 rows of x); matmul_4bit
-takes it only when a tiling is given (the tests, the probes) until a GPU has timed it against the matmul of the
-whole weight. On a CPU (no Triton) the same dequantization runs in torch (extensions/quantized_matmul.py), so a CPU
-run verifies what the GPU runs.
+16-entry table, which Triton keeps in shared memory (one 32-bit shared load a code, 16 entries in 16 banks: no
+conflicts; a 256-entry table of a byte's two values, half the loads, measured slower); each word's 8 products with
+x are summed in registers (fused multiply-adds) and each block's scale multiplies its words' sums once, not each
+weight. x must reach each thread in the tile's own layout: a vector of x broadcast over the rows is moved through
+shared memory with two barriers at each of the 8 code positions, so the matvec takes x as code_major() lays it out
+(fp32, code position j of every word in row j) and loads it as a tile of the words' shape. Compiled for sm_90 that
+is about 5 instructions a code, 128 registers a thread at most (benchmarks/inspect_kernel_4bit.py counts them; the
+first form took 33-39, the form before this one 20 barriers a step; benchmarks/README.md has their times). Each step
+issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a matvec).
+The tiling is autotuned per matrix shape on its first call. For 2-16 rows the tensor-core form dequantizes a tile
+of W through the same lookup, rounded as bitsandbytes rounds it, then one tl.dot with 16 rows of x (about 8
+instructions a code of W), its tiling autotuned too; a prefill (more rows) dequantizes W a range of rows at a time
+(linear()), then one matmul each. On a CPU (no Triton) the same dequantization runs in torch
+(extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs; on a GPU each layer's kernels are checked
+against its weight dequantized before a decoder runs (quantized_matmul.check_matmuls()).
 """
 from __future__ import annotations
 
@@ -158,12 +161,12 @@ def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
     tl.store(out_ptr + m[:, None] * N + rows[None, :], acc.to(X_DTYPE), mask=(m < M)[:, None] & row_ok[None, :])
 
 @triton.jit
-def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, KW, KB,
-           NESTED: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, EVEN: tl.constexpr):
+def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, KW, KB, XW,
+           NESTED: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
     """out[N] = W[N, K] @ x[K] (one row of x: a decode step at batch 1). A program: BLOCK_N rows of W, WORDS int32
-    words (8 codes each) of every row a step, the next step's words loaded before this step's are used. KW, KB: words
-    and blocks of 64 codes a row; EVEN: KW is a multiple of WORDS (no masks along K)."""
-    X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    words (8 codes each) of every row a step, the next step's words loaded before this step's are used. x comes as
+    code_major() lays it out (fp32, row j holding code position j of every word, XW words a row, zeros past KW), so
+    that it loads in the tile's own layout, 4 words a load. KW, KB: words and blocks of 64 codes a row of W."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     table = tl.load(code_ptr + tl.arange(0, 16))                                  # the 16-entry code (nf4 or fp4)
@@ -176,15 +179,16 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
         words = next_words
         next_words = tl.load(w_at + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < KW)[None, :], other=0)
         values = word_values(table, words)
+        # x in the tile's shape (the same address down a column): loaded in the words' own layout, where a vector
+        # broadcast over the rows would be moved through shared memory, with barriers, at every code position.
+        x_at = x_ptr + (w0 + col)[None, :] + rows[:, None] * 0
         # Each word's sum of its 8 products with x, then each block's scale once on its words' sums.
-        xw = x_ptr + (w0 + col) * 8
         part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
         for j in tl.static_range(8):
-            x = tl.load(xw + j) if EVEN else tl.load(xw + j, mask=w0 + col < KW, other=0.0)
-            part = tl.fma(values[j], x.to(tl.float32)[None, :], part)
+            part = tl.fma(values[j], tl.load(x_at + j * XW), part)
         scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED, WORDS // 8)
         acc = tl.fma(part, tl.broadcast_to(scale[:, :, None], (BLOCK_N, WORDS // 8, 8)).reshape(BLOCK_N, WORDS), acc)
-    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(X_DTYPE), mask=row_ok)
+    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 @triton.jit
 def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, ROW0, N, K,
@@ -201,14 +205,17 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
     tl.store(out_ptr + (rows - ROW0)[:, None] * K + col[None, :], weight.reshape(BLOCK_N, BLOCKS * 64),
              mask=(rows < N)[:, None] & (col < K)[None, :])
 
-# The matvec with its tiling picked on the GPU, once per (N, KW): the first call of a shape times each configuration
-# (the decoders' warm-up runs make that call, before any CUDA graph is captured). A configuration: rows of W a
-# program, words a step, warps. The first four were the fastest at a 7B model's shapes on an H100 (tiles of 64 words
-# and 8-warp programs were 1.5-3x slower there: benchmarks/README.md); the last two are for short rows (small models).
+# The kernels with their tilings picked on the GPU, once per (N, KW): the first call of a shape times each
+# configuration (the decoders' warm-up runs make that call, before any CUDA graph is captured). A configuration: rows
+# of W a program, words a step, warps. The matvec's last two are for short rows (small models); the tensor-core
+# form's first was the fastest of four tried at a 7B model's shapes on an H100 (benchmarks/README.md).
 MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w), num_warps=warps, num_stages=1)
                           for n, w, warps in [(16, 128, 4), (8, 128, 4), (8, 256, 8), (4, 128, 2), (8, 64, 4),
                                               (16, 32, 4)]],
-                         key=["N", "KW"])(triton.heuristics(dict(EVEN=lambda a: a["KW"] % a["WORDS"] == 0))(matvec))
+                         key=["N", "KW"])(matvec)
+MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w), num_warps=4, num_stages=1)
+                          for n, w in [(32, 32), (16, 32), (32, 64), (16, 64)]], key=["N", "KW"])(matmul)
+X_WORDS = 256         # code_major() pads x's rows to a multiple of this many words: the most a matvec step takes
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -228,39 +235,72 @@ def words(packed):
     """The packed codes as int32 words (the kernels' loads: 8 codes a word)."""
     return packed.reshape(-1).view(torch.int32)
 
-@torch.library.custom_op("ds_bnb_infer::matmul_4bit", mutates_args=())
-def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor,
+def code_major(x):
+    """One row of x [1, K] as the matvec reads it: fp32, [8, XW], row j holding code position j of each word of 8
+    codes (xt[j, w] = x[8 w + j]), XW = K / 8 rounded up to X_WORDS with zeros. Plain torch: in a compiled step
+    inductor writes it from the kernel that makes x (a norm, an activation), no launch of its own."""
+    kw = x.shape[-1] // 8
+    # contiguous: with no padding to add (K / 8 a multiple of X_WORDS) pad returns the transposed view as it is
+    return torch.nn.functional.pad(x.reshape(kw, 8).t().float(), (0, -kw % X_WORDS)).contiguous()
+
+@torch.library.custom_op("ds_bnb_infer::matvec_4bit", mutates_args=())
+def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor,
                 code2: torch.Tensor, code: torch.Tensor, offset: torch.Tensor, out_features: int, nested: bool,
-                weight_dtype: torch.dtype, tiling: list[int] | None = None) -> torch.Tensor:
-    """x[M, K] @ W^T (M <= 16, in the compute dtype) with W read from bitsandbytes' storage; offset: one per output
-    row (state_args). A custom op: torch.compile keeps it whole in the compiled step (and a CUDA graph captures its
-    launches). One row: the matvec, its tiling autotuned; more: the weight dequantized whole, then one matmul.
-    tiling (BLOCK_N, BLOCKS): rows of W and blocks of 64 codes a step, for any M (1: the matvec, 2-16: the
-    tensor-core form), x contiguous: Triton's interpreter, the tests, the probes."""
-    m, k = x.shape
+                out_dtype: torch.dtype, tiling: list[int] | None = None) -> torch.Tensor:
+    """The matvec [1, N] in out_dtype, x given as code_major(x). A custom op: torch.compile keeps it whole in the
+    compiled step (and a CUDA graph captures its launch). Its tiling is autotuned; tiling (BLOCK_N, BLOCKS): rows of
+    W and blocks of 64 codes a step (Triton's interpreter, the tests, the probes)."""
     n = out_features
-    if m > 1 and tiling is None:     # the weight dequantized whole, then one matmul (the module docstring says why)
-        weight = dequantize(packed, absmax, absmax2, code2, code, offset, nested, (n, k), weight_dtype)
-        return torch.nn.functional.linear(x, weight.to(x.dtype))
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    kw = packed.numel() // 4 // n
+    if not xt.is_contiguous() or xt.shape[0] != 8 or xt.shape[1] < kw or xt.shape[1] % X_WORDS:
+        raise ValueError(f"matvec_4bit takes x as code_major() lays it out, not {tuple(xt.shape)} {xt.stride()}")
+    out = torch.empty(1, n, dtype=out_dtype, device=xt.device)
+    args = (xt, words(packed), absmax, absmax2, code2, code, out, offset, n, kw, kw // 8, xt.shape[1])
     # enable_fp_fusion=False: a scale's product and its sum with the offset are rounded apart, as in bitsandbytes (a
     # fused multiply-add rounds once: a scale could differ in its last bit); the products with x are tl.fma.
-    if m == 1:
-        args = (x, words(packed), absmax, absmax2, code2, code, out, offset, n, k // 8, k // BLOCK)
-        if tiling is None:
-            MATVEC[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, NESTED=nested, enable_fp_fusion=False)
-        else:
-            matvec[(triton.cdiv(n, tiling[0]),)](*args, NESTED=nested, BLOCK_N=tiling[0], WORDS=8 * tiling[1],
-                                                 EVEN=(k // 8) % (8 * tiling[1]) == 0, enable_fp_fusion=False)
+    if tiling is None:
+        MATVEC[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, NESTED=nested, enable_fp_fusion=False)
     else:
-        matmul[(triton.cdiv(n, tiling[0]), triton.cdiv(m, 16))](
-            x, words(packed), absmax, absmax2, code2, code, out, offset, m, n, k // 8, k // BLOCK, NESTED=nested,
-            W_DTYPE=TL_DTYPES[weight_dtype], BLOCK_N=tiling[0], WORDS=8 * tiling[1], enable_fp_fusion=False)
+        matvec[(triton.cdiv(n, tiling[0]),)](*args, NESTED=nested, BLOCK_N=tiling[0], WORDS=8 * tiling[1],
+                                             enable_fp_fusion=False)
     return out
 
-@matmul_4bit.register_fake
+@matvec_4bit.register_fake
+def _(xt, packed, absmax, absmax2, code2, code, offset, out_features, nested, out_dtype, tiling=None):
+    return xt.new_empty(1, out_features, dtype=out_dtype)
+
+@torch.library.custom_op("ds_bnb_infer::matmul_rows_4bit", mutates_args=())
+def matmul_rows_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor,
+                     code2: torch.Tensor, code: torch.Tensor, offset: torch.Tensor, out_features: int, nested: bool,
+                     weight_dtype: torch.dtype, tiling: list[int] | None = None) -> torch.Tensor:
+    """x[M, K] @ W^T for 2-16 rows (a custom op, as matvec_4bit): the tensor-core form, its tiling autotuned;
+    tiling (BLOCK_N, BLOCKS): rows of W and blocks of 64 codes a step."""
+    m, k = x.shape
+    n = out_features
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    args = (x, words(packed), absmax, absmax2, code2, code, out, offset, m, n, k // 8, k // BLOCK)
+    if tiling is None:
+        MATMUL[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16))](
+            *args, NESTED=nested, W_DTYPE=TL_DTYPES[weight_dtype], enable_fp_fusion=False)
+    else:
+        matmul[(triton.cdiv(n, tiling[0]), triton.cdiv(m, 16))](
+            *args, NESTED=nested, W_DTYPE=TL_DTYPES[weight_dtype], BLOCK_N=tiling[0], WORDS=8 * tiling[1],
+            enable_fp_fusion=False)
+    return out
+
+@matmul_rows_4bit.register_fake
 def _(x, packed, absmax, absmax2, code2, code, offset, out_features, nested, weight_dtype, tiling=None):
     return x.new_empty(x.shape[0], out_features)
+
+def matmul_4bit(x, packed, absmax, absmax2, code2, code, offset, out_features: int, nested: bool, weight_dtype,
+                tiling: list[int] | None = None):
+    """x[M, K] @ W^T (M <= 16, in the compute dtype, contiguous) with W read from bitsandbytes' storage; offset: one
+    per output row (state_args). One row: the matvec of code_major(x); 2-16: matmul_rows_4bit."""
+    if x.shape[0] == 1:
+        return matvec_4bit(code_major(x), packed, absmax, absmax2, code2, code, offset, out_features, nested,
+                           x.dtype, tiling)
+    return matmul_rows_4bit(x, packed, absmax, absmax2, code2, code, offset, out_features, nested, weight_dtype,
+                            tiling)
 
 def dequantize(packed, absmax, absmax2, code2, code, offset, nested: bool, shape, weight_dtype,
                tiling: tuple[int, int] = (16, 8), rows: tuple[int, int] | None = None):

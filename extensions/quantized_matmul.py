@@ -11,9 +11,10 @@ torch.compile fuses the int8 -> fp16 conversion into the matrix-vector kernel, s
 As the activations are no longer rounded to int8, its output is nearer the unquantized model than bitsandbytes' own.
 --quant 4bit multiplies weight-only by default as well: extensions/kernel_4bit.py's kernel reads bitsandbytes' packed
 4-bit codes and (double-quantized) scales as stored and dequantizes them inside the matrix-vector product (batch 1;
-more rows: dequantized whole, then one matmul), each weight equal to bitsandbytes' dequantize_4bit bit for bit (why
-a kernel of our own: that file's docstring); fast_decode.py's loop then fuses q/k/v and gate/up into one matmul each
-(Int4WeightOnly.concatenate: 4 matmuls a layer, not 7).
+2-16 rows: inside a tensor-core matmul; a prefill: a range of rows at a time, then one matmul), each weight equal to
+bitsandbytes' dequantize_4bit bit for bit (why a kernel of our own: that file's docstring); fast_decode.py's loop
+then fuses q/k/v and gate/up into one matmul each (Int4WeightOnly.concatenate: 4 matmuls a layer, not 7), and each
+layer's kernels are checked against its weight dequantized before the loop runs (check_matmuls()).
 serve.py's rows and tensor_parallel.py's shards take the same --matmul and swap with the same swap_matmuls().
 --matmul bitsandbytes keeps bitsandbytes' kernels (any --bnb-4bit-* setting): the same loop, for comparison.
 
@@ -120,7 +121,7 @@ def weight_only_4bit_class():
         become this module's buffers, the layer's double-quantization offset repeated once per output row (so that
         concatenate() can stack layers with different offsets: fast_decode.py fuses q/k/v and gate/up into one
         matmul each). On a GPU up to 16 rows of x (a decode step) go through extensions/kernel_4bit.py's matmul_4bit
-        (one row: the weight multiplied in registers; 2-16: dequantized whole, then one matmul, inside the op); more
+        (one row: the weight multiplied in registers; 2-16: dequantized tile by tile into a tensor-core matmul); more
         rows (a prefill) through kernel_4bit.linear(): the weight dequantized a range of rows at a time (a bounded
         buffer: a fused gate/up whole would double bitsandbytes' largest), one matmul each. On a CPU the
         dequantization runs in torch: the same weight bit for bit."""
@@ -257,8 +258,40 @@ def swap_matmuls(model, config: QuantizedMatmulConfig):
                                 f"multiply weight-only; fix the load, or add --matmul bitsandbytes.")
     return model
 
+# A kernel's products against the same weight dequantized (bit for bit) and multiplied by torch: the sums differ in
+# order and in the weight's rounding (the matvec multiplies its fp32 value), ~1e-3; a wrong kernel is off by ~1.
+MATMUL_TOL = 1e-2
+
+def check_matmuls(model) -> dict | None:
+    """Each 4-bit layer's GPU matmul (one row of x: the matvec; three: the tensor-core form), as the decoder will call
+    it (fused layers included), against x @ W^T with W its weight dequantized (kernel_4bit.linear(), bitsandbytes'
+    weight bit for bit): a RunFailure past MATMUL_TOL. The decoders' own check compares the decoder with the same
+    model, whose matmuls are these kernels too: a kernel that is wrong in both passes there, not here. None where no
+    layer runs a kernel (on a CPU the matmul is that dequantization)."""
+    import torch
+    layers = [m for m in model.modules() if type(m).__name__ == "Int4WeightOnly" and m.kernels is not None]
+    worst = 0.0
+    with torch.no_grad():
+        for layer in layers:
+            for rows in (1, 3):
+                x = torch.randn(rows, layer.in_features, device=layer.packed.device,
+                                dtype=layer.compute_dtype or layer.weight_dtype)
+                want = layer.kernels.linear(x, *layer.storage()).float()
+                got = layer(x).float() - (layer.bias.float() if layer.bias is not None else 0)
+                worst = max(worst, lesson.rel_error(got, want))
+    if worst > MATMUL_TOL:
+        raise lesson.RunFailure(f"the 4-bit matmul kernel differs from its own weight dequantized (rel. error "
+                                f"{worst:.2e}, tolerance {MATMUL_TOL:g}): a kernel bug; --matmul bitsandbytes "
+                                f"avoids it")
+    return {"layers": len(layers), "max_rel_error": worst, "tolerance": MATMUL_TOL} if layers else None
+
 class QuantizedGreedy(FastGreedy):
-    """fast_decode.py's loop over the model with its bitsandbytes matmuls swapped (prepare_model) where asked."""
+    """fast_decode.py's loop over the model with its bitsandbytes matmuls swapped (prepare_model) where asked, each
+    4-bit kernel checked against its weight (check_matmuls) before the loop is compiled."""
+
+    def __init__(self, engine, config: QuantizedMatmulConfig):
+        super().__init__(engine, config)
+        self.matmul_check = check_matmuls(self.module)
 
     @classmethod
     def validate(cls, config: QuantizedMatmulConfig) -> None:
@@ -293,6 +326,10 @@ def vs_unquantized(engine, tokenizer, config, info) -> dict:
 def init_engine(config: QuantizedMatmulConfig, decoder=QuantizedGreedy) -> tuple:
     """The lesson's init_engine with this file's loop; then the error against the same weights unquantized."""
     engine, tokenizer, info = lesson.init_engine(config, decoder)
+    if getattr(engine, "matmul_check", None) and info.verify:
+        info.verify = dict(info.verify, matmuls=engine.matmul_check)
+        info.notes.append(f"4-bit matmul kernels of {engine.matmul_check['layers']} layers against their weights "
+                          f"dequantized: rel. error {engine.matmul_check['max_rel_error']:.2e}")
     error = vs_unquantized(engine, tokenizer, config, info)
     if getattr(engine, "fused", 0):
         info.notes.append(f"{engine.fused} groups of projections fused into one matmul each (fast_decode.py)")

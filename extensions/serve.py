@@ -41,7 +41,7 @@ from typing import Annotated
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
-from extensions.quantized_matmul import QuantizedMatmulConfig, swap_matmuls  # noqa: E402
+from extensions.quantized_matmul import QuantizedMatmulConfig, check_matmuls, swap_matmuls  # noqa: E402
 from extensions.fast_decode import (decode_step, eos_tensor, forward_last,  # noqa: E402
                                     fuse_projections, generate_output, greedy_loop, release_step)
 
@@ -93,6 +93,7 @@ class SlotBatch(lesson.Decoder):
         super().__init__(engine, config)
         if config.fuse:
             fuse_projections(self.module)                             # as fast_decode.py's loop (verified the same)
+        check_matmuls(self.module)                                    # 4-bit kernels against their weights
         self.device = next(self.module.parameters()).device
         self.rows, self.max_len = config.max_num_seqs, config.max_model_len + 1
         rows, max_len = self.rows, self.max_len
