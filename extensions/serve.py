@@ -60,14 +60,16 @@ class ServeConfig(QuantizedMatmulConfig):
     # Requests sent together reach the worker spread out: each is parsed and tokenized in turn. Admitted as they
     # come, they take several prefills, each stalling every row already decoding, and the rows they fill then end at
     # different steps, so the clients' next requests arrive split the same way (on an H100 each wave of 16 requests
-    # went in as two prefills of 8: benchmarks/README.md). The wait ends at once when the free rows are full (a full
-    # burst waits for nothing); a lone request on an idle server pays it in TTFT: 10 ms is about 1.5 decode steps of
-    # a 7B model at 16 rows on an H100.
+    # went in as two prefills of 8: benchmarks/README.md). A wait gathers an idle server's first wave into one
+    # prefill (the wait ends at once when the free rows are full; a lone request on an idle server pays it in TTFT),
+    # but once the rows are split in two groups each group's next wave fills its own free rows: at 10 ms an H100
+    # still took 8 prefills of 8 for 64 requests, and served 0.81x the offline loop where the server without the
+    # wait had served 0.85x (benchmarks/README.md). So it is off by default, a flag to try.
     admit_wait_ms: Annotated[float, "milliseconds a request may wait for others to share its prefill: an idle "
                              "worker admits the first arrival with those that come within this time (at once when "
                              "they fill the free rows); while rows decode (never paused for this), waiting requests "
                              "join when the oldest has waited this long or they fill the free rows; 0: admit what "
-                             "is queued at each step (like vLLM's --scheduler-delay-factor, but a time)"] = 10.0
+                             "is queued at each step (like vLLM's --scheduler-delay-factor, but a time)"] = 0.0
     # The offline measurement's settings (a server takes sampling settings per request, rows with --max-num-seqs),
     # and the loop choice (a server runs this file's loop):
     not_flags = ("batch_size", "warmup", "iters", "do_sample", "temperature", "top_p", "json_path", "prompts_file",
