@@ -273,8 +273,9 @@ def check_matmuls(model) -> dict | None:
     worst = 0.0
     with torch.no_grad():
         for layer in layers:
+            seeded = torch.Generator(layer.packed.device).manual_seed(0)     # the same x on every rank
             for rows in (1, 3):
-                x = torch.randn(rows, layer.in_features, device=layer.packed.device,
+                x = torch.randn(rows, layer.in_features, device=layer.packed.device, generator=seeded,
                                 dtype=layer.compute_dtype or layer.weight_dtype)
                 want = layer.kernels.linear(x, *layer.storage()).float()
                 got = layer(x).float() - (layer.bias.float() if layer.bias is not None else 0)

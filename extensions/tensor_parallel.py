@@ -63,7 +63,8 @@ from typing import Annotated
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
 from extensions.fast_decode import FastGreedy, decoder_of  # noqa: E402
-from extensions.quantized_matmul import QuantizedMatmulConfig, matmul_of, swap_matmuls, validate_matmul  # noqa: E402
+from extensions.quantized_matmul import QuantizedMatmulConfig, check_matmuls, matmul_of, swap_matmuls, \
+    validate_matmul  # noqa: E402
 
 VERIFY_LAYERS = 2           # the reference's depth: every kind of tensor, a layer's output feeding the next
 BLOCK = 64                  # bitsandbytes' 4-bit block size (the lesson's BitsAndBytesConfig default)
@@ -584,6 +585,10 @@ def init_engine(config, decoder=None) -> tuple:
     if decoder is not None:
         engine, mode, result = checked_decoder(engine, decoder, config, inputs, tol, seconds,
                                                (result, ref["layers"] if config.verify else None))
+    check = check_matmuls(engine.module) if config.quant != "none" else None   # the reference ran these kernels too
+    if check:
+        notes.append(f"4-bit matmul kernels of {check['layers']} layers (this rank's shards) against their weights "
+                     f"dequantized: rel. error {check['max_rel_error']:.2e}")
     if isinstance(engine, FastGreedy):
         notes += [f"{engine.fused} groups of projections fused into one matmul each (fast_decode.py)"] * bool(
             engine.fused) + [f"the compiled step's all-reduces: {engine.all_reduce} (tp_all_reduce.py)"] * bool(
