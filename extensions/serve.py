@@ -62,9 +62,9 @@ class ServeConfig(QuantizedMatmulConfig):
     # different steps, so the clients' next requests arrive split the same way (on an H100 each wave of 16 requests
     # went in as two prefills of 8: benchmarks/README.md). A wait gathers an idle server's first wave into one
     # prefill (the wait ends at once when the free rows are full; a lone request on an idle server pays it in TTFT),
-    # but once the rows are split in two groups each group's next wave fills its own free rows: at 10 ms an H100
-    # still took 8 prefills of 8 for 64 requests, and served 0.81x the offline loop where the server without the
-    # wait had served 0.85x (benchmarks/README.md). So it is off by default, a flag to try.
+    # but once the rows are split in two groups each group's next wave fills its own free rows: on an H100 a 10 ms
+    # wait still admitted every wave as two prefills and served less than no wait (benchmarks/README.md). So it is
+    # off by default, a flag to try.
     admit_wait_ms: Annotated[float, "milliseconds a request may wait for others to share its prefill: an idle "
                              "worker admits the first arrival with those that come within this time (at once when "
                              "they fill the free rows); while rows decode (never paused for this), waiting requests "
