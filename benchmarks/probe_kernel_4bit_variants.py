@@ -293,6 +293,21 @@ def matmul16(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr
     tl.store(out_ptr + m[:, None] * N + rows[None, :], acc, mask=(m < M)[:, None] & row_ok[None, :])
 
 
+def time_variant(name, label, call, outs, copies, x, nbytes, rows) -> None:
+    """call(copy, out) once, its output against x @ W^T in fp32, then timed over the copies (graph_time): the row kept
+    in rows[label] and printed; a variant that fails to compile or to run is printed and left out."""
+    try:
+        call(copies[0], outs[0])
+        exact = x.float() @ copies[0][4].float().t()
+        err = float((outs[0].float() - exact).norm() / exact.norm())
+        seconds = graph_time([lambda c=c, o=o: call(c, o) for c, o in zip(copies, outs)])
+        rows[label] = seconds
+        print(f"{name} {label}: {seconds * 1e6:.1f} us, {nbytes / seconds / 1e9:.0f} GB/s, rel err {err:.1e}",
+              flush=True)
+    except Exception as e:
+        print(f"{name} {label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
 def main() -> int:
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
@@ -333,44 +348,26 @@ def main() -> int:
                 kb = k // 64
                 ksplit = triton.cdiv(triton.cdiv(kb, splits), blocks) * blocks
                 label = f"{vname} BLOCK_N={bn} BLOCKS={blocks} warps={warps}"
-                try:
-                    outs = [torch.zeros(1, n, dtype=torch.float32, device="cuda") for _ in copies]
-                    def call(c, out):
-                        if flags["SPLIT"]:
-                            out.zero_()
-                        pk = c[1].view(-1).view(torch.int32)
-                        matvec[(triton.cdiv(n, bn), triton.cdiv(kb, ksplit))](
-                            x, pk, c[2].absmax, c[2].state2.absmax, c[2].state2.code, c[2].code, out, c[3], n, k,
-                            ksplit, **flags, BLOCK_N=bn, BLOCKS=blocks, num_warps=warps, num_stages=2,
-                            enable_fp_fusion=False)
-                    call(copies[0], outs[0])
-                    exact = x.float() @ copies[0][4].float().t()
-                    err = float((outs[0] - exact).norm() / exact.norm())
-                    seconds = graph_time([lambda c=c, o=o: call(c, o) for c, o in zip(copies, outs)])
-                    rows[label] = seconds
-                    print(f"{name} {label}: {seconds * 1e6:.1f} us, {nbytes / seconds / 1e9:.0f} GB/s, "
-                          f"rel err {err:.1e}", flush=True)
-                except Exception as e:
-                    print(f"{name} {label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+                outs = [torch.zeros(1, n, dtype=torch.float32, device="cuda") for _ in copies]
+                def call(c, out):
+                    if flags["SPLIT"]:
+                        out.zero_()
+                    pk = c[1].view(-1).view(torch.int32)
+                    matvec[(triton.cdiv(n, bn), triton.cdiv(kb, ksplit))](
+                        x, pk, c[2].absmax, c[2].state2.absmax, c[2].state2.code, c[2].code, out, c[3], n, k,
+                        ksplit, **flags, BLOCK_N=bn, BLOCKS=blocks, num_warps=warps, num_stages=2,
+                        enable_fp_fusion=False)
+                time_variant(name, label, call, outs, copies, x, nbytes, rows)
         for vname, flags in variants2d.items() if "2d" in args.only else {}.items():
             for bn, nwords, warps in tilings2d:
                 label = f"{vname} BLOCK_N={bn} WORDS={nwords} warps={warps}"
-                try:
-                    outs = [torch.zeros(1, n, dtype=torch.float32, device="cuda") for _ in copies]
-                    def call2d(c, out):
-                        matvec2d[(triton.cdiv(n, bn),)](
-                            x, c[1].view(-1).view(torch.int32), c[2].absmax, c[2].state2.absmax, c[2].state2.code,
-                            c[2].code, out, c[3], n, k, **flags, BLOCK_N=bn, WORDS=nwords, num_warps=warps,
-                            num_stages=1, enable_fp_fusion=False)
-                    call2d(copies[0], outs[0])
-                    exact = x.float() @ copies[0][4].float().t()
-                    err = float((outs[0] - exact).norm() / exact.norm())
-                    seconds = graph_time([lambda c=c, o=o: call2d(c, o) for c, o in zip(copies, outs)])
-                    rows[label] = seconds
-                    print(f"{name} {label}: {seconds * 1e6:.1f} us, {nbytes / seconds / 1e9:.0f} GB/s, "
-                          f"rel err {err:.1e}", flush=True)
-                except Exception as e:
-                    print(f"{name} {label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+                outs = [torch.zeros(1, n, dtype=torch.float32, device="cuda") for _ in copies]
+                def call2d(c, out):
+                    matvec2d[(triton.cdiv(n, bn),)](
+                        x, c[1].view(-1).view(torch.int32), c[2].absmax, c[2].state2.absmax, c[2].state2.code,
+                        c[2].code, out, c[3], n, k, **flags, BLOCK_N=bn, WORDS=nwords, num_warps=warps,
+                        num_stages=1, enable_fp_fusion=False)
+                time_variant(name, label, call2d, outs, copies, x, nbytes, rows)
         smem_tilings = [(16, 128, 4, 1, 1, False), (8, 128, 4, 1, 1, False), (8, 256, 8, 1, 1, False),
                         (16, 32, 4, 1, 1, False)]
         # deeper prefetch, and K split over 2-4 programs (short rows: more programs, more loads in flight)
@@ -382,45 +379,27 @@ def main() -> int:
             label = f"smem BLOCK_N={bn} WORDS={nwords} warps={warps}" + (f" depth={depth}" if depth > 1 else "") + \
                 (f" split={splits}" if splits > 1 else "") + (" loads-only" if loadonly else "")
             ksplit = triton.cdiv(triton.cdiv(k // 8, splits), nwords) * nwords
-            try:
-                outs = [torch.zeros(1, n, dtype=torch.float32, device="cuda") for _ in copies]
-                def call_smem(c, out):
-                    if splits > 1:
-                        out.zero_()
-                    matvec_smem[(triton.cdiv(n, bn), triton.cdiv(k // 8, ksplit))](
-                        x, c[1].view(-1).view(torch.int32), c[2].absmax, c[2].state2.absmax, c[2].state2.code,
-                        c[2].code, out, c[3], n, k // 8, k // 64, ksplit, BLOCK_N=bn, WORDS=nwords,
-                        EVEN=(k // 8) % nwords == 0, DEPTH=depth, SPLIT=splits > 1, LOADONLY=loadonly,
-                        num_warps=warps, num_stages=1)
-                call_smem(copies[0], outs[0])
-                exact = x.float() @ copies[0][4].float().t()
-                err = float((outs[0] - exact).norm() / exact.norm())
-                seconds = graph_time([lambda c=c, o=o: call_smem(c, o) for c, o in zip(copies, outs)])
-                rows[label] = seconds
-                print(f"{name} {label}: {seconds * 1e6:.1f} us, {nbytes / seconds / 1e9:.0f} GB/s, "
-                      f"rel err {err:.1e}", flush=True)
-            except Exception as e:
-                print(f"{name} {label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+            outs = [torch.zeros(1, n, dtype=torch.float32, device="cuda") for _ in copies]
+            def call_smem(c, out):
+                if splits > 1:
+                    out.zero_()
+                matvec_smem[(triton.cdiv(n, bn), triton.cdiv(k // 8, ksplit))](
+                    x, c[1].view(-1).view(torch.int32), c[2].absmax, c[2].state2.absmax, c[2].state2.code,
+                    c[2].code, out, c[3], n, k // 8, k // 64, ksplit, BLOCK_N=bn, WORDS=nwords,
+                    EVEN=(k // 8) % nwords == 0, DEPTH=depth, SPLIT=splits > 1, LOADONLY=loadonly,
+                    num_warps=warps, num_stages=1)
+            time_variant(name, label, call_smem, outs, copies, x, nbytes, rows)
         xt = kernel_4bit.code_major(x)
         for bn, nwords, warps in [(16, 128, 4), (8, 128, 4), (8, 256, 8), (4, 128, 2), (16, 64, 4), (32, 128, 8),
                                   (16, 256, 8), (32, 64, 4), (8, 64, 2)] if "kernel" in args.only else ():
             label = f"kernel BLOCK_N={bn} WORDS={nwords} warps={warps}"
-            try:
-                outs = [torch.zeros(1, n, dtype=torch.float16, device="cuda") for _ in copies]
-                def call_kernel(c, out):
-                    kernel_4bit.matvec[(triton.cdiv(n, bn),)](
-                        xt, c[1].view(-1).view(torch.int32), c[2].absmax, c[2].state2.absmax, c[2].state2.code,
-                        c[2].code, out, c[5], n, k // 8, k // 64, xt.shape[1], NESTED=True, BLOCK_N=bn,
-                        WORDS=nwords, num_warps=warps, num_stages=1, enable_fp_fusion=False)
-                call_kernel(copies[0], outs[0])
-                exact = x.float() @ copies[0][4].float().t()
-                err = float((outs[0].float() - exact).norm() / exact.norm())
-                seconds = graph_time([lambda c=c, o=o: call_kernel(c, o) for c, o in zip(copies, outs)])
-                rows[label] = seconds
-                print(f"{name} {label}: {seconds * 1e6:.1f} us, {nbytes / seconds / 1e9:.0f} GB/s, "
-                      f"rel err {err:.1e}", flush=True)
-            except Exception as e:
-                print(f"{name} {label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+            outs = [torch.zeros(1, n, dtype=torch.float16, device="cuda") for _ in copies]
+            def call_kernel(c, out):
+                kernel_4bit.matvec[(triton.cdiv(n, bn),)](
+                    xt, c[1].view(-1).view(torch.int32), c[2].absmax, c[2].state2.absmax, c[2].state2.code,
+                    c[2].code, out, c[5], n, k // 8, k // 64, xt.shape[1], NESTED=True, BLOCK_N=bn,
+                    WORDS=nwords, num_warps=warps, num_stages=1, enable_fp_fusion=False)
+            time_variant(name, label, call_kernel, outs, copies, x, nbytes, rows)
         xs = {0: x, 1: x.float(), 2: x.float().reshape(k // 8, 8).t().contiguous()}
         if "pair" in args.only:
             rows["x to fp32, code-position-major"] = graph_time(
@@ -435,24 +414,15 @@ def main() -> int:
             label = f"pair BLOCK_N={bn} WORDS={nwords} warps={warps} x={['fp16', 'fp32', 'fp32-major'][xmode]}" + \
                 (f" split={splits}" if splits > 1 else "")
             ksplit = triton.cdiv(triton.cdiv(k // 8, splits), nwords) * nwords
-            try:
-                outs = [torch.zeros(1, n, dtype=torch.float32, device="cuda") for _ in copies]
-                def call_pair(c, out):
-                    if splits > 1:
-                        out.zero_()
-                    matvec_pair[(triton.cdiv(n, bn), triton.cdiv(k // 8, ksplit))](
-                        xs[xmode], c[1].view(-1).view(torch.int32), c[2].absmax, c[2].state2.absmax,
-                        c[2].state2.code, c[2].code, out, c[3], n, k // 8, k // 64, ksplit, BLOCK_N=bn, WORDS=nwords,
-                        XMODE=xmode, SPLIT=splits > 1, EVEN=(k // 8) % nwords == 0, num_warps=warps, num_stages=1)
-                call_pair(copies[0], outs[0])
-                exact = x.float() @ copies[0][4].float().t()
-                err = float((outs[0] - exact).norm() / exact.norm())
-                seconds = graph_time([lambda c=c, o=o: call_pair(c, o) for c, o in zip(copies, outs)])
-                rows[label] = seconds
-                print(f"{name} {label}: {seconds * 1e6:.1f} us, {nbytes / seconds / 1e9:.0f} GB/s, "
-                      f"rel err {err:.1e}", flush=True)
-            except Exception as e:
-                print(f"{name} {label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+            outs = [torch.zeros(1, n, dtype=torch.float32, device="cuda") for _ in copies]
+            def call_pair(c, out):
+                if splits > 1:
+                    out.zero_()
+                matvec_pair[(triton.cdiv(n, bn), triton.cdiv(k // 8, ksplit))](
+                    xs[xmode], c[1].view(-1).view(torch.int32), c[2].absmax, c[2].state2.absmax,
+                    c[2].state2.code, c[2].code, out, c[3], n, k // 8, k // 64, ksplit, BLOCK_N=bn, WORDS=nwords,
+                    XMODE=xmode, SPLIT=splits > 1, EVEN=(k // 8) % nwords == 0, num_warps=warps, num_stages=1)
+            time_variant(name, label, call_pair, outs, copies, x, nbytes, rows)
         x16 = torch.randn(16, k, device="cuda", dtype=torch.float16)
         rows["fp16 F.linear m=16"] = graph_time([lambda w=c[4]: torch.nn.functional.linear(x16, w) for c in copies[:4]])
         rows["bnb matmul_4bit m=16"] = graph_time([lambda w=w, c=c: bnb.matmul_4bit(x16, w.t(), quant_state=c[2])
