@@ -77,7 +77,7 @@ def main() -> int:
     args = parser.parse_args()
     common = dict(w_ptr="*i32", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32", code_ptr="*fp32")
     cases = []
-    for n, words, warps in [(16, 128, 4), (8, 128, 4), (4, 128, 2), (16, 64, 4)]:
+    for n, words, warps in [(16, 128, 4), (8, 128, 4), (4, 128, 2), (32, 64, 4)]:
         cases.append(("matvec (kernel_4bit.py)", f"BLOCK_N={n} WORDS={words} warps={warps}", kernel_4bit.matvec,
                       dict(x_ptr="*fp32", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32",
                            KB="i32", XW="i32"),
@@ -90,7 +90,7 @@ def main() -> int:
                            KSPLIT="i32"),
                       dict(BLOCK_N=n, WORDS=words, EVEN=True, DEPTH=1, SPLIT=False, LOADONLY=False), warps,
                       n * words * 8 // (32 * warps), ("N", "KW")))
-    for n, words, warps in [(32, 32, 4), (16, 32, 4), (32, 64, 4), (16, 64, 4)]:
+    for n, words, warps in [(32, 32, 4), (32, 64, 4), (16, 32, 4), (16, 64, 4)]:
         cases.append(("tensor-core matmul (16 rows of x)", f"BLOCK_N={n} WORDS={words} warps={warps}",
                       kernel_4bit.matmul,
                       dict(x_ptr="*fp16", **common, out_ptr="*fp16", offset_ptr="*fp32", M="i32", N="i32", KW="i32",

@@ -207,15 +207,17 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
 
 # The kernels with their tilings picked on the GPU, once per (N, KW): the first call of a shape times each
 # configuration (the decoders' warm-up runs make that call, before any CUDA graph is captured). A configuration: rows
-# of W a program, words a step, warps. The matvec's last two are for short rows (small models); the tensor-core
-# form's first was the fastest of four tried at a 7B model's shapes on an H100 (benchmarks/README.md).
+# of W a program, words a step, warps: those among the fastest at a 7B model's shapes on an H100
+# (benchmarks/README.md), and for the matvec two more for short rows (small models).
 MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w), num_warps=warps, num_stages=1)
-                          for n, w, warps in [(16, 128, 4), (8, 128, 4), (8, 256, 8), (4, 128, 2), (8, 64, 4),
+                          for n, w, warps in [(16, 128, 4), (8, 128, 4), (4, 128, 2), (32, 64, 4), (8, 64, 4),
                                               (16, 32, 4)]],
                          key=["N", "KW"])(matvec)
 MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w), num_warps=4, num_stages=1)
-                          for n, w in [(32, 32), (16, 32), (32, 64), (16, 64)]], key=["N", "KW"])(matmul)
-X_WORDS = 256         # code_major() pads x's rows to a multiple of this many words: the most a matvec step takes
+                          for n, w in [(32, 32), (32, 64)]], key=["N", "KW"])(matmul)
+# code_major() pads x's rows with zeros to a multiple of this many words, at least the most a matvec step takes (its
+# last step reads x unmasked: a masked word is code 0, whose value is not 0).
+X_WORDS = 256
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -254,6 +256,8 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
     kw = packed.numel() // 4 // n
     if not xt.is_contiguous() or xt.shape[0] != 8 or xt.shape[1] < kw or xt.shape[1] % X_WORDS:
         raise ValueError(f"matvec_4bit takes x as code_major() lays it out, not {tuple(xt.shape)} {xt.stride()}")
+    if tiling is not None and 8 * tiling[1] > X_WORDS:
+        raise ValueError(f"a matvec step takes at most {X_WORDS // 8} blocks of 64 codes, not {tiling[1]}")
     out = torch.empty(1, n, dtype=out_dtype, device=xt.device)
     args = (xt, words(packed), absmax, absmax2, code2, code, out, offset, n, kw, kw // 8, xt.shape[1])
     # enable_fp_fusion=False: a scale's product and its sum with the offset are rounded apart, as in bitsandbytes (a
