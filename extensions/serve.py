@@ -253,9 +253,10 @@ SAMPLING_EPS = 1e-5     # temperatures below this sample greedily, as vLLM does:
 class Metrics:
     """Prometheus text for GET /metrics: gauges, counters and histograms: TTFT (from the request in the queue to its
     first token on the host) and its two parts, the time in the queue and the time from admission (the prefill, with
-    the rows admitted with it) to the first token; the time per output token. prefill_rows_total / prefills_total is
-    how many requests a prefill took on average (requests that arrive together but are admitted apart each pay a
-    prefill, and hold up the rows already decoding)."""
+    the rows admitted with it) to the first token; of that, once a prefill, the device's own time for it (CUDA events
+    on a GPU, so the rest is the host's: waiting for the step before it, threads); the time per output token.
+    prefill_rows_total / prefills_total is how many requests a prefill took on average (requests that arrive
+    together but are admitted apart each pay a prefill, and hold up the rows already decoding)."""
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
     def __init__(self):
@@ -263,7 +264,8 @@ class Metrics:
                        "generation_tokens_total": 0, "prompt_tokens_total": 0, "prefills_total": 0,
                        "prefill_rows_total": 0}
         self.hist = {name: [0] * (len(self.BUCKETS) + 1) + [0.0]
-                     for name in ("ttft_seconds", "queue_seconds", "prefill_seconds", "tpot_seconds")}
+                     for name in ("ttft_seconds", "queue_seconds", "prefill_seconds", "prefill_device_seconds",
+                                  "tpot_seconds")}
 
     def observe(self, name: str, seconds: float) -> None:
         h = self.hist[name]
@@ -450,7 +452,9 @@ class Worker:
             all_logits = any(r.prompt_logprobs for r in new)
             self.want = {row: r.logprobs for row, r in [*self.live.items(), *zip(rows, new)] if r.logprobs is not None}
             self.tell(("admit", rows, prompts, sampling, all_logits))
+            began = self.clock()
             logits, lp, failed = self.admit(rows, prompts, sampling, all_logits)
+            prefill = (began, self.clock())
             for i, (row, req) in enumerate(zip(rows, new)):
                 self.live[row] = req
                 self.metrics.counts["prompt_tokens_total"] += len(req.prompt_ids)
@@ -473,7 +477,22 @@ class Worker:
             self.deliver(*self.pending)
         if admitted is not None:
             self.deliver(*admitted, first=True)
+            self.metrics.observe("prefill_device_seconds", self.seconds(*prefill))
         self.pending = step
+
+    def clock(self):
+        """A point in the device's time: a CUDA event on a GPU (its time read once the work before it is done), the
+        host's clock on a CPU (there the work is done when the call returns)."""
+        import torch
+        if self.batch.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @staticmethod
+    def seconds(start, end) -> float:
+        return start.elapsed_time(end) / 1e3 if hasattr(start, "elapsed_time") else end - start
 
     def prompt_logprobs(self, logits, prompt: list[int], top: int) -> list:
         """Each prompt token's logprob and the `top` most likely tokens' there, from its prefill logits (its row,

@@ -13,7 +13,8 @@ half precision a row's place in the cache changes the rounding, and random weigh
 answers part after a common start (reported). An answer that starts more like another prompt's answer than its
 own counts as mixed up, and must never happen. Where the server is extensions/serve.py, each level also reports
 what its /metrics say of that level: how many prefills it ran and how many requests each took, and the mean time a
-request waited in the queue and took from admission to its first token (the parts of TTFT).
+request waited in the queue and took from admission to its first token (the parts of TTFT), and of that the
+device's own time for a prefill (the rest is the host's: the step before it, threads).
 """
 import argparse
 import asyncio
@@ -97,7 +98,8 @@ def server_side(before: dict, after: dict) -> dict:
     return {"prefills": int(get("prefills_total")),
             "rows_per_prefill": get("prefill_rows_total") / get("prefills_total"),
             "queue_s_mean": get("queue_seconds_sum") / max(get("queue_seconds_count"), 1),
-            "prefill_s_mean": get("prefill_seconds_sum") / max(get("prefill_seconds_count"), 1)}
+            "prefill_s_mean": get("prefill_seconds_sum") / max(get("prefill_seconds_count"), 1),
+            "prefill_device_s_mean": get("prefill_device_seconds_sum") / max(get("prefill_device_seconds_count"), 1)}
 
 
 async def level(client, args, texts: list[str], alone: dict, concurrency: int, requests: int) -> dict:
@@ -159,7 +161,8 @@ async def bench(args) -> dict:
             if x["server"]:
                 print(f"  server: {x['server']['prefills']} prefills, {x['server']['rows_per_prefill']:.1f} requests "
                       f"each; mean {x['server']['queue_s_mean'] * 1e3:.1f} ms in the queue, "
-                      f"{x['server']['prefill_s_mean'] * 1e3:.1f} ms from admission to the first token", flush=True)
+                      f"{x['server']['prefill_s_mean'] * 1e3:.1f} ms from admission to the first token (the "
+                      f"device's prefill: {x['server']['prefill_device_s_mean'] * 1e3:.1f} ms)", flush=True)
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "server": health, "client_versions": lesson.versions(),
             "settings": {k: v for k, v in vars(args).items() if k != "json_path"}, "levels": levels}

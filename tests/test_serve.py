@@ -124,8 +124,12 @@ def test_health_and_prometheus_metrics(server):
         return float(next(l.split()[-1] for l in text.splitlines() if l.startswith(name + " ")))
     assert value(after, "ds_bnb_generation_tokens_total") - value(before, "ds_bnb_generation_tokens_total") == 5
     assert value(after, "ds_bnb_ttft_seconds_count") == value(before, "ds_bnb_ttft_seconds_count") + 1
-    for name in ("queue_seconds_count", "prefill_seconds_count", "prefills_total", "prefill_rows_total"):
+    for name in ("queue_seconds_count", "prefill_seconds_count", "prefill_device_seconds_count", "prefills_total",
+                 "prefill_rows_total"):
         assert value(after, "ds_bnb_" + name) == value(before, "ds_bnb_" + name) + 1, name
+    # the prefill's own compute is part of the time from admission to the first token
+    device = value(after, "ds_bnb_prefill_device_seconds_sum") - value(before, "ds_bnb_prefill_device_seconds_sum")
+    assert 0 < device <= value(after, "ds_bnb_prefill_seconds_sum") - value(before, "ds_bnb_prefill_seconds_sum") + 2e-6
     # TTFT's two parts (the queue, then admission to the first token) add up to no more than TTFT itself; the sums
     # are written to 6 decimals, so the six values compared are each rounded by up to 5e-7
     parts = sum(value(after, f"ds_bnb_{n}_seconds_sum") - value(before, f"ds_bnb_{n}_seconds_sum")
@@ -675,6 +679,7 @@ def test_load_generator_reports_each_level_and_checks_the_answers(server, tmp_pa
     assert one["server"]["prefills"] == 3 and one["server"]["rows_per_prefill"] == 1
     assert 1 <= many["server"]["rows_per_prefill"] <= 4 and many["server"]["prefills"] * 4 >= many["ok"]
     assert one["server"]["queue_s_mean"] >= 0 and one["server"]["prefill_s_mean"] > 0
+    assert 0 < one["server"]["prefill_device_s_mean"] <= one["server"]["prefill_s_mean"] + 1e-6
     bad = run_cli("--requests", "0", script=bench)
     assert bad.returncode == 2 and "--requests values must be at least 1" in bad.stderr
     gone = run_cli("--url", f"http://127.0.0.1:{free_port()}", "--requests", "1", script=bench)
