@@ -90,12 +90,13 @@ def main() -> int:
                            KSPLIT="i32"),
                       dict(BLOCK_N=n, WORDS=words, EVEN=True, DEPTH=1, SPLIT=False, LOADONLY=False), warps,
                       n * words * 8 // (32 * warps), ("N", "KW")))
-    for n, words, warps in [(32, 32, 4), (32, 64, 4), (16, 32, 4), (16, 64, 4)]:
-        cases.append(("tensor-core matmul (16 rows of x)", f"BLOCK_N={n} WORDS={words} warps={warps}",
+    for n, words, first, warps in [(32, 32, False, 4), (32, 64, False, 4), (64, 16, True, 4), (64, 32, True, 8),
+                                   (128, 16, True, 4)]:
+        cases.append(("tensor-core matmul (16 rows of x)", f"BLOCK_N={n} WORDS={words} W_FIRST={first} warps={warps}",
                       kernel_4bit.matmul,
                       dict(x_ptr="*fp16", **common, out_ptr="*fp16", offset_ptr="*fp32", M="i32", N="i32", KW="i32",
                            KB="i32"),
-                      dict(NESTED=True, W_DTYPE=tl.float16, BLOCK_N=n, WORDS=words), warps,
+                      dict(NESTED=True, W_DTYPE=tl.float16, BLOCK_N=n, WORDS=words, W_FIRST=first), warps,
                       n * words * 8 // (32 * warps), ("N", "KW")))
     for n, blocks, warps in [(8, 8, 4), (4, 4, 4)]:
         cases.append(("former matvec (variants' prefetch)", f"BLOCK_N={n} BLOCKS={blocks} warps={warps}",

@@ -117,12 +117,12 @@ def main() -> int:
                                                               for c in copies])
                 rows[f"fp16 F.linear {label}"] = graph_time([lambda c=c: torch.nn.functional.linear(x, c[2].to(dtype))
                                                             for c in copies[:3]])
-                for tiling in ([16, 4], [32, 4], [32, 8], [16, 8]) if m > 1 else ():      # the tensor-core form
+                for tiling in ([32, 4], [32, 8], [64, 2, 1], [64, 4, 1], [128, 2, 1]) if m > 1 else ():   # tensor cores
                     def dot(c, tiling=tiling):
                         (absmax, absmax2, code2, code, offset), nested = states[id(c)]
                         return K.matmul_4bit(x, c[0], absmax, absmax2, code2, code, offset, n, nested, c[1].dtype,
                                              tiling)
-                    key = f"ours tensor-core {tiling[0]}x{tiling[1]} {label}"
+                    key = f"ours tensor-core {tiling[0]}x{tiling[1]}{' W first' * bool(tiling[2:])} {label}"
                     err = float((dot(copies[0]).float() - exact).norm() / exact.norm())
                     rows[key] = graph_time([lambda c=c: dot(c) for c in copies])
                     print(f"{name} {key}: {rows[key] * 1e6:.1f} us (rel err {err:.1e})", flush=True)

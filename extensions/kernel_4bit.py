@@ -42,8 +42,9 @@ is about 5 instructions a code, 128 registers a thread at most (benchmarks/inspe
 first form took 33-39, the form before this one 20 barriers a step; benchmarks/README.md has their times). Each step
 issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a matvec).
 The tiling is autotuned per matrix shape on its first call. For 2-16 rows the tensor-core form dequantizes a tile
-of W through the same lookup, rounded as bitsandbytes rounds it, then one tl.dot with 16 rows of x (about 8
-instructions a code of W), its tiling autotuned too; a prefill (more rows) dequantizes W a range of rows at a time
+of W through the same lookup, rounded as bitsandbytes rounds it, then one tl.dot with 16 rows of x (6-8 instructions
+a code of W: fewer with the tile as the dot's first operand, which Hopper's tensor cores read from registers), its
+tiling and operand order autotuned too; a prefill (more rows) dequantizes W a range of rows at a time
 (linear()), then one matmul each. On a CPU (no Triton) the same dequantization runs in torch
 (extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs; on a GPU each layer's kernels are checked
 against its weight dequantized before a decoder runs (quantized_matmul.check_matmuls()).
@@ -134,10 +135,13 @@ def block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, K
 
 @triton.jit
 def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, M, N, KW, KB,
-           NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+           NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+           W_FIRST: tl.constexpr):
     """out[M, N] = x[M, K] @ W[N, K]^T on the tensor cores (the 2-16-row form): a program multiplies BLOCK_N rows of
     W, WORDS words (8 codes each) of every row a step, against 16 rows of x. Each step's tile is dequantized as
-    bitsandbytes does it (lookup(), then each block's scale, rounded to the weight's dtype), then one tl.dot."""
+    bitsandbytes does it (lookup(), then each block's scale, rounded to the weight's dtype), then one tl.dot.
+    W_FIRST: the product taken as W @ x^T, the dequantized tile the dot's first operand, which a Hopper GPU's
+    tensor cores (wgmma, 64 rows of W or more) read from registers (else it goes through shared memory first)."""
     X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -147,7 +151,7 @@ def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
     col = tl.arange(0, WORDS)
     w_at = w_ptr + rows[:, None] * KW + col[None, :]
     next_words = tl.load(w_at, mask=row_ok[:, None] & (col < KW)[None, :], other=0)
-    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, 16) if W_FIRST else (16, BLOCK_N), dtype=tl.float32)
     for w0 in range(0, KW, WORDS):
         words = next_words
         next_words = tl.load(w_at + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < KW)[None, :], other=0)
@@ -155,10 +159,18 @@ def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
         scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED, WORDS // 8)
         weight = (value * scale[:, :, None]).to(W_DTYPE).to(X_DTYPE).reshape(BLOCK_N, WORDS * 8)
         k = w0 * 8 + tl.arange(0, WORDS * 8)
-        x = tl.load(x_ptr + m[:, None] * (KW * 8) + k[None, :], mask=(m < M)[:, None] & (k < KW * 8)[None, :],
-                    other=0.0)
-        acc = tl.dot(x, tl.trans(weight), acc)
-    tl.store(out_ptr + m[:, None] * N + rows[None, :], acc.to(X_DTYPE), mask=(m < M)[:, None] & row_ok[None, :])
+        if W_FIRST:
+            x = tl.load(x_ptr + m[None, :] * (KW * 8) + k[:, None], mask=(m < M)[None, :] & (k < KW * 8)[:, None],
+                        other=0.0)
+            acc = tl.dot(weight, x, acc)
+        else:
+            x = tl.load(x_ptr + m[:, None] * (KW * 8) + k[None, :], mask=(m < M)[:, None] & (k < KW * 8)[None, :],
+                        other=0.0)
+            acc = tl.dot(x, tl.trans(weight), acc)
+    if W_FIRST:
+        tl.store(out_ptr + m[None, :] * N + rows[:, None], acc.to(X_DTYPE), mask=(m < M)[None, :] & row_ok[:, None])
+    else:
+        tl.store(out_ptr + m[:, None] * N + rows[None, :], acc.to(X_DTYPE), mask=(m < M)[:, None] & row_ok[None, :])
 
 @triton.jit
 def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, KW, KB, XW,
@@ -208,13 +220,16 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
 # The kernels with their tilings picked on the GPU, once per (N, KW): the first call of a shape times each
 # configuration (the decoders' warm-up runs make that call, before any CUDA graph is captured). A configuration: rows
 # of W a program, words a step, warps: those among the fastest at a 7B model's shapes on an H100
-# (benchmarks/README.md), and for the matvec two more for short rows (small models).
+# (benchmarks/README.md), and for the matvec two more for short rows (small models); for the tensor-core form also
+# three with the weight as the dot's first operand (W_FIRST: fewer instructions a code for sm_90, not yet timed).
 MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w), num_warps=warps, num_stages=1)
                           for n, w, warps in [(16, 128, 4), (8, 128, 4), (4, 128, 2), (32, 64, 4), (8, 64, 4),
                                               (16, 32, 4)]],
                          key=["N", "KW"])(matvec)
-MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w), num_warps=4, num_stages=1)
-                          for n, w in [(32, 32), (32, 64)]], key=["N", "KW"])(matmul)
+MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first), num_warps=warps, num_stages=1)
+                          for n, w, first, warps in [(32, 32, False, 4), (32, 64, False, 4), (64, 16, True, 4),
+                                                     (64, 32, True, 8), (128, 16, True, 4)]],
+                         key=["N", "KW"])(matmul)
 # code_major() pads x's rows with zeros to a multiple of this many words, at least the most a matvec step takes (its
 # last step reads x unmasked: a masked word is code 0, whose value is not 0).
 X_WORDS = 256
@@ -278,7 +293,7 @@ def matmul_rows_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
                      code2: torch.Tensor, code: torch.Tensor, offset: torch.Tensor, out_features: int, nested: bool,
                      weight_dtype: torch.dtype, tiling: list[int] | None = None) -> torch.Tensor:
     """x[M, K] @ W^T for 2-16 rows (a custom op, as matvec_4bit): the tensor-core form, its tiling autotuned;
-    tiling (BLOCK_N, BLOCKS): rows of W and blocks of 64 codes a step."""
+    tiling (BLOCK_N, BLOCKS[, W_FIRST]): rows of W and blocks of 64 codes a step (and 1: the weight first)."""
     m, k = x.shape
     n = out_features
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -289,7 +304,7 @@ def matmul_rows_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
     else:
         matmul[(triton.cdiv(n, tiling[0]), triton.cdiv(m, 16))](
             *args, NESTED=nested, W_DTYPE=TL_DTYPES[weight_dtype], BLOCK_N=tiling[0], WORDS=8 * tiling[1],
-            enable_fp_fusion=False)
+            W_FIRST=bool(tiling[2:] and tiling[2]), enable_fp_fusion=False)
     return out
 
 @matmul_rows_4bit.register_fake

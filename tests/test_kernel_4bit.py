@@ -178,9 +178,9 @@ for shape in SHAPES:
                 out[key] = {"equal": bool(torch.equal(kernel_4bit.dequantize_state(packed, state), want))}
                 if dtype == torch.float16 and double_quant:
                     (absmax, absmax2, code2, code, offset), nested = kernel_4bit.state_args(state)
-                    # 1 row: the matvec; 3 rows: the tensor-core form at two tilings (the interpreter cannot time
-                    # the autotuner's choices: tilings are given)
-                    for rows, tiling in ((1, [4, 4]), (3, [16, 2]), (3, [32, 4])):
+                    # 1 row: the matvec; 3 rows: the tensor-core form, x and W each as the dot's first operand
+                    # (the interpreter cannot time the autotuner's choices: tilings are given)
+                    for rows, tiling in ((1, [4, 4]), (3, [16, 2]), (3, [64, 2, 1])):
                         x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(1)).half()
                         y = kernel_4bit.matmul_4bit(x, packed, absmax, absmax2, code2, code, offset, shape[0],
                                                     nested, state.dtype, tiling)
@@ -230,7 +230,9 @@ for quant_type, double_quant in (("nf4", True), ("fp4", True), ("nf4", False)):
         "equal": bool(torch.equal(kernel_4bit.dequantize(*fused.storage(), tiling=(128, 2)), want)),
         "matvec columns equal": bool(torch.equal(matvec, want[:, columns].t())),
         "tensor-core columns equal": bool(torch.equal(kernel_4bit.matmul_4bit(x, *args, [128, 2]),
-                                                      want[:, columns].t()))}
+                                                      want[:, columns].t())),
+        "tensor-core W first columns equal": bool(torch.equal(kernel_4bit.matmul_4bit(x, *args, [64, 2, 1]),
+                                                              want[:, columns].t()))}
 print(json.dumps(out))
 '''
 
@@ -238,9 +240,10 @@ print(json.dumps(out))
 def test_triton_kernel_dequantizes_bit_for_bit_and_multiplies_under_the_interpreter():
     """The very kernel a GPU runs (its `tile`), interpreted on the CPU: the dequantized weight equals bitsandbytes'
     (nf4, fp4; double quant on and off; fp16 and fp32 weights; odd shapes), and its matvec (1 row of x) and tensor-core
-    path (3 rows, padded to 16) equal x @ W^T within fp32 summation's rounding. Two layers concatenated, each with its
-    own offset: the dequantization, the matvec's and the tensor-core path's (one-hot rows of x: a product with 1 and
-    sums of zeros, exact) equal each layer's bitsandbytes dequantize_4bit bit for bit."""
+    path (3 rows, padded to 16; x or W the dot's first operand) equal x @ W^T within fp32 summation's rounding. Two
+    layers concatenated, each with its own offset: the dequantization, the matvec's and the tensor-core path's (one-hot
+    rows of x: a product with 1 and sums of zeros, exact) equal each layer's bitsandbytes dequantize_4bit bit for
+    bit."""
     r = run_group([sys.executable, "-c", INTERPRETED, str(ROOT)], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
@@ -248,6 +251,7 @@ def test_triton_kernel_dequantizes_bit_for_bit_and_multiplies_under_the_interpre
     for key, row in results.items():
         assert row["equal"] and row.get("matvec columns equal", True), (key, row)
         assert row.get("tensor-core columns equal", True), (key, row)
+        assert row.get("tensor-core W first columns equal", True), (key, row)
         for name, error in row.items():
             if name.startswith("matmul"):
                 assert error < 1e-3, (key, name, error)
