@@ -38,15 +38,17 @@ import probe_kernel_4bit_variants as variants  # noqa: E402
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_kernel(fn, signature: dict, constants: dict, warps: int, arch: int, divisible: tuple):
-    """fn compiled for sm_<arch>: (SASS text, the resource line of cuobjdump)."""
+def compile_kernel(fn, signature: dict, constants: dict, warps: int, arch: int, divisible: tuple, maxnreg=None):
+    """fn compiled for sm_<arch> (maxnreg: at most that many registers a thread): (SASS text, the resource line of
+    cuobjdump)."""
     names = list(fn.arg_names)
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in signature.items()
              if t.startswith("*") or k in divisible}
     sig = dict(signature, **{k: "constexpr" for k in constants})
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=warps, num_stages=1, enable_fp_fusion=False))
+                              options=dict(num_warps=warps, num_stages=1, enable_fp_fusion=False,
+                                           **({"maxnreg": maxnreg} if maxnreg else {})))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -77,43 +79,45 @@ def main() -> int:
     args = parser.parse_args()
     common = dict(w_ptr="*i32", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32", code_ptr="*fp32")
     cases = []
-    for n, words, warps in [(16, 128, 4), (8, 128, 4), (4, 128, 2), (32, 64, 4)]:
-        cases.append(("matvec (kernel_4bit.py)", f"BLOCK_N={n} WORDS={words} warps={warps}", kernel_4bit.matvec,
+    for n, words, warps, regs in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.num_warps, c.maxnreg)
+                                  for c in kernel_4bit.MATVEC.configs]:       # what its autotuner tries
+        cases.append(("matvec (kernel_4bit.py)", f"BLOCK_N={n} WORDS={words} warps={warps}" +
+                      (f" maxnreg={regs}" if regs else ""), kernel_4bit.matvec,
                       dict(x_ptr="*fp32", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32",
                            KB="i32", XW="i32"),
                       dict(NESTED=True, BLOCK_N=n, WORDS=words), warps, n * words * 8 // (32 * warps),
-                      ("N", "KW", "XW")))
+                      ("N", "KW", "XW"), regs))
     for n, words, warps in [(16, 128, 4), (8, 128, 4)]:
         cases.append(("former smem matvec (variants' smem)", f"BLOCK_N={n} WORDS={words} warps={warps}",
                       variants.matvec_smem,
                       dict(x_ptr="*fp16", **common, out_ptr="*fp32", offset="fp32", N="i32", KW="i32", KB="i32",
                            KSPLIT="i32"),
                       dict(BLOCK_N=n, WORDS=words, EVEN=True, DEPTH=1, SPLIT=False, LOADONLY=False), warps,
-                      n * words * 8 // (32 * warps), ("N", "KW")))
-    for n, words, first, warps in [(32, 32, False, 4), (32, 64, False, 4), (64, 16, True, 4), (64, 32, True, 8),
-                                   (128, 16, True, 4)]:
+                      n * words * 8 // (32 * warps), ("N", "KW"), None))
+    for n, words, first, warps in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.kwargs["W_FIRST"], c.num_warps)
+                                   for c in kernel_4bit.MATMUL.configs]:
         cases.append(("tensor-core matmul (16 rows of x)", f"BLOCK_N={n} WORDS={words} W_FIRST={first} warps={warps}",
                       kernel_4bit.matmul,
                       dict(x_ptr="*fp16", **common, out_ptr="*fp16", offset_ptr="*fp32", M="i32", N="i32", KW="i32",
                            KB="i32"),
                       dict(NESTED=True, W_DTYPE=tl.float16, BLOCK_N=n, WORDS=words, W_FIRST=first), warps,
-                      n * words * 8 // (32 * warps), ("N", "KW")))
+                      n * words * 8 // (32 * warps), ("N", "KW"), None))
     for n, blocks, warps in [(8, 8, 4), (4, 4, 4)]:
         cases.append(("former matvec (variants' prefetch)", f"BLOCK_N={n} BLOCKS={blocks} warps={warps}",
                       variants.matvec,
                       dict(x_ptr="*fp16", **common, out_ptr="*fp32", offset="fp32", N="i32", K="i32", KSPLIT="i32"),
                       dict(PREFETCH=True, LOOKUP=1, SPLIT=False, BLOCK_N=n, BLOCKS=blocks), warps,
-                      n * blocks * 64 // (32 * warps), ("N", "K")))
+                      n * blocks * 64 // (32 * warps), ("N", "K"), None))
     rows = []
-    for kernel, tiling, fn, signature, constants, warps, codes, divisible in cases:
-        sass, usage = compile_kernel(fn, signature, constants, warps, args.arch, divisible)
+    for kernel, tiling, fn, signature, constants, warps, codes, divisible, regs in cases:
+        sass, usage = compile_kernel(fn, signature, constants, warps, args.arch, divisible, regs)
         loop = loop_of(sass)
         regs = int(re.search(r"REG:(\d+)", usage).group(1))
         shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
         top = collections.Counter(loop).most_common(8)
         rows.append(dict(kernel=kernel, tiling=tiling, registers=regs, shared_bytes=shared, loop_instructions=len(loop),
                          codes_per_thread_step=codes, instructions_per_code=round(len(loop) / codes, 2),
-                         barriers=loop.count("BAR"),
+                         barriers=loop.count("BAR"), spills=loop.count("LDL") + loop.count("STL"),
                          most_frequent=dict(top)))
         print(f"{kernel:36s} {tiling:30s} {regs:3d} registers, loop {len(loop):4d} instructions for {codes:3d} codes "
               f"a thread: {len(loop) / codes:5.2f} a code; {', '.join(f'{k} {v}' for k, v in top)}", flush=True)

@@ -220,11 +220,13 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
 # The kernels with their tilings picked on the GPU, once per (N, KW): the first call of a shape times each
 # configuration (the decoders' warm-up runs make that call, before any CUDA graph is captured). A configuration: rows
 # of W a program, words a step, warps: those among the fastest at a 7B model's shapes on an H100
-# (benchmarks/README.md), and for the matvec two more for short rows (small models); for the tensor-core form also
-# three with the weight as the dot's first operand (W_FIRST: fewer instructions a code for sm_90, not yet timed).
-MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w), num_warps=warps, num_stages=1)
-                          for n, w, warps in [(16, 128, 4), (8, 128, 4), (4, 128, 2), (32, 64, 4), (8, 64, 4),
-                                              (16, 32, 4)]],
+# (benchmarks/README.md), and for the matvec one with its registers capped (more programs an SM hide more of the
+# loads' latency; compiled for sm_90 it spills nothing at 80; not yet timed) and two for short rows (small models); for the tensor-core form also three with the weight as the dot's first operand (W_FIRST: fewer
+# instructions a code for sm_90, not yet timed).
+MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w), num_warps=warps, num_stages=1, maxnreg=regs)
+                          for n, w, warps, regs in [(16, 128, 4, None), (8, 128, 4, None), (4, 128, 2, None),
+                                                    (32, 64, 4, None), (8, 128, 4, 80), (8, 64, 4, None),
+                                                    (16, 32, 4, None)]],
                          key=["N", "KW"])(matvec)
 MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first), num_warps=warps, num_stages=1)
                           for n, w, first, warps in [(32, 32, False, 4), (32, 64, False, 4), (64, 16, True, 4),

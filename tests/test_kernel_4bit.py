@@ -260,17 +260,22 @@ def test_triton_kernel_dequantizes_bit_for_bit_and_multiplies_under_the_interpre
 def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
     """The matvec's design read from the machine code Triton makes for sm_90, without a GPU: its table in shared
     memory, a word's codes looked up by one gather, each block's scale once on its words' sums, x loaded in the
-    tile's own layout (code_major()): under 6 instructions a code at the tilings its autotuner tries, at most 128
-    registers a thread, at most 4 barriers a step. The former forms: over 25 instructions a code (the table in global
-    memory), 20 barriers a step (x a vector, moved through shared memory at each code position)."""
+    tile's own layout (code_major()): under 7 instructions a code at every tiling its autotuner tries (under 5.5 at
+    16 rows x 128 words), at most 128 registers a thread, at most 4 barriers a step, nothing spilled (one tiling's
+    registers are capped). The former forms: over 25 instructions a code (the table in global memory), 20 barriers a
+    step (x a vector, moved through shared memory at each code position)."""
+    from extensions import kernel_4bit
     path = tmp_path / "inspect.json"
     r = run_group([sys.executable, str(ROOT / "benchmarks" / "inspect_kernel_4bit.py"), "--json", str(path)],
                   timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(path.read_text())["rows"]
     now = [row for row in rows if row["kernel"].startswith("matvec")]
-    assert len(now) == 4 and all(row["instructions_per_code"] < 6 and row["registers"] <= 128
-                                 and row["barriers"] <= 4 for row in now), now
+    assert len(now) == len(kernel_4bit.MATVEC.configs) and all(
+        row["instructions_per_code"] < 7 and row["registers"] <= 128 and row["barriers"] <= 4 and row["spills"] == 0
+        for row in now), now
+    assert next(row for row in now if row["tiling"] == "BLOCK_N=16 WORDS=128 warps=4")["instructions_per_code"] < 5.5
+    assert any("maxnreg" in row["tiling"] for row in now), now
     assert all(row["instructions_per_code"] > 25 for row in rows if "prefetch" in row["kernel"]), rows
     assert all(row["barriers"] >= 16 for row in rows if "smem" in row["kernel"]), rows
 
