@@ -2,8 +2,8 @@
 # Usage (repo root, after the device prefix of benchmarks/README.md, whose .whl also holds requirements-serve.txt's
 # wheels, carry [".whl"]):
 #   PART=serve bash benchmarks/gpu_serve.sh     # one GPU: the server, 16 rows x 256 positions, queue 32; load at 1, 16, 64
-#   SERVE_ARGS="--admit-wait-ms 0" PART=serve bash benchmarks/gpu_serve.sh   # the same, the server given these flags
-#                                               # too; its files are named after them: serve-admit-wait-ms-0.json, ...
+#   SERVE_ARGS="--admit-wait-ms 10" PART=serve bash benchmarks/gpu_serve.sh  # the same, the server given these flags
+#                                               # too; its files are named after them: serve-admit-wait-ms-10.json, ...
 #   PART=offline bash benchmarks/gpu_serve.sh   # one GPU: extensions/fast_decode.py batch 1 and 16, the baseline
 #   PART=tp2 bash benchmarks/gpu_serve.sh       # two GPUs: the 2-GPU tests, then the server under the launcher
 # extensions/serve.py under load (measure/bench_serve.py) against the offline decode of the same card:

@@ -47,7 +47,7 @@ a code of W: fewer with the tile as the dot's first operand, which Hopper's tens
 tiling and operand order autotuned too; a prefill (more rows) dequantizes W a range of rows at a time
 (linear()), then one matmul each. On a CPU (no Triton) the same dequantization runs in torch
 (extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs; on a GPU each layer's kernels are checked
-against its weight dequantized before a decoder runs (quantized_matmul.check_matmuls()).
+against its weight dequantized before anything is timed (quantized_matmul.check_matmuls()).
 """
 from __future__ import annotations
 
@@ -220,9 +220,10 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
 # The kernels with their tilings picked on the GPU, once per (N, KW): the first call of a shape times each
 # configuration (the decoders' warm-up runs make that call, before any CUDA graph is captured). A configuration: rows
 # of W a program, words a step, warps: those among the fastest at a 7B model's shapes on an H100
-# (benchmarks/README.md), and for the matvec one with its registers capped (more programs an SM hide more of the
-# loads' latency; compiled for sm_90 it spills nothing at 80; not yet timed) and two for short rows (small models); for the tensor-core form also three with the weight as the dot's first operand (W_FIRST: fewer
-# instructions a code for sm_90, not yet timed).
+# (benchmarks/README.md); for the matvec also one with its registers capped (more programs an SM hide more of the
+# loads' latency; compiled for sm_90 it spills nothing at 80; not yet timed) and two for short rows (small models);
+# for the tensor-core form also three with the weight as the dot's first operand (W_FIRST: fewer instructions a code
+# for sm_90, not yet timed).
 MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w), num_warps=warps, num_stages=1, maxnreg=regs)
                           for n, w, warps, regs in [(16, 128, 4, None), (8, 128, 4, None), (4, 128, 2, None),
                                                     (32, 64, 4, None), (8, 128, 4, 80), (8, 64, 4, None),
@@ -232,9 +233,10 @@ MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first),
                           for n, w, first, warps in [(32, 32, False, 4), (32, 64, False, 4), (64, 16, True, 4),
                                                      (64, 32, True, 8), (128, 16, True, 4)]],
                          key=["N", "KW"])(matmul)
-# code_major() pads x's rows with zeros to a multiple of this many words, at least the most a matvec step takes (its
+# code_major() pads x's rows with zeros to a multiple of this many words, a multiple of every matvec step's words (its
 # last step reads x unmasked: a masked word is code 0, whose value is not 0).
 X_WORDS = 256
+assert all(X_WORDS % c.kwargs["WORDS"] == 0 for c in MATVEC.configs)
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import sys
 from typing import Annotated, Literal
@@ -263,28 +264,39 @@ def swap_matmuls(model, config: QuantizedMatmulConfig):
 MATMUL_TOL = 1e-2
 
 def check_matmuls(model) -> dict | None:
-    """Each 4-bit layer's GPU matmul (one row of x: the matvec; three: the tensor-core form), as the decoder will call
-    it (fused layers included), against x @ W^T with W its weight dequantized (kernel_4bit.linear(), bitsandbytes'
-    weight bit for bit): a RunFailure past MATMUL_TOL. The decoders' own check compares the decoder with the same
-    model, whose matmuls are these kernels too: a kernel that is wrong in both passes there, not here. None where no
-    layer runs a kernel (on a CPU the matmul is that dequantization)."""
+    """Each 4-bit layer's GPU matmul (one row of x: the matvec; 3 and 16: the tensor-core form), as the decoder calls
+    it (fused layers included, the bias left out), against x @ W^T with W its weight dequantized (kernel_4bit.linear(),
+    bitsandbytes' weight bit for bit): a RunFailure past MATMUL_TOL, or where an output is not finite. The decoders'
+    own check compares the decoder with the same model, whose matmuls are these kernels too: a kernel that is wrong in
+    both passes there, not here. Under tensor parallel every rank takes the worst error of all (each checks its own
+    shards), so all pass or fail together. None where no layer runs a kernel (on a CPU the matmul is that
+    dequantization)."""
     import torch
     layers = [m for m in model.modules() if type(m).__name__ == "Int4WeightOnly" and m.kernels is not None]
+    if not layers:
+        return None
     worst = 0.0
     with torch.no_grad():
         for layer in layers:
             seeded = torch.Generator(layer.packed.device).manual_seed(0)     # the same x on every rank
-            for rows in (1, 3):
+            for rows in (1, 3, 16):
                 x = torch.randn(rows, layer.in_features, device=layer.packed.device, generator=seeded,
                                 dtype=layer.compute_dtype or layer.weight_dtype)
                 want = layer.kernels.linear(x, *layer.storage()).float()
-                got = layer(x).float() - (layer.bias.float() if layer.bias is not None else 0)
-                worst = max(worst, lesson.rel_error(got, want))
-    if worst > MATMUL_TOL:
+                got = layer.kernels.matmul_4bit(x, layer.packed, layer.absmax, layer.absmax2, layer.code2, layer.code,
+                                                layer.offset, layer.out_features, layer.nested, layer.weight_dtype)
+                error = lesson.rel_error(got.float(), want)
+                worst = max(worst, error if error == error else math.inf)            # NaN: as bad as it gets
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([worst], device=layers[0].packed.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        worst = float(t)
+    if not worst <= MATMUL_TOL:
         raise lesson.RunFailure(f"the 4-bit matmul kernel differs from its own weight dequantized (rel. error "
                                 f"{worst:.2e}, tolerance {MATMUL_TOL:g}): a kernel bug; --matmul bitsandbytes "
                                 f"avoids it")
-    return {"layers": len(layers), "max_rel_error": worst, "tolerance": MATMUL_TOL} if layers else None
+    return {"layers": len(layers), "max_rel_error": worst, "tolerance": MATMUL_TOL}
 
 class QuantizedGreedy(FastGreedy):
     """fast_decode.py's loop over the model with its bitsandbytes matmuls swapped (prepare_model) where asked, each

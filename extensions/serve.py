@@ -63,8 +63,8 @@ class ServeConfig(QuantizedMatmulConfig):
     # went in as two prefills of 8: benchmarks/README.md). A wait gathers an idle server's first wave into one
     # prefill (the wait ends at once when the free rows are full; a lone request on an idle server pays it in TTFT),
     # but once the rows are split in two groups each group's next wave fills its own free rows: on an H100 a 10 ms
-    # wait still admitted every wave as two prefills and served less than no wait (benchmarks/README.md). So it is
-    # off by default, a flag to try.
+    # wait still admitted every wave as two prefills, and served a smaller share of the offline loop than the server
+    # without it had on another H100 (benchmarks/README.md). So it is off by default, a flag to try.
     admit_wait_ms: Annotated[float, "milliseconds a request may wait for others to share its prefill: an idle "
                              "worker admits the first arrival with those that come within this time (at once when "
                              "they fill the free rows); while rows decode (never paused for this), waiting requests "
@@ -253,8 +253,9 @@ SAMPLING_EPS = 1e-5     # temperatures below this sample greedily, as vLLM does:
 class Metrics:
     """Prometheus text for GET /metrics: gauges, counters and histograms: TTFT (from the request in the queue to its
     first token on the host) and its two parts, the time in the queue and the time from admission (the prefill, with
-    the rows admitted with it) to the first token; of that, once a prefill, the device's own time for it (CUDA events
-    on a GPU, so the rest is the host's: waiting for the step before it, threads); the time per output token.
+    the rows admitted with it) to the first token; of that, once a prefill, the device's span for it (on a GPU the
+    stream's time between CUDA events around it: from when the GPU reaches it, after the step before it, to its
+    first tokens, gaps while the host launches its kernels included); the time per output token.
     prefill_rows_total / prefills_total is how many requests a prefill took on average (requests that arrive
     together but are admitted apart each pay a prefill, and hold up the rows already decoding)."""
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -14,7 +14,7 @@ answers part after a common start (reported). An answer that starts more like an
 own counts as mixed up, and must never happen. Where the server is extensions/serve.py, each level also reports
 what its /metrics say of that level: how many prefills it ran and how many requests each took, and the mean time a
 request waited in the queue and took from admission to its first token (the parts of TTFT), and of that the
-device's own time for a prefill (the rest is the host's: the step before it, threads).
+device's span for a prefill (on a GPU from when the stream reaches it to its first tokens).
 """
 import argparse
 import asyncio
@@ -162,7 +162,7 @@ async def bench(args) -> dict:
                 print(f"  server: {x['server']['prefills']} prefills, {x['server']['rows_per_prefill']:.1f} requests "
                       f"each; mean {x['server']['queue_s_mean'] * 1e3:.1f} ms in the queue, "
                       f"{x['server']['prefill_s_mean'] * 1e3:.1f} ms from admission to the first token (the "
-                      f"device's prefill: {x['server']['prefill_device_s_mean'] * 1e3:.1f} ms)", flush=True)
+                      f"device's span of a prefill: {x['server']['prefill_device_s_mean'] * 1e3:.1f} ms)", flush=True)
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "server": health, "client_versions": lesson.versions(),
             "settings": {k: v for k, v in vars(args).items() if k != "json_path"}, "levels": levels}

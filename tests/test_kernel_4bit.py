@@ -5,6 +5,7 @@ test), for one layer and for layers concatenated (q/k/v, gate/up fused into one 
 layers are swapped (and fused) decoding verified."""
 import gc
 import json
+import math
 import sys
 import weakref
 
@@ -139,22 +140,25 @@ def test_a_4bit_kernel_that_is_wrong_fails_the_check_against_its_weight():
     """check_matmuls() multiplies each 4-bit layer as the decoder will (the layer's kernels' matmul_4bit) and compares
     with its weight dequantized (the kernels' linear()): the decoder's own check cannot see a kernel that is wrong in
     the model it compares with as well. The layers' kernels here are stand-ins in torch (the GPU's are checked by the
-    gpu test): one right, one that multiplies x reversed."""
+    gpu test): one right (its layer with a large bias, which the check leaves out), one that multiplies x reversed,
+    one whose output is NaN."""
     import types
     from extensions.quantized_matmul import check_matmuls
     packed, state = quantized((64, 256), "nf4", True, torch.float32)
     def linear(x, *storage):
         return torch.nn.functional.linear(x, dequantize_4bit(*storage).to(x.dtype))
     layers = {}
-    for name, flip in (("right", False), ("wrong", True)):
-        layer = layers[name] = module(packed, state)
-        layer.kernels = types.SimpleNamespace(linear=linear, matmul_4bit=lambda x, *args, flip=flip, layer=layer:
-                                              linear(x.flip(-1) if flip else x, *layer.storage()))
+    for name, wrong in (("right", lambda y: y), ("reversed", None), ("nan", lambda y: y * math.nan)):
+        layer = layers[name] = module(packed, state, bias=torch.full((64,), 100.0) if name == "right" else None)
+        layer.kernels = types.SimpleNamespace(linear=linear, matmul_4bit=lambda x, *args, wrong=wrong, layer=layer:
+                                              wrong(linear(x, *layer.storage())) if wrong else
+                                              linear(x.flip(-1), *layer.storage()))
     assert check_matmuls(torch.nn.Sequential(module(packed, state))) is None        # no kernels (a CPU): nothing
     right = check_matmuls(torch.nn.Sequential(layers["right"]))
     assert right["layers"] == 1 and right["max_rel_error"] < 1e-6
-    with pytest.raises(m.RunFailure, match="4-bit matmul kernel differs"):
-        check_matmuls(torch.nn.Sequential(layers["right"], layers["wrong"]))
+    for name in ("reversed", "nan"):
+        with pytest.raises(m.RunFailure, match="4-bit matmul kernel differs"):
+            check_matmuls(torch.nn.Sequential(layers["right"], layers[name]))
 
 
 # Run by Triton's interpreter in a fresh interpreter (it is chosen when triton is imported). The interpreter's
