@@ -267,7 +267,8 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
     tile's own layout (code_major()): under 7 instructions a code at every tiling its autotuner tries (under 5.5 at
     16 rows x 128 words), at most 128 registers a thread, at most 4 barriers a step, nothing spilled (one tiling's
     registers are capped). The former forms: over 25 instructions a code (the table in global memory), 20 barriers a
-    step (x a vector, moved through shared memory at each code position)."""
+    step (x a vector, moved through shared memory at each code position). The tensor-core form: fewer instructions a
+    code of W with W the dot's first operand than with x first."""
     from extensions import kernel_4bit
     path = tmp_path / "inspect.json"
     r = run_group([sys.executable, str(ROOT / "benchmarks" / "inspect_kernel_4bit.py"), "--json", str(path)],
@@ -280,6 +281,10 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
         for row in now), now
     assert next(row for row in now if row["tiling"] == "BLOCK_N=16 WORDS=128 warps=4")["instructions_per_code"] < 5.5
     assert any("maxnreg" in row["tiling"] for row in now), now
+    # the tensor-core form: its tile as the dot's first operand (read from registers) spends fewer than x first
+    dot = [row for row in rows if row["kernel"].startswith("tensor-core")]
+    assert max(row["instructions_per_code"] for row in dot if "W_FIRST=True" in row["tiling"]) < \
+        min(row["instructions_per_code"] for row in dot if "W_FIRST=False" in row["tiling"]), dot
     assert all(row["instructions_per_code"] > 25 for row in rows if "prefetch" in row["kernel"]), rows
     assert all(row["barriers"] >= 16 for row in rows if "smem" in row["kernel"]), rows
 
