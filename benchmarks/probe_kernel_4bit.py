@@ -21,7 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
+SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008),
+          "q/k/v fused": (12288, 4096), "gate/up fused": (22016, 4096)}   # fast_decode.py's loop runs the fused
 ODD = {"row 576": (96, 576), "blocks % 256": (100, 640)}
 
 

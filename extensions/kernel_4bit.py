@@ -226,8 +226,8 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
 # for sm_90, not yet timed).
 MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w), num_warps=warps, num_stages=1, maxnreg=regs)
                           for n, w, warps, regs in [(16, 128, 4, None), (8, 128, 4, None), (4, 128, 2, None),
-                                                    (32, 64, 4, None), (8, 128, 4, 80), (8, 64, 4, None),
-                                                    (16, 32, 4, None)]],
+                                                    (32, 64, 4, None), (8, 128, 4, 80), (16, 128, 8, None),
+                                                    (32, 128, 8, None), (8, 64, 4, None), (16, 32, 4, None)]],
                          key=["N", "KW"])(matvec)
 MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first), num_warps=warps, num_stages=1)
                           for n, w, first, warps in [(32, 32, False, 4), (32, 64, False, 4), (64, 16, True, 4),
