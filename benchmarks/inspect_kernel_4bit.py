@@ -61,14 +61,16 @@ def compile_kernel(fn, signature: dict, constants: dict, warps: int, arch: int, 
 
 
 def loop_of(sass: str):
-    """The instructions of the innermost loop (the last backward branch's range) as their opcodes."""
+    """The instructions of the main loop as their opcodes: of the innermost loops (a backward branch's range holding
+    no other), the longest (the matvec's steps; a persistent program's loop over its blocks holds it)."""
     lines = re.findall(r"/\*([0-9a-f]{4,5})\*/\s+(.*?);", sass)
-    body = []
+    loops = []
     for addr, ins in lines:
         m = re.match(r"(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ins)
         if m and int(m.group(1), 16) < int(addr, 16):
-            start, end = int(m.group(1), 16), int(addr, 16)
-            body = [i for a, i in lines if start <= int(a, 16) <= end]
+            loops.append((int(m.group(1), 16), int(addr, 16)))
+    inner = [(a, b) for a, b in loops if not any((a, b) != (c, d) and a <= c and d <= b for c, d in loops)]
+    body = max(([i for x, i in lines if a <= int(x, 16) <= b] for a, b in inner), key=len, default=[])
     return [re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in body]
 
 
@@ -79,13 +81,15 @@ def main() -> int:
     args = parser.parse_args()
     common = dict(w_ptr="*i32", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32", code_ptr="*fp32")
     cases = []
-    for n, words, warps, regs in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.num_warps, c.maxnreg)
-                                  for c in kernel_4bit.MATVEC.configs]:       # what its autotuner tries
+    for n, words, warps, regs, per_sm in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.num_warps, c.maxnreg,
+                                           c.kwargs["PER_SM"]) for c in kernel_4bit.MATVEC.configs]:  # autotuner's
         cases.append(("matvec (kernel_4bit.py)", f"BLOCK_N={n} WORDS={words} warps={warps}" +
-                      (f" maxnreg={regs}" if regs else ""), kernel_4bit.matvec,
+                      (f" maxnreg={regs}" if regs else "") + (f" per_sm={per_sm}" if per_sm else ""),
+                      kernel_4bit.matvec,
                       dict(x_ptr="*fp32", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32",
                            KB="i32", XW="i32"),
-                      dict(NESTED=True, BLOCK_N=n, WORDS=words), warps, n * words * 8 // (32 * warps),
+                      dict(NESTED=True, BLOCK_N=n, WORDS=words, PER_SM=per_sm, PDL=True), warps,
+                      n * words * 8 // (32 * warps),
                       ("N", "KW", "XW"), regs))
     for n, words, warps in [(16, 128, 4), (8, 128, 4)]:
         cases.append(("former smem matvec (variants' smem)", f"BLOCK_N={n} WORDS={words} warps={warps}",
@@ -94,13 +98,14 @@ def main() -> int:
                            KSPLIT="i32"),
                       dict(BLOCK_N=n, WORDS=words, EVEN=True, DEPTH=1, SPLIT=False, LOADONLY=False), warps,
                       n * words * 8 // (32 * warps), ("N", "KW"), None))
-    for n, words, first, warps in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.kwargs["W_FIRST"], c.num_warps)
-                                   for c in kernel_4bit.MATMUL.configs]:
-        cases.append(("tensor-core matmul (16 rows of x)", f"BLOCK_N={n} WORDS={words} W_FIRST={first} warps={warps}",
-                      kernel_4bit.matmul,
-                      dict(x_ptr="*fp16", **common, out_ptr="*fp16", offset_ptr="*fp32", M="i32", N="i32", KW="i32",
-                           KB="i32"),
-                      dict(NESTED=True, W_DTYPE=tl.float16, BLOCK_N=n, WORDS=words, W_FIRST=first), warps,
+    for n, words, first, warps, split in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.kwargs["W_FIRST"], c.num_warps,
+                                          c.kwargs["SPLIT"]) for c in kernel_4bit.MATMUL.configs]:
+        cases.append(("tensor-core matmul (16 rows of x)", f"BLOCK_N={n} WORDS={words} W_FIRST={first} warps={warps}"
+                      + (f" split={split}" if split > 1 else ""), kernel_4bit.matmul,
+                      dict(x_ptr="*fp16", **common, out_ptr="*fp16", offset_ptr="*fp32", part_ptr="*fp32", M="i32",
+                           N="i32", KW="i32", KB="i32"),
+                      dict(NESTED=True, W_DTYPE=tl.float16, BLOCK_N=n, WORDS=words, W_FIRST=first, SPLIT=split),
+                      warps,
                       n * words * 8 // (32 * warps), ("N", "KW"), None))
     for n, blocks, warps in [(8, 8, 4), (4, 4, 4)]:
         cases.append(("former matvec (variants' prefetch)", f"BLOCK_N={n} BLOCKS={blocks} warps={warps}",

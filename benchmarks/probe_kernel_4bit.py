@@ -8,10 +8,11 @@ Device probe (issue 25): extensions/kernel_4bit.py's 4-bit matmul, one linear at
            one offset a row), its dequantization and its matvec (one-hot rows of x).
   time     the kernel as the model calls it (the custom op, autotuned; one row: x laid out by code_major() once,
            timed apart), bitsandbytes' matmul_4bit (what Linear4bit runs) and the fp16 matmul of the same weight
-           (16 rows: the tensor-core form autotuned, and at four tilings), x in --dtypes (fp16 and bf16), 1 and 16
-           rows: CUDA graphs of 24 calls cycling through 8 copies of the weights (more than L2 holds: every call
-           reads memory), median of 5 replays; the kernel's weight bytes / time as GB/s; its output against x @ W^T
-           in fp32; the tilings the autotuners picked.
+           (16 rows: the tensor-core form autotuned, and at six tilings, K split or not), x in --dtypes (fp16 and
+           bf16), 1 and 16 rows: CUDA graphs of 24 calls cycling through 8 copies of the weights (more than L2
+           holds: every call reads memory), median of 5 replays; the kernel's weight bytes / time as GB/s; its
+           output against x @ W^T in fp32; the tilings the autotuners picked; one row also launched without PDL
+           (not as a programmatic dependent launch).
 """
 import argparse
 import json
@@ -113,17 +114,25 @@ def main() -> int:
                 rows[f"ours {label}"] = graph_time([lambda c=c: ours(c) for c in copies])
                 if m == 1:
                     rows[f"code_major {label}"] = graph_time([lambda: K.code_major(x) for _ in range(4)])
+                    def no_pdl(c):       # the same tiling, not a programmatic dependent launch
+                        (absmax, absmax2, code2, code, offset), nested = states[id(c)]
+                        return K.matvec_4bit(xt, c[0], absmax, absmax2, code2, code, offset, n, nested, x.dtype,
+                                             None, False)
+                    rows[f"ours no PDL {label}"] = graph_time([lambda c=c: no_pdl(c) for c in copies])
+                    print(f"{name} {label}: without PDL {rows[f'ours no PDL {label}'] * 1e6:.1f} us", flush=True)
                 rows[f"bnb matmul_4bit {label}"] = graph_time([lambda c=c: bnb.matmul_4bit(x, c[3].t(),
                                                                                            quant_state=c[1])
                                                               for c in copies])
                 rows[f"fp16 F.linear {label}"] = graph_time([lambda c=c: torch.nn.functional.linear(x, c[2].to(dtype))
                                                             for c in copies[:3]])
-                for tiling in ([32, 4], [32, 8], [64, 2, 1], [64, 4, 1], [128, 2, 1]) if m > 1 else ():   # tensor cores
+                for tiling in ([32, 4], [64, 2, 1], [32, 4, 0, 2], [32, 4, 0, 4], [64, 2, 1, 2], [64, 2, 1, 4]) \
+                        if m > 1 else ():   # tensor cores (BLOCK_N, BLOCKS, W first, K split)
                     def dot(c, tiling=tiling):
                         (absmax, absmax2, code2, code, offset), nested = states[id(c)]
                         return K.matmul_4bit(x, c[0], absmax, absmax2, code2, code, offset, n, nested, c[1].dtype,
                                              tiling)
-                    key = f"ours tensor-core {tiling[0]}x{tiling[1]}{' W first' * bool(tiling[2:])} {label}"
+                    key = (f"ours tensor-core {tiling[0]}x{tiling[1]}{' W first' * bool(tiling[2:] and tiling[2])}"
+                           f"{f' split {tiling[3]}' if tiling[3:] else ''} {label}")
                     err = float((dot(copies[0]).float() - exact).norm() / exact.norm())
                     rows[key] = graph_time([lambda c=c: dot(c) for c in copies])
                     print(f"{name} {key}: {rows[key] * 1e6:.1f} us (rel err {err:.1e})", flush=True)

@@ -40,20 +40,28 @@ shared memory with two barriers at each of the 8 code positions, so the matvec t
 (fp32, code position j of every word in row j) and loads it as a tile of the words' shape. Compiled for sm_90 that
 is about 5 instructions a code, 128 registers a thread at most (benchmarks/inspect_kernel_4bit.py counts them; the
 first form took 33-39, the form before this one 20 barriers a step; benchmarks/README.md has their times). Each step
-issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a matvec).
-The tiling is autotuned per matrix shape on its first call. For 2-16 rows the tensor-core form dequantizes a tile
-of W through the same lookup, rounded as bitsandbytes rounds it, then one tl.dot with 16 rows of x (6-8 instructions
-a code of W: fewer with the tile as the dot's first operand, which Hopper's tensor cores read from registers), its
-tiling and operand order autotuned too; a prefill (more rows) dequantizes W a range of rows at a time
+issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a matvec);
+a program may take several blocks of rows in one such pipeline (fewer programs than blocks: the first load of a
+block, a whole memory latency, overlaps the block before), and on Hopper the matvec is a programmatic dependent
+launch: its first words load while the kernel that writes x finishes, and gdc_wait() holds the reads of x until
+it has. The tiling is autotuned per matrix shape on its first call. For 2-16 rows the tensor-core form dequantizes
+a tile of W through the same lookup, rounded as bitsandbytes rounds it, then one tl.dot with 16 rows of x (6-8
+instructions a code of W: fewer with the tile as the dot's first operand, which Hopper's tensor cores read from
+registers), its tiling, operand order and split of K (a matrix of few rows and long ones, down_proj, gives too few
+programs otherwise; the ranges' fp32 sums are added in a fixed order) autotuned too; a prefill (more rows)
+dequantizes W a range of rows at a time
 (linear()), then one matmul each. On a CPU (no Triton) the same dequantization runs in torch
 (extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs; on a GPU each layer's kernels are checked
 against its weight dequantized before anything is timed (quantized_matmul.check_matmuls()).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+import triton.language.extra.cuda  # noqa: F401  (tl.extra.cuda.gdc_wait: programmatic dependent launch)
 
 BLOCK = 64            # codes per scale: the only blocksize the kernel reads
 
@@ -134,14 +142,16 @@ def block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, K
     return scale
 
 @triton.jit
-def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, M, N, KW, KB,
+def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, part_ptr, M, N, KW, KB,
            NESTED: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-           W_FIRST: tl.constexpr):
+           W_FIRST: tl.constexpr, SPLIT: tl.constexpr = 1):
     """out[M, N] = x[M, K] @ W[N, K]^T on the tensor cores (the 2-16-row form): a program multiplies BLOCK_N rows of
     W, WORDS words (8 codes each) of every row a step, against 16 rows of x. Each step's tile is dequantized as
     bitsandbytes does it (lookup(), then each block's scale, rounded to the weight's dtype), then one tl.dot.
     W_FIRST: the product taken as W @ x^T, the dequantized tile the dot's first operand, which a Hopper GPU's
-    tensor cores (wgmma, 64 rows of W or more) read from registers (else it goes through shared memory first)."""
+    tensor cores (wgmma, 64 rows of W or more) read from registers (else it goes through shared memory first).
+    SPLIT > 1: K split into that many ranges (grid axis 2), each program's fp32 sums written to part[range, M, N]
+    (matmul_rows_4bit adds them up): a matrix of few rows and long rows (down_proj) is otherwise too few programs."""
     X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -149,12 +159,15 @@ def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
     table = tl.load(code_ptr + tl.arange(0, 16))
     offset = tl.load(offset_ptr + rows, mask=row_ok, other=0.0) if NESTED else 0.0
     col = tl.arange(0, WORDS)
+    split = tl.program_id(2)
+    span = tl.cdiv(tl.cdiv(KW, SPLIT), WORDS) * WORDS                   # words a range of K: whole steps
+    first, end = split * span, tl.minimum(KW, split * span + span)
     w_at = w_ptr + rows[:, None] * KW + col[None, :]
-    next_words = tl.load(w_at, mask=row_ok[:, None] & (col < KW)[None, :], other=0)
+    next_words = tl.load(w_at + first, mask=row_ok[:, None] & (first + col < end)[None, :], other=0)
     acc = tl.zeros((BLOCK_N, 16) if W_FIRST else (16, BLOCK_N), dtype=tl.float32)
-    for w0 in range(0, KW, WORDS):
+    for w0 in range(first, end, WORDS):
         words = next_words
-        next_words = tl.load(w_at + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < KW)[None, :], other=0)
+        next_words = tl.load(w_at + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < end)[None, :], other=0)
         value = lookup(table, words, True).reshape(BLOCK_N, WORDS // 8, 64)
         scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED, WORDS // 8)
         weight = (value * scale[:, :, None]).to(W_DTYPE).to(X_DTYPE).reshape(BLOCK_N, WORDS * 8)
@@ -167,40 +180,61 @@ def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
             x = tl.load(x_ptr + m[:, None] * (KW * 8) + k[None, :], mask=(m < M)[:, None] & (k < KW * 8)[None, :],
                         other=0.0)
             acc = tl.dot(x, tl.trans(weight), acc)
+    at = part_ptr + split * M * N if SPLIT > 1 else out_ptr
     if W_FIRST:
-        tl.store(out_ptr + m[None, :] * N + rows[:, None], acc.to(X_DTYPE), mask=(m < M)[None, :] & row_ok[:, None])
+        tl.store(at + m[None, :] * N + rows[:, None], acc.to(at.dtype.element_ty),
+                 mask=(m < M)[None, :] & row_ok[:, None])
     else:
-        tl.store(out_ptr + m[:, None] * N + rows[None, :], acc.to(X_DTYPE), mask=(m < M)[:, None] & row_ok[None, :])
+        tl.store(at + m[:, None] * N + rows[None, :], acc.to(at.dtype.element_ty),
+                 mask=(m < M)[:, None] & row_ok[None, :])
 
 @triton.jit
 def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, KW, KB, XW,
-           NESTED: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+           NESTED: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, PER_SM: tl.constexpr = 0,
+           PDL: tl.constexpr = False):
     """out[N] = W[N, K] @ x[K] (one row of x: a decode step at batch 1). A program: BLOCK_N rows of W, WORDS int32
     words (8 codes each) of every row a step, the next step's words loaded before this step's are used. x comes as
     code_major() lays it out (fp32, row j holding code position j of every word, XW words a row, zeros past KW), so
-    that it loads in the tile's own layout, 4 words a load. KW, KB: words and blocks of 64 codes a row of W."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    that it loads in the tile's own layout, 4 words a load. KW, KB: words and blocks of 64 codes a row of W.
+    Launched with fewer programs than blocks of BLOCK_N rows, a program takes blocks pid, pid + programs, ... in one
+    pipeline: the first words of its next block are loaded during the last step of the one before (else each block's
+    first load waits a whole memory latency). PDL (launched as a programmatic dependent launch): the first words are
+    loaded before the kernel that writes x has finished; gdc_wait() holds every read of x until it has. PER_SM: the
+    programs an SM runs at once, for the launcher (0: a program a block)."""
+    pid, programs = tl.program_id(0), tl.num_programs(0)
     table = tl.load(code_ptr + tl.arange(0, 16))                                  # the 16-entry code (nf4 or fp4)
-    offset = tl.load(offset_ptr + rows, mask=row_ok, other=0.0) if NESTED else 0.0    # [R]: each row's offset
     col = tl.arange(0, WORDS)
-    w_at = w_ptr + rows[:, None] * KW + col[None, :]
-    next_words = tl.load(w_at, mask=row_ok[:, None] & (col < KW)[None, :], other=0)
-    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-    for w0 in range(0, KW, WORDS):
-        words = next_words
-        next_words = tl.load(w_at + w0 + WORDS, mask=row_ok[:, None] & (w0 + WORDS + col < KW)[None, :], other=0)
-        values = word_values(table, words)
-        # x in the tile's shape (the same address down a column): loaded in the words' own layout, where a vector
-        # broadcast over the rows would be moved through shared memory, with barriers, at every code position.
-        x_at = x_ptr + (w0 + col)[None, :] + rows[:, None] * 0
-        # Each word's sum of its 8 products with x, then each block's scale once on its words' sums.
-        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-        for j in tl.static_range(8):
-            part = tl.fma(values[j], tl.load(x_at + j * XW), part)
-        scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED, WORDS // 8)
-        acc = tl.fma(part, tl.broadcast_to(scale[:, :, None], (BLOCK_N, WORDS // 8, 8)).reshape(BLOCK_N, WORDS), acc)
-    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    next_words = tl.load(w_ptr + rows[:, None] * KW + col[None, :], mask=(rows < N)[:, None] & (col < KW)[None, :],
+                         other=0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    for b in range(pid, tl.cdiv(N, BLOCK_N), programs):
+        rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        offset = tl.load(offset_ptr + rows, mask=row_ok, other=0.0) if NESTED else 0.0    # [R]: each row's offset
+        w_at = w_ptr + rows[:, None] * KW + col[None, :]
+        acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        for w0 in range(0, KW, WORDS):
+            words = next_words
+            # The next step's words: this block's, or after its last step the first of this program's next block.
+            last = w0 + WORDS >= KW
+            ahead = tl.where(last, programs * BLOCK_N * KW, w0 + WORDS)
+            ahead_ok = tl.where(last, rows + programs * BLOCK_N < N, row_ok)
+            ahead_w0 = tl.where(last, 0, w0 + WORDS)
+            next_words = tl.load(w_at + ahead, mask=ahead_ok[:, None] & (ahead_w0 + col < KW)[None, :], other=0)
+            values = word_values(table, words)
+            # x in the tile's shape (the same address down a column): loaded in the words' own layout, where a vector
+            # broadcast over the rows would be moved through shared memory, with barriers, at every code position.
+            x_at = x_ptr + (w0 + col)[None, :] + rows[:, None] * 0
+            # Each word's sum of its 8 products with x, then each block's scale once on its words' sums.
+            part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            for j in tl.static_range(8):
+                part = tl.fma(values[j], tl.load(x_at + j * XW), part)
+            scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED, WORDS // 8)
+            acc = tl.fma(part, tl.broadcast_to(scale[:, :, None], (BLOCK_N, WORDS // 8, 8)).reshape(BLOCK_N, WORDS),
+                         acc)
+        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 @triton.jit
 def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, ROW0, N, K,
@@ -220,19 +254,27 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
 # The kernels with their tilings picked on the GPU, once per (N, KW): the first call of a shape times each
 # configuration (the decoders' warm-up runs make that call, before any CUDA graph is captured). A configuration: rows
 # of W a program, words a step, warps: those among the fastest at a 7B model's shapes on an H100
-# (benchmarks/README.md); for the matvec also one with its registers capped (more programs an SM hide more of the
-# loads' latency; compiled for sm_90 it spills nothing at 80; not yet timed) and two for short rows (small models);
-# for the tensor-core form also three with the weight as the dot's first operand (W_FIRST: fewer instructions a code
-# for sm_90, not yet timed).
-MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w), num_warps=warps, num_stages=1, maxnreg=regs)
-                          for n, w, warps, regs in [(16, 128, 4, None), (8, 128, 4, None), (4, 128, 2, None),
-                                                    (32, 64, 4, None), (8, 128, 4, 80), (16, 128, 8, None),
-                                                    (32, 128, 8, None), (8, 64, 4, None), (16, 32, 4, None)]],
+# (benchmarks/README.md); for the matvec also some with registers capped at 80 (more programs an SM hide more of the
+# loads' latency; nothing spills for sm_90: picked at most 7B shapes), some with PER_SM programs an SM each taking
+# several blocks (picked at the fused shapes) and two for short rows (small models); for the tensor-core form also
+# some with the weight as the dot's first operand (W_FIRST: fewer instructions a code for sm_90) and some with K
+# split in 2 or 4 (not yet timed).
+MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, PER_SM=per_sm), num_warps=warps, num_stages=1,
+                                        maxnreg=regs)
+                          for n, w, warps, regs, per_sm in [
+                              (16, 128, 4, None, 0), (8, 128, 4, None, 0), (4, 128, 2, None, 0), (32, 64, 4, None, 0),
+                              (8, 128, 4, 80, 0), (16, 128, 8, None, 0), (32, 128, 8, None, 0), (8, 64, 4, None, 0),
+                              (16, 32, 4, None, 0), (8, 128, 4, 80, 6), (8, 128, 4, 80, 3), (16, 128, 4, None, 4),
+                              (16, 128, 8, 80, 3)]],
                          key=["N", "KW"])(matvec)
-MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first), num_warps=warps, num_stages=1)
-                          for n, w, first, warps in [(32, 32, False, 4), (32, 64, False, 4), (64, 16, True, 4),
-                                                     (64, 32, True, 8), (128, 16, True, 4)]],
+MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first, SPLIT=split), num_warps=warps,
+                                        num_stages=1)
+                          for n, w, first, warps, split in [
+                              (32, 32, False, 4, 1), (32, 64, False, 4, 1), (64, 16, True, 4, 1),
+                              (64, 32, True, 8, 1), (128, 16, True, 4, 1), (32, 32, False, 4, 2),
+                              (32, 32, False, 4, 4), (64, 16, True, 4, 2), (64, 16, True, 4, 4)]],
                          key=["N", "KW"])(matmul)
+MAX_SPLIT = max(c.kwargs["SPLIT"] for c in MATMUL.configs)
 # code_major() pads x's rows with zeros to a multiple of this many words, a multiple of every matvec step's words (its
 # last step reads x unmasked: a masked word is code 0, whose value is not 0).
 X_WORDS = 256
@@ -264,13 +306,28 @@ def code_major(x):
     # contiguous: with no padding to add (K / 8 a multiple of X_WORDS) pad returns the transposed view as it is
     return torch.nn.functional.pad(x.reshape(kw, 8).t().float(), (0, -kw % X_WORDS)).contiguous()
 
+@functools.cache
+def pdl_capable(device) -> bool:
+    """Can kernels on `device` be launched as programmatic dependent launches (Hopper, sm_90, and later)?"""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+@functools.cache
+def sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+def programs(n: int, block_n: int, per_sm: int, device) -> int:
+    """The matvec's grid: a program a block of block_n rows, or at most per_sm programs an SM (matvec())."""
+    blocks = triton.cdiv(n, block_n)
+    return min(blocks, per_sm * sm_count(device)) if per_sm else blocks
+
 @torch.library.custom_op("ds_bnb_infer::matvec_4bit", mutates_args=())
 def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor,
                 code2: torch.Tensor, code: torch.Tensor, offset: torch.Tensor, out_features: int, nested: bool,
-                out_dtype: torch.dtype, tiling: list[int] | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype, tiling: list[int] | None = None, pdl: bool | None = None) -> torch.Tensor:
     """The matvec [1, N] in out_dtype, x given as code_major(x). A custom op: torch.compile keeps it whole in the
-    compiled step (and a CUDA graph captures its launch). Its tiling is autotuned; tiling (BLOCK_N, BLOCKS): rows of
-    W and blocks of 64 codes a step (Triton's interpreter, the tests, the probes)."""
+    compiled step (and a CUDA graph captures its launch). Its tiling is autotuned; tiling (BLOCK_N, BLOCKS[,
+    PROGRAMS]): rows of W and blocks of 64 codes a step (and at most that many programs; Triton's interpreter, the
+    tests, the probes). pdl: launched as a programmatic dependent launch where the GPU can (None) or not (False)."""
     n = out_features
     kw = packed.numel() // 4 // n
     if not xt.is_contiguous() or xt.shape[0] != 8 or xt.shape[1] < kw or xt.shape[1] % X_WORDS:
@@ -281,15 +338,17 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
     args = (xt, words(packed), absmax, absmax2, code2, code, out, offset, n, kw, kw // 8, xt.shape[1])
     # enable_fp_fusion=False: a scale's product and its sum with the offset are rounded apart, as in bitsandbytes (a
     # fused multiply-add rounds once: a scale could differ in its last bit); the products with x are tl.fma.
+    pdl = {"PDL": True, "launch_pdl": True} if pdl_capable(xt.device) and pdl is not False else {}
     if tiling is None:
-        MATVEC[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, NESTED=nested, enable_fp_fusion=False)
+        MATVEC[lambda meta: (programs(n, meta["BLOCK_N"], meta["PER_SM"], xt.device),)](
+            *args, NESTED=nested, enable_fp_fusion=False, **pdl)
     else:
-        matvec[(triton.cdiv(n, tiling[0]),)](*args, NESTED=nested, BLOCK_N=tiling[0], WORDS=8 * tiling[1],
-                                             enable_fp_fusion=False)
+        matvec[(min(triton.cdiv(n, tiling[0]), tiling[2]) if tiling[2:] else triton.cdiv(n, tiling[0]),)](
+            *args, NESTED=nested, BLOCK_N=tiling[0], WORDS=8 * tiling[1], enable_fp_fusion=False, **pdl)
     return out
 
 @matvec_4bit.register_fake
-def _(xt, packed, absmax, absmax2, code2, code, offset, out_features, nested, out_dtype, tiling=None):
+def _(xt, packed, absmax, absmax2, code2, code, offset, out_features, nested, out_dtype, tiling=None, pdl=None):
     return xt.new_empty(1, out_features, dtype=out_dtype)
 
 @torch.library.custom_op("ds_bnb_infer::matmul_rows_4bit", mutates_args=())
@@ -297,19 +356,23 @@ def matmul_rows_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
                      code2: torch.Tensor, code: torch.Tensor, offset: torch.Tensor, out_features: int, nested: bool,
                      weight_dtype: torch.dtype, tiling: list[int] | None = None) -> torch.Tensor:
     """x[M, K] @ W^T for 2-16 rows (a custom op, as matvec_4bit): the tensor-core form, its tiling autotuned;
-    tiling (BLOCK_N, BLOCKS[, W_FIRST]): rows of W and blocks of 64 codes a step (and 1: the weight first)."""
+    tiling (BLOCK_N, BLOCKS[, W_FIRST[, SPLIT]]): rows of W and blocks of 64 codes a step (1: the weight first; K in
+    SPLIT ranges, their fp32 sums added in order here, the same sum every call)."""
     m, k = x.shape
     n = out_features
+    split = tiling[3] if tiling is not None and tiling[3:] else 1 if tiling is not None else MAX_SPLIT
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    args = (x, words(packed), absmax, absmax2, code2, code, out, offset, m, n, k // 8, k // BLOCK)
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out   # split K's sums
+    args = (x, words(packed), absmax, absmax2, code2, code, out, offset, part, m, n, k // 8, k // BLOCK)
     if tiling is None:
-        MATMUL[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16))](
+        MATMUL[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), meta["SPLIT"])](
             *args, NESTED=nested, W_DTYPE=TL_DTYPES[weight_dtype], enable_fp_fusion=False)
+        split = MATMUL.best_config.kwargs["SPLIT"]                       # the tiling it ran (picked once a shape)
     else:
-        matmul[(triton.cdiv(n, tiling[0]), triton.cdiv(m, 16))](
+        matmul[(triton.cdiv(n, tiling[0]), triton.cdiv(m, 16), split)](
             *args, NESTED=nested, W_DTYPE=TL_DTYPES[weight_dtype], BLOCK_N=tiling[0], WORDS=8 * tiling[1],
-            W_FIRST=bool(tiling[2:] and tiling[2]), enable_fp_fusion=False)
-    return out
+            W_FIRST=bool(tiling[2:] and tiling[2]), SPLIT=split, enable_fp_fusion=False)
+    return part[:split].sum(0).to(x.dtype) if split > 1 else out
 
 @matmul_rows_4bit.register_fake
 def _(x, packed, absmax, absmax2, code2, code, offset, out_features, nested, weight_dtype, tiling=None):

@@ -184,7 +184,10 @@ for shape in SHAPES:
                     (absmax, absmax2, code2, code, offset), nested = kernel_4bit.state_args(state)
                     # 1 row: the matvec; 3 rows: the tensor-core form, x and W each as the dot's first operand
                     # (the interpreter cannot time the autotuner's choices: tilings are given)
-                    for rows, tiling in ((1, [4, 4]), (3, [16, 2]), (3, [64, 2, 1])):
+                    # (a matvec of 3 programs, each taking every third block of 4 rows in one pipeline)
+                    # (3 rows with K in 3 and 2 ranges, their sums added after)
+                    for rows, tiling in ((1, [4, 4]), (1, [4, 4, 3]), (3, [16, 2]), (3, [64, 2, 1]),
+                                         (3, [16, 2, 0, 3]), (3, [64, 1, 1, 2])):
                         x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(1)).half()
                         y = kernel_4bit.matmul_4bit(x, packed, absmax, absmax2, code2, code, offset, shape[0],
                                                     nested, state.dtype, tiling)
@@ -195,7 +198,7 @@ for shape in SHAPES:
                     x = torch.zeros(len(columns), shape[1], dtype=torch.float16)
                     x[range(len(columns)), columns] = 1
                     got = torch.cat([kernel_4bit.matmul_4bit(row[None], packed, absmax, absmax2, code2, code,
-                                                             offset, shape[0], nested, state.dtype, [4, 4])
+                                                             offset, shape[0], nested, state.dtype, [4, 4, 5])
                                      for row in x])
                     out[key]["matvec columns equal"] = bool(torch.equal(got, want[:, columns].t()))
 # One row whose K / 8 is a multiple of X_WORDS (code_major() pads nothing: x must still come out contiguous).
@@ -236,7 +239,9 @@ for quant_type, double_quant in (("nf4", True), ("fp4", True), ("nf4", False)):
         "tensor-core columns equal": bool(torch.equal(kernel_4bit.matmul_4bit(x, *args, [128, 2]),
                                                       want[:, columns].t())),
         "tensor-core W first columns equal": bool(torch.equal(kernel_4bit.matmul_4bit(x, *args, [64, 2, 1]),
-                                                              want[:, columns].t()))}
+                                                              want[:, columns].t())),
+        "tensor-core split columns equal": bool(torch.equal(kernel_4bit.matmul_4bit(x, *args, [64, 1, 1, 3]),
+                                                            want[:, columns].t()))}
 print(json.dumps(out))
 '''
 
@@ -256,6 +261,7 @@ def test_triton_kernel_dequantizes_bit_for_bit_and_multiplies_under_the_interpre
         assert row["equal"] and row.get("matvec columns equal", True), (key, row)
         assert row.get("tensor-core columns equal", True), (key, row)
         assert row.get("tensor-core W first columns equal", True), (key, row)
+        assert row.get("tensor-core split columns equal", True), (key, row)
         for name, error in row.items():
             if name.startswith("matmul"):
                 assert error < 1e-3, (key, name, error)
