@@ -76,9 +76,13 @@ def main(argv=None) -> int:
     config = lesson.config_from_args(argv[cut + 1:], "extensions/quantized_matmul.py", QuantizedMatmulConfig)
     import torch
     decoder = FastGreedy if config.quant == "none" else QuantizedGreedy
-    decoder.validate(config)
     lesson.quiet_libraries(config.debug)
-    engine, tokenizer, info = lesson.init_engine(config, decoder)
+    try:
+        decoder.validate(config)
+        engine, tokenizer, info = lesson.init_engine(config, decoder)
+    except (lesson.UsageError, lesson.RunFailure) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, lesson.UsageError) else 1
     device = next(engine.parameters()).device
     on_gpu = device.type == "cuda"
     enc = lesson.encode(tokenizer, (lesson.load_prompts(config) * config.batch_size)[: config.batch_size], device)

@@ -171,3 +171,18 @@ def test_gpu_tensor_parallel_2_gpus_compiled_or_captured_is_verified_and_exits(m
     engine = json.loads((tmp_path / "tp2.json").read_text())["engine"]
     assert engine["decode"] == mode and engine["verify"]["passed"]
     assert (r.stdout + r.stderr).count("exits successfully") == 2
+
+
+def test_profile_decode_lists_one_steps_kernels_verified(tmp_path):
+    """benchmarks/profile_decode.py: the engine verified as every run, then one step's kernels (on a CPU: aten ops) and
+    their groups, per step, in its JSON (the device's own times are in benchmarks/, not asserted here)."""
+    out = tmp_path / "profile.json"
+    r = run_cli("--steps", "3", "--json", str(out), "--", "--model", "random:tiny", "--device", "cpu",
+                script=ROOT / "benchmarks" / "profile_decode.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["verify"]["passed"] and report["steps"] == 3 and report["card"] == "cpu"
+    assert report["top"] and all(row["us_per_step"] > 0 for row in report["top"])
+    assert "aten::mm" in {row["kernel"] for row in report["top"]}
+    assert abs(sum(report["groups_us_per_step"].values()) - report["kernels_us_per_step"]) < 1e-6 * max(
+        1.0, report["kernels_us_per_step"])
