@@ -16,7 +16,8 @@ one CUDA graph. Everything else, verification included, is the lesson's:
 How a step runs (--step): "compiled" (torch.compile: fused kernels in CUDA graphs) for a plain model on a GPU;
 "cuda-graph" (the eager step's kernels captured as one graph) for bitsandbytes; "eager" on a CPU and for LLM.int8 with
 outliers, whose every matmul waits for the host. Two more steps close the gap to the bandwidth bound, each a small
-function: fuse_projections() (--no-fuse to compare) and inductor_tuning() (--no-tune). Under tensor parallel (第六节)
+function: fuse_projections() (--no-fuse to compare) and inductor_tuning() (--no-tune; --pdl tries inductor's
+programmatic dependent launches). Under tensor parallel (第六节)
 the step is the same one over each rank's shard, its all-reduces traced into the compiled step or captured in the
 graph; extensions/tp_all_reduce.py makes them one kernel each (--all-reduce).
 
@@ -49,12 +50,14 @@ class FastDecodeConfig(lesson.DeployConfig):
     fuse: Annotated[bool, "one matmul for q/k/v and one for gate/up, where they are plain linears or 4-bit "
                     "weight-only layers"] = True
     tune: Annotated[bool, "torch.compile's coordinate-descent tuning of a compiled step's kernels"] = True
+    pdl: Annotated[bool, "a compiled step's kernels as programmatic dependent launches (Hopper and later: each "
+                   "starts while the one before it ends; torch.compile's own option, off in torch by default)"] = False
     all_reduce: Annotated[Literal["push", "one-shot", "nccl"], "tensor parallel, compiled step: push (no barrier), "
                           "one-shot (symmetric memory) or NCCL's (extensions/tp_all_reduce.py)"] = "push"
 
 def validate(config: FastDecodeConfig) -> None:
     """The loop's own refusals (the lesson's validate() runs first)."""
-    loop_flags = [f for f in ("step", "fuse", "tune", "all_reduce")
+    loop_flags = [f for f in ("step", "fuse", "tune", "pdl", "all_reduce")
                   if getattr(config, f) != getattr(FastDecodeConfig, f)]
     if config.loop == "transformers" and loop_flags:
         raise lesson.UsageError(f"--{loop_flags[0].replace('_', '-')} sets how this file's loop runs; drop it, or "
@@ -190,11 +193,14 @@ def fuse_projections(model) -> int:
             count += 1
     return count
 
-def inductor_tuning(on: bool) -> None:
+def inductor_tuning(on: bool, pdl: bool = False) -> None:
     """torch.compile's coordinate-descent tuning of each generated kernel's block sizes (gpt-fast turns it on): the
-    decode step's matrix-vector kernels get sizes that read memory faster, at a longer first compile."""
+    decode step's matrix-vector kernels get sizes that read memory faster, at a longer first compile. pdl: inductor
+    launches its kernels as programmatic dependent launches where the GPU can (each waits for the one before it only
+    where it reads that one's output), so a step of ~300 small kernels loses less time between them."""
     import torch._inductor.config as inductor
     inductor.coordinate_descent_tuning = on
+    inductor.triton.enable_pdl = pdl
 
 def decode_step(model, device, config: FastDecodeConfig) -> tuple:
     """(step, mode, all_reduce): the one-token forward, how it runs (config.step; auto: see the module docstring),
@@ -209,7 +215,7 @@ def decode_step(model, device, config: FastDecodeConfig) -> tuple:
     if mode == "cuda-graph":
         return GraphStep(step), mode, None
     if mode == "compiled":
-        inductor_tuning(config.tune)
+        inductor_tuning(config.tune, config.pdl)
         from extensions.tp_all_reduce import symmetric_all_reduce
         if symmetric_all_reduce(model, config.all_reduce):
             # The symmetric buffers are allocated on the compiled step's first run and kept; torch.compile's own

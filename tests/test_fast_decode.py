@@ -100,9 +100,10 @@ def test_validate_takes_tensor_parallel_and_refuses_sampling_and_loop_flags_of_t
 
 def test_the_fast_decode_flags_are_fields_with_the_help_and_defaults_of_the_dataclass():
     """No environment switch: the loop's choices are FastDecodeConfig fields, parsed like the lesson's."""
-    c = m.config_from_args(["--step", "cuda-graph", "--no-fuse", "--no-tune", "--all-reduce", "one-shot"],
+    c = m.config_from_args(["--step", "cuda-graph", "--no-fuse", "--no-tune", "--pdl", "--all-reduce", "one-shot"],
                            config_class=FastDecodeConfig)
-    assert (c.step, c.fuse, c.tune, c.all_reduce, c.loop) == ("cuda-graph", False, False, "one-shot", "ours")
+    assert (c.step, c.fuse, c.tune, c.pdl, c.all_reduce, c.loop) == ("cuda-graph", False, False, True, "one-shot",
+                                                                     "ours")
     assert m.config_from_args([], config_class=FastDecodeConfig) == FastDecodeConfig()
     assert "--all-reduce {push,one-shot,nccl}" in m.build_parser("x", FastDecodeConfig).format_help()
 
@@ -183,6 +184,24 @@ def test_profile_decode_lists_one_steps_kernels_verified(tmp_path):
     report = json.loads(out.read_text())
     assert report["verify"]["passed"] and report["steps"] == 3 and report["card"] == "cpu"
     assert report["top"] and all(row["us_per_step"] > 0 for row in report["top"])
-    assert "aten::mm" in {row["kernel"] for row in report["top"]}
+    assert all(row["kernel"].startswith("aten::") for row in report["top"])    # a CPU's step: aten ops
     assert abs(sum(report["groups_us_per_step"].values()) - report["kernels_us_per_step"]) < 1e-6 * max(
         1.0, report["kernels_us_per_step"])
+
+
+@pytest.mark.parametrize("pdl", [True, False])
+def test_a_compiled_step_sets_inductors_launch_options_from_the_flags(pdl):
+    """--pdl / --no-tune are torch.compile's own options, set when the step is compiled (on a CPU inductor generates
+    no launches for them: the device's effect is measured in benchmarks/); with --loop transformers --pdl is refused."""
+    import torch._inductor.config as inductor
+    model = m.load_model(FastDecodeConfig(model_name="random:tiny", device="cpu"), "none", "cpu")
+    config = FastDecodeConfig(model_name="random:tiny", device="cpu", step="compiled", pdl=pdl, tune=not pdl)
+    before = inductor.triton.enable_pdl, inductor.coordinate_descent_tuning
+    try:
+        step, mode, _ = decode_step(model, torch.device("cpu"), config)
+        assert mode == "compiled"
+        assert (inductor.triton.enable_pdl, inductor.coordinate_descent_tuning) == (pdl, not pdl)
+    finally:
+        inductor.triton.enable_pdl, inductor.coordinate_descent_tuning = before
+    with pytest.raises(m.UsageError, match="--pdl sets how this file's loop runs"):
+        StaticGenerate.validate(FastDecodeConfig(loop="transformers", pdl=True))
