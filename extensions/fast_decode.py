@@ -200,7 +200,10 @@ def inductor_tuning(on: bool, pdl: bool = False) -> None:
     where it reads that one's output), so a step of ~300 small kernels loses less time between them."""
     import torch._inductor.config as inductor
     inductor.coordinate_descent_tuning = on
-    inductor.triton.enable_pdl = pdl
+    if hasattr(inductor.triton, "enable_pdl"):               # torch >= 2.9
+        inductor.triton.enable_pdl = pdl
+    elif pdl:
+        raise lesson.UsageError("--pdl needs torch.compile's enable_pdl option (torch 2.9 or later); drop --pdl.")
 
 def decode_step(model, device, config: FastDecodeConfig) -> tuple:
     """(step, mode, all_reduce): the one-token forward, how it runs (config.step; auto: see the module docstring),
