@@ -40,7 +40,7 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 
 def compile_kernel(fn, signature: dict, constants: dict, warps: int, arch: int, divisible: tuple, maxnreg=None):
     """fn compiled for sm_<arch> (maxnreg: at most that many registers a thread): (SASS text, the resource line of
-    cuobjdump)."""
+    cuobjdump, PTX text)."""
     names = list(fn.arg_names)
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in signature.items()
              if t.startswith("*") or k in divisible}
@@ -57,7 +57,7 @@ def compile_kernel(fn, signature: dict, constants: dict, warps: int, arch: int, 
                               check=True).stdout
         usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", path], capture_output=True,
                                text=True, check=True).stdout
-    return sass, usage
+    return sass, usage, compiled.asm["ptx"]
 
 
 def loop_of(sass: str):
@@ -115,7 +115,7 @@ def main() -> int:
                       n * blocks * 64 // (32 * warps), ("N", "K"), None))
     rows = []
     for kernel, tiling, fn, signature, constants, warps, codes, divisible, regs in cases:
-        sass, usage = compile_kernel(fn, signature, constants, warps, args.arch, divisible, regs)
+        sass, usage, ptx = compile_kernel(fn, signature, constants, warps, args.arch, divisible, regs)
         loop = loop_of(sass)
         regs = int(re.search(r"REG:(\d+)", usage).group(1))
         shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
@@ -123,6 +123,7 @@ def main() -> int:
         rows.append(dict(kernel=kernel, tiling=tiling, registers=regs, shared_bytes=shared, loop_instructions=len(loop),
                          codes_per_thread_step=codes, instructions_per_code=round(len(loop) / codes, 2),
                          barriers=loop.count("BAR"), spills=loop.count("LDL") + loop.count("STL"),
+                         waits_for_prior_kernel="griddepcontrol.wait" in ptx,     # PDL: the matvec's gdc_wait()
                          most_frequent=dict(top)))
         print(f"{kernel:36s} {tiling:30s} {regs:3d} registers, loop {len(loop):4d} instructions for {codes:3d} codes "
               f"a thread: {len(loop) / codes:5.2f} a code; {', '.join(f'{k} {v}' for k, v in top)}", flush=True)

@@ -51,7 +51,8 @@ class FastDecodeConfig(lesson.DeployConfig):
                     "weight-only layers"] = True
     tune: Annotated[bool, "torch.compile's coordinate-descent tuning of a compiled step's kernels"] = True
     pdl: Annotated[bool, "a compiled step's kernels as programmatic dependent launches (Hopper and later: each "
-                   "starts while the one before it ends; torch.compile's own option, off in torch by default)"] = False
+                   "starts while the one before it ends; torch.compile's own option, off in torch by default; "
+                   "--step compiled or auto only)"] = False
     all_reduce: Annotated[Literal["push", "one-shot", "nccl"], "tensor parallel, compiled step: push (no barrier), "
                           "one-shot (symmetric memory) or NCCL's (extensions/tp_all_reduce.py)"] = "push"
 
@@ -59,6 +60,9 @@ def validate(config: FastDecodeConfig) -> None:
     """The loop's own refusals (the lesson's validate() runs first)."""
     loop_flags = [f for f in ("step", "fuse", "tune", "pdl", "all_reduce")
                   if getattr(config, f) != getattr(FastDecodeConfig, f)]
+    if config.pdl and config.step in ("cuda-graph", "eager"):
+        raise lesson.UsageError(f"--pdl sets how torch.compile launches a compiled step's kernels; --step "
+                                f"{config.step} compiles nothing: drop --pdl, or use --step compiled.")
     if config.loop == "transformers" and loop_flags:
         raise lesson.UsageError(f"--{loop_flags[0].replace('_', '-')} sets how this file's loop runs; drop it, or "
                                 "drop --loop transformers.")

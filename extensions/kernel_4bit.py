@@ -334,6 +334,8 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
         raise ValueError(f"matvec_4bit takes x as code_major() lays it out, not {tuple(xt.shape)} {xt.stride()}")
     if tiling is not None and 8 * tiling[1] > X_WORDS:
         raise ValueError(f"a matvec step takes at most {X_WORDS // 8} blocks of 64 codes, not {tiling[1]}")
+    if tiling is not None and tiling[2:] and tiling[2] < 1:      # (a tensor-core tiling's third is W_FIRST)
+        raise ValueError(f"a matvec's tiling is (rows, blocks[, programs >= 1]), not {tiling}")
     out = torch.empty(1, n, dtype=out_dtype, device=xt.device)
     args = (xt, words(packed), absmax, absmax2, code2, code, out, offset, n, kw, kw // 8, xt.shape[1])
     # enable_fp_fusion=False: a scale's product and its sum with the offset are rounded apart, as in bitsandbytes (a

@@ -192,7 +192,8 @@ def test_profile_decode_lists_one_steps_kernels_verified(tmp_path):
 @pytest.mark.parametrize("pdl", [True, False])
 def test_a_compiled_step_sets_inductors_launch_options_from_the_flags(pdl):
     """--pdl / --no-tune are torch.compile's own options, set when the step is compiled (on a CPU inductor generates
-    no launches for them: the device's effect is measured in benchmarks/); with --loop transformers --pdl is refused."""
+    no launches for them: the device's effect is measured in benchmarks/); with --loop transformers, or a step that
+    is not compiled, --pdl is refused."""
     import torch._inductor.config as inductor
     model = m.load_model(FastDecodeConfig(model_name="random:tiny", device="cpu"), "none", "cpu")
     config = FastDecodeConfig(model_name="random:tiny", device="cpu", step="compiled", pdl=pdl, tune=not pdl)
@@ -205,3 +206,5 @@ def test_a_compiled_step_sets_inductors_launch_options_from_the_flags(pdl):
         inductor.triton.enable_pdl, inductor.coordinate_descent_tuning = before
     with pytest.raises(m.UsageError, match="--pdl sets how this file's loop runs"):
         StaticGenerate.validate(FastDecodeConfig(loop="transformers", pdl=True))
+    with pytest.raises(m.UsageError, match="--step cuda-graph compiles nothing"):
+        FastGreedy.validate(FastDecodeConfig(step="cuda-graph", pdl=True))

@@ -246,6 +246,17 @@ print(json.dumps(out))
 '''
 
 
+def test_a_matvec_tiling_without_programs_is_refused():
+    """matmul_4bit's tiling means (rows, blocks, programs) for one row of x and (rows, blocks, W first, split) for
+    more: a tensor-core tiling given for one row (its third 0: x first) would launch no program at all."""
+    from extensions import kernel_4bit
+    packed, state = quantized((48, 576), "nf4", True, torch.float16)
+    (absmax, absmax2, code2, code, offset), nested = kernel_4bit.state_args(state)
+    with pytest.raises(ValueError, match="programs >= 1"):
+        kernel_4bit.matmul_4bit(torch.zeros(1, 576, dtype=torch.float16), packed, absmax, absmax2, code2, code, offset,
+                                48, nested, state.dtype, [16, 2, 0, 3])
+
+
 def test_triton_kernel_dequantizes_bit_for_bit_and_multiplies_under_the_interpreter():
     """The very kernel a GPU runs (its `tile`), interpreted on the CPU: the dequantized weight equals bitsandbytes'
     (nf4, fp4; double quant on and off; fp16 and fp32 weights; odd shapes), and its matvec (1 row of x) and tensor-core
@@ -274,7 +285,8 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
     16 rows x 128 words), at most 128 registers a thread, at most 4 barriers a step, nothing spilled (one tiling's
     registers are capped). The former forms: over 25 instructions a code (the table in global memory), 20 barriers a
     step (x a vector, moved through shared memory at each code position). The tensor-core form: fewer instructions a
-    code of W with W the dot's first operand than with x first."""
+    code of W with W the dot's first operand than with x first. Launched as a programmatic dependent launch (Hopper),
+    the matvec waits for the kernel before it (griddepcontrol.wait) before it reads x."""
     from extensions import kernel_4bit
     path = tmp_path / "inspect.json"
     r = run_group([sys.executable, str(ROOT / "benchmarks" / "inspect_kernel_4bit.py"), "--json", str(path)],
@@ -287,6 +299,7 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
         for row in now), now
     assert next(row for row in now if row["tiling"] == "BLOCK_N=16 WORDS=128 warps=4")["instructions_per_code"] < 5.5
     assert any("maxnreg" in row["tiling"] for row in now), now
+    assert all(row["waits_for_prior_kernel"] for row in now), now
     # the tensor-core form: its tile as the dot's first operand (read from registers) spends fewer than x first
     dot = [row for row in rows if row["kernel"].startswith("tensor-core")]
     assert max(row["instructions_per_code"] for row in dot if "W_FIRST=True" in row["tiling"]) < \
