@@ -184,9 +184,10 @@ for shape in SHAPES:
                     (absmax, absmax2, code2, code, offset), nested = kernel_4bit.state_args(state)
                     # 1 row: the matvec; 3 rows: the tensor-core form, x and W each as the dot's first operand
                     # (the interpreter cannot time the autotuner's choices: tilings are given)
-                    # (a matvec of 3 programs, each taking every third block of 4 rows in one pipeline)
+                    # (a matvec of 3 programs, each taking every third block of 4 rows in one pipeline; a matvec
+                    # through Triton's pipeline of 2 stages, a program a block)
                     # (3 rows with K in 3 and 2 ranges, their sums added after)
-                    for rows, tiling in ((1, [4, 4]), (1, [4, 4, 3]), (3, [16, 2]), (3, [64, 2, 1]),
+                    for rows, tiling in ((1, [4, 4]), (1, [4, 4, 3]), (1, [4, 4, 1, 2]), (3, [16, 2]), (3, [64, 2, 1]),
                                          (3, [16, 2, 0, 3]), (3, [64, 1, 1, 2])):
                         x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(1)).half()
                         y = kernel_4bit.matmul_4bit(x, packed, absmax, absmax2, code2, code, offset, shape[0],
