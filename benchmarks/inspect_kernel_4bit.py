@@ -126,6 +126,7 @@ def main() -> int:
                          codes_per_thread_step=codes, instructions_per_code=round(len(loop) / codes, 2),
                          barriers=loop.count("BAR"), spills=loop.count("LDL") + loop.count("STL"),
                          waits_for_prior_kernel="griddepcontrol.wait" in ptx,     # PDL: the matvec's gdc_wait()
+                         async_copies=loop.count("LDGSTS"),        # Triton's pipeline: global -> shared, no registers
                          most_frequent=dict(top)))
         print(f"{kernel:36s} {tiling:30s} {regs:3d} registers, loop {len(loop):4d} instructions for {codes:3d} codes "
               f"a thread: {len(loop) / codes:5.2f} a code; {', '.join(f'{k} {v}' for k, v in top)}", flush=True)

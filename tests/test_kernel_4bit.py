@@ -287,7 +287,8 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
     registers are capped). The former forms: over 25 instructions a code (the table in global memory), 20 barriers a
     step (x a vector, moved through shared memory at each code position). The tensor-core form: fewer instructions a
     code of W with W the dot's first operand than with x first. Launched as a programmatic dependent launch (Hopper),
-    the matvec waits for the kernel before it (griddepcontrol.wait) before it reads x."""
+    the matvec waits for the kernel before it (griddepcontrol.wait) before it reads x; its tilings with Triton's
+    pipeline copy their loads into shared memory asynchronously (LDGSTS), the others never."""
     from extensions import kernel_4bit
     path = tmp_path / "inspect.json"
     r = run_group([sys.executable, str(ROOT / "benchmarks" / "inspect_kernel_4bit.py"), "--json", str(path)],
@@ -301,6 +302,9 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
     assert next(row for row in now if row["tiling"] == "BLOCK_N=16 WORDS=128 warps=4")["instructions_per_code"] < 5.5
     assert any("maxnreg" in row["tiling"] for row in now), now
     assert all(row["waits_for_prior_kernel"] for row in now), now
+    # Triton's own pipeline (STAGES): the words and x copied asynchronously into shared memory, no registers held
+    assert any("stages" in row["tiling"] for row in now) and all(
+        (row["async_copies"] > 0) == ("stages" in row["tiling"]) for row in now), now
     # the tensor-core form: its tile as the dot's first operand (read from registers) spends fewer than x first
     dot = [row for row in rows if row["kernel"].startswith("tensor-core")]
     assert max(row["instructions_per_code"] for row in dot if "W_FIRST=True" in row["tiling"]) < \
