@@ -73,11 +73,15 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=25, help="kernels listed (default 25)")
     parser.add_argument("--json", help="write the table here")
     args = parser.parse_args(argv[:cut])
+    if args.steps < 1 or args.top < 1:
+        parser.error("--steps and --top take a whole number of at least 1")
     config = lesson.config_from_args(argv[cut + 1:], "extensions/quantized_matmul.py", QuantizedMatmulConfig)
     import torch
     decoder = FastGreedy if config.quant == "none" else QuantizedGreedy
     lesson.quiet_libraries(config.debug)
     try:
+        if args.json:
+            lesson.check_writable(args.json, "--json")
         decoder.validate(config)
         engine, tokenizer, info = lesson.init_engine(config, decoder)
     except (lesson.UsageError, lesson.RunFailure) as e:

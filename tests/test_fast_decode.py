@@ -187,6 +187,10 @@ def test_profile_decode_lists_one_steps_kernels_verified(tmp_path):
     assert all(row["kernel"].startswith("aten::") for row in report["top"])    # a CPU's step: aten ops
     assert abs(sum(report["groups_us_per_step"].values()) - report["kernels_us_per_step"]) < 1e-6 * max(
         1.0, report["kernels_us_per_step"])
+    for bad, said in ((["--steps", "0"], "at least 1"), (["--json", "/proc/p.json"], "cannot write --json")):
+        r = run_cli(*bad, "--", "--model", "random:tiny", "--device", "cpu",
+                    script=ROOT / "benchmarks" / "profile_decode.py")
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("pdl", [True, False])
