@@ -17,8 +17,8 @@ passed in as the decoder, so the loop that serves is the loop that was verified.
     (extensions/fast_decode.py's decode_step). A row's own tokens sit just before the pointer; the attention mask
     hides everything else in its row, and its positions count its own tokens only.
   - A request joins at the next step: its prompt runs as its own prefill (with any others admitted at that step;
-    --admit-wait-ms lets requests that arrive together share one) and its keys and values are copied in, ending at
-    the pointer. A finished row is free at the next step.
+    --admit-wait-ms lets requests that arrive together share one; compiled where the step is, --prefill) and its
+    keys and values are copied in, ending at the pointer. A finished row is free at the next step.
   - When the pointer reaches the end, the cache moves left by the oldest live row's start (rare: the cost is one
     copy of the cache); a prompt longer than the room before the pointer moves it right.
 The cost: attention reads all --max-model-len positions of every row each step (masked ones too), so pick
@@ -27,6 +27,7 @@ The cost: attention reads all --max-model-len positions of every row each step (
 import argparse
 import asyncio
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -37,7 +38,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Annotated
+from typing import Annotated, Literal
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
@@ -70,6 +71,12 @@ class ServeConfig(QuantizedMatmulConfig):
                              "they fill the free rows); while rows decode (never paused for this), waiting requests "
                              "join when the oldest has waited this long or they fill the free rows; 0: admit what "
                              "is queued at each step (like vLLM's --scheduler-delay-factor, but a time)"] = 0.0
+    # A prefill stalls every row already decoding. Eager, it is Python launching ~30 small kernels a layer (on an H100
+    # a 7B prefill of 8 short prompts took several times its device work); compiled, the host launches inductor's
+    # fused kernels. One graph serves every count of rows and every prompt length (dynamic shapes), compiled at start.
+    prefill: Annotated[Literal["auto", "compiled", "eager"], "how a prompt's forward runs: compiled (torch.compile, "
+                       "one graph for every shape, compiled at start) or eager; auto: compiled where the decode step "
+                       "is compiled on one rank (a plain or 4-bit weight-only model on a GPU), else eager"] = "auto"
     # The offline measurement's settings (a server takes sampling settings per request, rows with --max-num-seqs),
     # and the loop choice (a server runs this file's loop):
     not_flags = ("batch_size", "warmup", "iters", "do_sample", "temperature", "top_p", "json_path", "prompts_file",
@@ -77,6 +84,17 @@ class ServeConfig(QuantizedMatmulConfig):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model side: rows of one static KV cache, a request per row, stepped together (the same on every rank).
+
+def padded(prompts: list[list[int]], width: int) -> tuple:
+    """Prompts left-padded to `width` positions: the token ids and the mask (0 on the padding), as lists."""
+    return ([[0] * (width - len(p)) + p for p in prompts], [[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+def prefill_forward(model, ids, mask, keep: int = 1):
+    """A prompt forward (left-padded rows, each row's positions counting its own tokens): the logits of the last
+    `keep` positions (0: all) and each layer's new keys and values."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                logits_to_keep=keep)
+    return out.logits, [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
 class SlotBatch(lesson.Decoder):
     """--max-num-seqs rows over one static KV cache with one write pointer (`slot`); see the module docstring.
@@ -115,6 +133,13 @@ class SlotBatch(lesson.Decoder):
         self.step_fn, self.mode, _ = decode_step(self.module, self.device, self.config)
         self.step(torch.zeros(rows, dtype=torch.long, device=self.device))
         self.step(torch.zeros(rows, dtype=torch.long, device=self.device))
+        self.prefill_mode = config.prefill if config.prefill != "auto" else \
+            "compiled" if self.mode == "compiled" and config.tp_size == 1 else "eager"
+        if self.prefill_mode == "compiled":
+            self.prefill_fn = torch.compile(functools.partial(prefill_forward, self.module), dynamic=True,
+                                            fullgraph=True)
+            with torch.no_grad():                     # compiles it now: 2 rows of 3 positions stand for any shape
+                self.prefill_fn(*self.host_to_device(*padded([[1, 2, 3], [4, 5]], 3)))
         self.mask.zero_()
         self.slot = 0
         self.seek()
@@ -146,19 +171,32 @@ class SlotBatch(lesson.Decoder):
         longest = max(map(len, prompts))
         if self.slot < longest:                        # not enough room before the pointer: move everything right
             self.move(longest - self.slot)
-        ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        n, at = len(prompts), self.slot - longest
+        if all_logits or self.prefill_mode == "eager":     # echo (rare) wants every position's logits: eager
+            forward = functools.partial(prefill_forward, self.module, keep=0 if all_logits else 1)
+            batch, width = prompts, longest
+        else:    # compiled for 2 rows or more of 2 positions or more (torch.compile specializes sizes 0 and 1): one
+            forward = self.prefill_fn      # prompt goes in twice, a one-token prompt with a masked position before it
+            batch, width = prompts * (1 + (n == 1)), max(longest, 2)
         with torch.no_grad():
-            out = self.module(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                              use_cache=True, logits_to_keep=0 if all_logits else 1)
-        index = torch.tensor(rows, device=self.device)
-        for layer, new in zip(self.cache.layers, out.past_key_values.layers):
-            layer.keys[index, :, self.slot - longest:self.slot] = new.keys
-            layer.values[index, :, self.slot - longest:self.slot] = new.values
+            logits, kv = forward(*self.host_to_device(*padded(batch, width)))
+        starts = [self.slot - len(p) for p in prompts]
+        index, mask, start = self.host_to_device(rows, padded(prompts, longest)[1], starts)
+        for layer, (keys, values) in zip(self.cache.layers, kv):
+            layer.keys[index, :, at:self.slot] = keys[:n, :, -longest:]
+            layer.values[index, :, at:self.slot] = values[:n, :, -longest:]
         self.mask[index] = 0
-        self.mask[index, self.slot - longest:self.slot] = mask      # padding stays masked
-        self.start[index] = torch.tensor([self.slot - len(p) for p in prompts], device=self.device)
-        return out.logits if all_logits else out.logits[:, -1]
+        self.mask[index, at:self.slot] = mask          # padding stays masked
+        self.start[index] = start
+        return logits[:n] if all_logits else logits[:n, -1]
+
+    def host_to_device(self, *lists) -> list:
+        """Host lists as device tensors without waiting: from pinned memory, asynchronously (a copy from ordinary
+        memory waits for the GPU to finish everything queued before it, here the step in flight)."""
+        import torch
+        if self.device.type != "cuda":
+            return [torch.tensor(x) for x in lists]
+        return [torch.tensor(x).pin_memory().to(self.device, non_blocking=True) for x in lists]
 
     def step_inputs(self, tokens):
         """The decode step's inputs: one token a row, its position (its own tokens so far), the pointer, the mask."""
@@ -954,6 +992,9 @@ def http_protocol(seconds: float):
 def serve(config: ServeConfig) -> int:
     import torch
     rank, _, world_size = lesson.dist_env(config)
+    if config.prefill == "compiled" and config.tp_size > 1:
+        raise lesson.UsageError("--prefill compiled runs on one rank; under tensor parallel the prefill is eager: "
+                                "drop --prefill compiled, or serve with --tp-size 1.")
     lesson.validate(config, world_size, torch.cuda.is_available())
     for name, low in [("port", 0), ("max_num_seqs", 1), ("max_queue", 1), ("max_model_len", 2), ("max_body_bytes", 1),
                       ("read_timeout", 0.1)]:
@@ -985,15 +1026,16 @@ def serve(config: ServeConfig) -> int:
                                 f"be below --max-model-len {max_len}.")
     config = dataclasses.replace(config, max_model_len=max_len)
     engine, tokenizer, info = lesson.init_engine(config, SlotBatch)
-    lesson.log(f"[serve] verified: {info.verify['summary']}; decode {engine.mode}, {config.max_num_seqs} rows x "
-               f"{max_len} positions" if info.verify else f"[serve] decode {engine.mode}")
+    lesson.log(f"[serve] verified: {info.verify['summary']}; decode {engine.mode}, prefill {engine.prefill_mode}, "
+               f"{config.max_num_seqs} rows x {max_len} positions" if info.verify else
+               f"[serve] decode {engine.mode}, prefill {engine.prefill_mode}")
     worker = Worker(engine, tokenizer, config.max_queue, world_size, config.admit_wait_ms)
     if rank != 0:
         worker.follow()
     else:
         import uvicorn
         about = {"model": config.model_name, "max_num_seqs": config.max_num_seqs, "max_model_len": max_len,
-                 "world_size": world_size, "engine": dataclasses.asdict(info), "versions": lesson.versions(),
+                 "prefill": engine.prefill_mode, "world_size": world_size, "engine": dataclasses.asdict(info), "versions": lesson.versions(),
                  "gpu": torch.cuda.get_device_name(info.device) if info.device.startswith("cuda") else None}
         app = build_app(worker, tokenizer, config.model_name, max_len, config.max_new_tokens, lesson.finite(about),
                         config.max_body_bytes)

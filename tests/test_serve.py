@@ -614,6 +614,24 @@ def test_slot_batch_moves_rows_and_keeps_each_ones_tokens(quant):
     assert got[0][:30] == alone(a, 30) and got[1][:15] == alone(b, 15)
 
 
+def test_a_compiled_prefill_is_one_graph_for_every_shape_and_equals_eager():
+    """--prefill compiled (auto's choice where the step is compiled): one graph, compiled at start, takes any count
+    of rows and any prompt length (one prompt, one token) without compiling again, and what it leaves (the first
+    logits, the cache the steps read) equals the eager prefill's."""
+    config = m.DeployConfig(model_name="random:tiny", backend="hf", device="cpu")
+    model, _, _ = m.init_engine(config)
+    compiled, eager = (SlotBatch(model, ServeConfig(max_num_seqs=4, max_model_len=40, prefill=p))
+                       for p in ("compiled", "eager"))
+    assert (compiled.prefill_mode, eager.prefill_mode) == ("compiled", "eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows, prompts in [([0], [[5]]), ([1], [[5, 6, 7]]), ([0, 2, 3], [[1], list(range(3, 20)), [9, 9]]),
+                              ([1, 3], [[4, 4], [7]])]:
+            torch.testing.assert_close(compiled.admit(rows, prompts), eager.admit(rows, prompts))
+        for token in range(3):
+            tokens = torch.full((4,), token)
+            torch.testing.assert_close(compiled.step(tokens, [0, 1, 2, 3]), eager.step(tokens, [0, 1, 2, 3]))
+
+
 def test_cli_refusals_are_one_sentence(tmp_path):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -625,7 +643,8 @@ def test_cli_refusals_are_one_sentence(tmp_path):
              (["--admit-wait-ms", "-1"], "--admit-wait-ms must be between 0 and 1000"),
              (["--max-model-len", "20", "--max-new-tokens", "8"], "larger --max-model-len"),
              (["--device", "cpu", "--step", "cuda-graph"], "needs a GPU; on a CPU use --step eager"),
-             (["--quant", "8bit", "--max-num-seqs", "2"], "depend on the other rows")]
+             (["--quant", "8bit", "--max-num-seqs", "2"], "depend on the other rows"),
+             (["--tp-size", "2", "--prefill", "compiled"], "--prefill compiled runs on one rank")]
     for args, words in cases:
         r = run_cli("--model", "random:tiny", *args, script=SERVE)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-800:])
@@ -652,6 +671,7 @@ def test_gpu_step_modes_serve_verified_batched_answers(step):
     finally:
         s.kill()
     assert health["engine"]["decode"] == step and health["engine"]["verify"]["passed"]
+    assert health["prefill"] == ("compiled" if step == "compiled" else "eager")     # auto: as the step
     assert [a["usage"]["completion_tokens"] for a in alone] == sizes
     assert [r.json()["choices"][0]["text"] for r in together] == [a["choices"][0]["text"] for a in alone]
     assert code == 0, s.stderr[-2000:]
