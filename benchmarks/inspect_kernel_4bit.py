@@ -38,16 +38,17 @@ import probe_kernel_4bit_variants as variants  # noqa: E402
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_kernel(fn, signature: dict, constants: dict, warps: int, arch: int, divisible: tuple, maxnreg=None):
-    """fn compiled for sm_<arch> (maxnreg: at most that many registers a thread): (SASS text, the resource line of
-    cuobjdump, PTX text)."""
+def compile_kernel(fn, signature: dict, constants: dict, warps: int, arch: int, divisible: tuple, maxnreg=None,
+                   stages: int = 1):
+    """fn compiled for sm_<arch> (maxnreg: at most that many registers a thread; stages: Triton's num_stages, its
+    pipeline of the loads feeding a dot): (SASS text, the resource line of cuobjdump, PTX text)."""
     names = list(fn.arg_names)
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in signature.items()
              if t.startswith("*") or k in divisible}
     sig = dict(signature, **{k: "constexpr" for k in constants})
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=warps, num_stages=1, enable_fp_fusion=False,
+                              options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=False,
                                            **({"maxnreg": maxnreg} if maxnreg else {})))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
@@ -100,15 +101,16 @@ def main() -> int:
                            KSPLIT="i32"),
                       dict(BLOCK_N=n, WORDS=words, EVEN=True, DEPTH=1, SPLIT=False, LOADONLY=False), warps,
                       n * words * 8 // (32 * warps), ("N", "KW"), None))
-    for n, words, first, warps, split in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.kwargs["W_FIRST"], c.num_warps,
-                                          c.kwargs["SPLIT"]) for c in kernel_4bit.MATMUL.configs]:
+    for n, words, first, warps, split, stages in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.kwargs["W_FIRST"],
+                                                  c.num_warps, c.kwargs["SPLIT"], c.num_stages)
+                                                 for c in kernel_4bit.MATMUL.configs]:
         cases.append(("tensor-core matmul (16 rows of x)", f"BLOCK_N={n} WORDS={words} W_FIRST={first} warps={warps}"
-                      + (f" split={split}" if split > 1 else ""), kernel_4bit.matmul,
+                      + (f" split={split}" if split > 1 else "") + f" num_stages={stages}", kernel_4bit.matmul,
                       dict(x_ptr="*fp16", **common, out_ptr="*fp16", offset_ptr="*fp32", part_ptr="*fp32", M="i32",
                            N="i32", KW="i32", KB="i32"),
                       dict(NESTED=True, W_DTYPE=tl.float16, BLOCK_N=n, WORDS=words, W_FIRST=first, SPLIT=split),
                       warps,
-                      n * words * 8 // (32 * warps), ("N", "KW"), None))
+                      n * words * 8 // (32 * warps), ("N", "KW"), None, stages))
     for n, blocks, warps in [(8, 8, 4), (4, 4, 4)]:
         cases.append(("former matvec (variants' prefetch)", f"BLOCK_N={n} BLOCKS={blocks} warps={warps}",
                       variants.matvec,
@@ -116,8 +118,8 @@ def main() -> int:
                       dict(PREFETCH=True, LOOKUP=1, SPLIT=False, BLOCK_N=n, BLOCKS=blocks), warps,
                       n * blocks * 64 // (32 * warps), ("N", "K"), None))
     rows = []
-    for kernel, tiling, fn, signature, constants, warps, codes, divisible, regs in cases:
-        sass, usage, ptx = compile_kernel(fn, signature, constants, warps, args.arch, divisible, regs)
+    for kernel, tiling, fn, signature, constants, warps, codes, divisible, regs, *stages in cases:
+        sass, usage, ptx = compile_kernel(fn, signature, constants, warps, args.arch, divisible, regs, *stages)
         loop = loop_of(sass)
         regs = int(re.search(r"REG:(\d+)", usage).group(1))
         shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
