@@ -71,9 +71,10 @@ class ServeConfig(QuantizedMatmulConfig):
                              "they fill the free rows); while rows decode (never paused for this), waiting requests "
                              "join when the oldest has waited this long or they fill the free rows; 0: admit what "
                              "is queued at each step (like vLLM's --scheduler-delay-factor, but a time)"] = 0.0
-    # A prefill stalls every row already decoding. Eager, it is Python launching ~30 small kernels a layer (on an H100
-    # a 7B prefill of 8 short prompts took several times its device work); compiled, the host launches inductor's
-    # fused kernels. One graph serves every count of rows and every prompt length (dynamic shapes), compiled at start.
+    # A prefill stalls every row already decoding. Eager, it is Python launching ~30 small kernels a layer; compiled,
+    # the host launches inductor's fused kernels, and the stall is shorter (benchmarks/README.md: the server's share
+    # of the offline loop either way). One graph serves every count of rows and every prompt length (dynamic shapes),
+    # compiled at start.
     prefill: Annotated[Literal["auto", "compiled", "eager"], "how a prompt's forward runs: compiled (torch.compile, "
                        "one graph for every shape, compiled at start) or eager; auto: compiled where the decode step "
                        "is compiled on one rank (a plain or 4-bit weight-only model on a GPU), else eager"] = "auto"
@@ -1035,7 +1036,8 @@ def serve(config: ServeConfig) -> int:
     else:
         import uvicorn
         about = {"model": config.model_name, "max_num_seqs": config.max_num_seqs, "max_model_len": max_len,
-                 "prefill": engine.prefill_mode, "world_size": world_size, "engine": dataclasses.asdict(info), "versions": lesson.versions(),
+                 "prefill": engine.prefill_mode, "world_size": world_size, "engine": dataclasses.asdict(info),
+                 "versions": lesson.versions(),
                  "gpu": torch.cuda.get_device_name(info.device) if info.device.startswith("cuda") else None}
         app = build_app(worker, tokenizer, config.model_name, max_len, config.max_new_tokens, lesson.finite(about),
                         config.max_body_bytes)
