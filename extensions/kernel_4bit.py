@@ -285,7 +285,7 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
 # and two for short rows (small models); for the tensor-core form also
 # some with the weight as the dot's first operand (W_FIRST: fewer instructions a code for sm_90) and some with K
 # split in 2 or 4, with Triton's pipeline of the loads that feed the dot (num_stages 3, Triton's default: the
-# probe's explicit tilings ran so and were 12-18% faster at 16 rows than the same tilings autotuned with 1 stage;
+# probe's explicit tilings ran so, faster at 16 rows than the same tilings autotuned with 1 stage, benchmarks/README.md;
 # not 32 x 64 words, which spills with it).
 MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, PER_SM=per_sm, STAGES=stages), num_warps=warps,
                                         num_stages=1, maxnreg=regs)
