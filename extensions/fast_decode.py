@@ -223,15 +223,24 @@ def decode_step(model, device, config: FastDecodeConfig) -> tuple:
         return GraphStep(step), mode, None
     if mode == "compiled":
         inductor_tuning(config.tune, config.pdl)
+        options = layer_options(model)
         from extensions.tp_all_reduce import symmetric_all_reduce
         if symmetric_all_reduce(model, config.all_reduce):
             # The symmetric buffers are allocated on the compiled step's first run and kept; torch.compile's own
             # CUDA graphs (cudagraph trees) would hold them in their memory pool ("tensors in the cudagraph pool not
             # tracked as outputs"), so the compiled step is captured by GraphStep instead.
             return GraphStep(torch.compile(step, fullgraph=True, dynamic=False,
-                                           options={"triton.cudagraphs": False})), mode, config.all_reduce
+                                           options={"triton.cudagraphs": False, **options})), mode, config.all_reduce
+        if options:       # torch.compile takes a mode or options: "reduce-overhead" is triton.cudagraphs, no more
+            return torch.compile(step, fullgraph=True, dynamic=False,
+                                 options={"triton.cudagraphs": True, **options}), mode, None
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False), mode, None
     return step, mode, None
+
+def layer_options(model) -> dict:
+    """The torch.compile options that the model's layers carry as `inductor_options` (kernel_4bit.INDUCTOR_OPTIONS:
+    the 4-bit matvec's layout of x written by the kernel that makes x)."""
+    return {k: v for m in model.modules() for k, v in getattr(m, "inductor_options", {}).items()}
 
 def release_step(step, mode: str) -> None:
     """Free what decode_step() captured, then wait for the GPU; before the ranks leave, graphs that captured NCCL

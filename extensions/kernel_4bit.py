@@ -336,6 +336,13 @@ def code_major(x):
     # contiguous: with no padding to add (K / 8 a multiple of X_WORDS) pad returns the transposed view as it is
     return torch.nn.functional.pad(x.reshape(kw, 8).t().float(), (0, -kw % X_WORDS)).contiguous()
 
+# What a compiled step needs from inductor for code_major() to cost no kernel of its own: the layout is a transpose, for
+# which inductor picks a 2D tiling, and by default a tiled pointwise kernel is not fused into the reduction before it,
+# so each RMSNorm feeding a matvec ran as two kernels (the reduction, then the norm applied and transposed; 64 a 7B
+# step). With this option the norm, the residual add before it and the layout are one kernel (the gpu test counts
+# them). Int4WeightOnly carries it; fast_decode.decode_step() compiles with every option the model's layers carry.
+INDUCTOR_OPTIONS = {"triton.tiling_prevents_reduction_fusion": False}
+
 @functools.cache
 def pdl_capable(device) -> bool:
     """Can kernels on `device` be launched as programmatic dependent launches (Hopper, sm_90, and later)?"""

@@ -142,10 +142,11 @@ def weight_only_4bit_class():
             (self.out_features, self.in_features), self.weight_dtype = shape, weight_dtype
             self.compute_dtype = compute_dtype
             self.bias = bias
-            self.kernels = None
+            self.kernels, self.inductor_options = None, {}
             if self.packed.is_cuda:
                 from extensions import kernel_4bit
-                self.kernels = kernel_4bit
+                # what a compiled step needs for the matvec's layout of x (kernel_4bit.INDUCTOR_OPTIONS)
+                self.kernels, self.inductor_options = kernel_4bit, kernel_4bit.INDUCTOR_OPTIONS
 
         @classmethod
         def from_state(cls, packed, state, compute_dtype=None, bias=None):

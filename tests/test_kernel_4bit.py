@@ -385,6 +385,33 @@ def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_
     assert engine["verify"]["matmuls"]["layers"] == 8 and engine["verify"]["matmuls"]["max_rel_error"] < 1e-2
 
 
+@pytest.mark.gpu
+def test_a_norm_before_the_matvec_and_its_layout_compile_to_one_kernel():
+    """kernel_4bit.INDUCTOR_OPTIONS, which Int4WeightOnly carries and fast_decode.decode_step gives torch.compile: the
+    residual add, the RMSNorm and code_major()'s layout of its output for the matvec are one kernel (inductor's
+    default: two, the layout's transpose kept out of the reduction), and the product is the eager one."""
+    from torch._inductor.utils import run_and_get_code
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from extensions import kernel_4bit
+    from extensions.fast_decode import layer_options
+    layer = module(*quantized((256, 4096), "nf4", True, torch.float16, device="cuda"))
+    norm = LlamaRMSNorm(4096).to("cuda", torch.float16).requires_grad_(False)     # a decode step: no autograd
+    torch.nn.init.normal_(norm.weight)
+
+    def forward(h, d):
+        h = h + d
+        return h, layer(norm(h))
+    assert layer_options(torch.nn.ModuleList([norm, layer])) == kernel_4bit.INDUCTOR_OPTIONS
+    h, d = torch.randn(2, 1, 1, 4096, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        _, eager = forward(h, d)
+    for options, kernels in ((kernel_4bit.INDUCTOR_OPTIONS, 1), ({}, 2)):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            (_, y), code = run_and_get_code(torch.compile(forward, fullgraph=True, options=options), h, d)
+        assert sum(src.count("async_compile.triton(") for src in code) == kernels, (options, code)
+        assert float((y.float() - eager.float()).norm() / eager.float().norm()) < 1e-3
+
 def test_the_server_multiplies_4bit_weight_only_verified():
     """serve.py --quant 4bit serves with the same matmul (its rows' decoder swaps the layers before verification)."""
     from extensions.serve import ServeConfig, SlotBatch
