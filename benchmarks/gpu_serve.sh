@@ -44,7 +44,9 @@ else
   python3 extensions/serve.py --model random:llama-2-7b --backend hf --max-num-seqs 16 --max-model-len 256 \
     --max-queue 32 --port 8000 $SERVE_ARGS > "$OUT/server$T.log" 2>&1 &
   pid=$!
-  for _ in $(seq 300); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
+  # up to 600 s: a 4-bit server's first start on a machine times each kernel tiling at each shape (later ones read the
+  # picks from Triton's cache)
+  for _ in $(seq 600); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
   echo "server up after ${SECONDS}s" >> "$OUT/env-$PART.log"
   timeout -k 10 240 python3 measure/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1 16 64 \
     --requests 8 64 128 --max-tokens 128 --prompt-len 32 --distinct 8 --json "$OUT/serve$T.json" > "$OUT/bench$T.log" 2>&1

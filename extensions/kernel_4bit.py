@@ -58,6 +58,7 @@ against its weight dequantized before anything is timed (quantized_matmul.check_
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import triton
@@ -277,8 +278,10 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
              mask=(rows < N)[:, None] & (col < K)[None, :])
 
 # The kernels with their tilings picked on the GPU, once per (N, KW): the first call of a shape times each
-# configuration (the decoders' warm-up runs make that call, before any CUDA graph is captured). A configuration: rows
-# of W a program, words a step, warps: those among the fastest at a 7B model's shapes on an H100
+# configuration (the decoders' warm-up runs make that call, before any CUDA graph is captured), and Triton keeps the
+# times in its cache directory (cache_results, Triton 3.4 and later), so a later process on the same kind of GPU
+# compiles only the picked one (a server's start: one compilation a shape, not one a configuration). A
+# configuration: rows of W a program, words a step, warps: those among the fastest at a 7B model's shapes on an H100
 # (benchmarks/README.md); for the matvec also some with registers capped at 80 (more programs an SM hide more of the
 # loads' latency; nothing spills for sm_90: picked at most 7B shapes), some with PER_SM programs an SM each taking
 # several blocks (picked at the fused shapes), some with Triton's pipeline of STAGES (58-128 registers; not yet timed)
@@ -287,6 +290,7 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
 # split in 2 or 4, with Triton's pipeline of the loads that feed the dot (num_stages 3, Triton's default: the
 # probe's explicit tilings ran so, faster at 16 rows than the same tilings autotuned with 1 stage, benchmarks/README.md;
 # not 32 x 64 words, which spills with it).
+AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, PER_SM=per_sm, STAGES=stages), num_warps=warps,
                                         num_stages=1, maxnreg=regs)
                           for n, w, warps, regs, per_sm, stages in [
@@ -296,14 +300,14 @@ MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, PER_SM=per_sm, 
                               (8, 128, 4, 80, 6, 0), (8, 128, 4, 80, 3, 0), (16, 128, 4, None, 4, 0),
                               (16, 128, 8, 80, 3, 0), (8, 128, 4, None, 0, 2), (8, 128, 4, None, 0, 3),
                               (16, 128, 4, None, 0, 3)]],
-                         key=["N", "KW"])(matvec)
+                         key=["N", "KW"], **AUTOTUNE_CACHE)(matvec)
 MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first, SPLIT=split), num_warps=warps,
                                         num_stages=stages)
                           for n, w, first, warps, split, stages in [
                               (32, 32, False, 4, 1, 3), (32, 64, False, 4, 1, 1), (64, 16, True, 4, 1, 3),
                               (64, 32, True, 8, 1, 3), (128, 16, True, 4, 1, 3), (32, 32, False, 4, 2, 3),
                               (32, 32, False, 4, 4, 3), (64, 16, True, 4, 2, 3), (64, 16, True, 4, 4, 3)]],
-                         key=["N", "KW"])(matmul)
+                         key=["N", "KW"], **AUTOTUNE_CACHE)(matmul)
 MAX_SPLIT = max(c.kwargs["SPLIT"] for c in MATMUL.configs)
 # code_major() pads x's rows with zeros to a multiple of this many words, a multiple of every matvec step's words (its
 # last step reads x unmasked: a masked word is code 0, whose value is not 0).
