@@ -16,8 +16,8 @@ one CUDA graph. Everything else, verification included, is the lesson's:
 How a step runs (--step): "compiled" (torch.compile: fused kernels in CUDA graphs) for a plain model on a GPU;
 "cuda-graph" (the eager step's kernels captured as one graph) for bitsandbytes; "eager" on a CPU and for LLM.int8 with
 outliers, whose every matmul waits for the host. Two more steps close the gap to the bandwidth bound, each a small
-function: fuse_projections() (--no-fuse to compare) and inductor_tuning() (--no-tune; --pdl tries inductor's
-programmatic dependent launches). Under tensor parallel (第六节)
+function: fuse_projections() (--no-fuse to compare) and inductor_tuning() (--no-tune; --pdl off: without inductor's
+programmatic dependent launches, on by default at --tp-size 1 where the GPU can). Under tensor parallel (第六节)
 the step is the same one over each rank's shard, its all-reduces traced into the compiled step or captured in the
 graph; extensions/tp_all_reduce.py makes them one kernel each (--all-reduce).
 
@@ -50,9 +50,10 @@ class FastDecodeConfig(lesson.DeployConfig):
     fuse: Annotated[bool, "one matmul for q/k/v and one for gate/up, where they are plain linears or 4-bit "
                     "weight-only layers"] = True
     tune: Annotated[bool, "torch.compile's coordinate-descent tuning of a compiled step's kernels"] = True
-    pdl: Annotated[bool, "a compiled step's kernels as programmatic dependent launches (Hopper and later: each "
-                   "starts while the one before it ends; torch.compile's own option, off in torch by default; "
-                   "--step compiled or auto only)"] = False
+    pdl: Annotated[Literal["auto", "on", "off"], "a compiled step's kernels as programmatic dependent launches "
+                   "(Hopper and later: each starts while the one before it ends; torch.compile's own option, off in "
+                   "torch by default); auto: on at --tp-size 1 (measured faster there, fp16 and 4-bit), off under "
+                   "tensor parallel (not measured); on: --step compiled or auto only"] = "auto"
     all_reduce: Annotated[Literal["push", "one-shot", "nccl"], "tensor parallel, compiled step: push (no barrier), "
                           "one-shot (symmetric memory) or NCCL's (extensions/tp_all_reduce.py)"] = "push"
 
@@ -60,8 +61,8 @@ def validate(config: FastDecodeConfig) -> None:
     """The loop's own refusals (the lesson's validate() runs first)."""
     loop_flags = [f for f in ("step", "fuse", "tune", "pdl", "all_reduce")
                   if getattr(config, f) != getattr(FastDecodeConfig, f)]
-    if config.pdl and config.step in ("cuda-graph", "eager"):
-        raise lesson.UsageError(f"--pdl sets how torch.compile launches a compiled step's kernels; --step "
+    if config.pdl == "on" and config.step in ("cuda-graph", "eager"):
+        raise lesson.UsageError(f"--pdl on sets how torch.compile launches a compiled step's kernels; --step "
                                 f"{config.step} compiles nothing: drop --pdl, or use --step compiled.")
     if config.loop == "transformers" and loop_flags:
         raise lesson.UsageError(f"--{loop_flags[0].replace('_', '-')} sets how this file's loop runs; drop it, or "
@@ -197,17 +198,18 @@ def fuse_projections(model) -> int:
             count += 1
     return count
 
-def inductor_tuning(on: bool, pdl: bool = False) -> None:
+def inductor_tuning(on: bool, pdl: str = "off", tp_size: int = 1) -> None:
     """torch.compile's coordinate-descent tuning of each generated kernel's block sizes (gpt-fast turns it on): the
-    decode step's matrix-vector kernels get sizes that read memory faster, at a longer first compile. pdl: inductor
-    launches its kernels as programmatic dependent launches where the GPU can (each waits for the one before it only
-    where it reads that one's output), so a step of ~300 small kernels loses less time between them."""
+    decode step's matrix-vector kernels get sizes that read memory faster, at a longer first compile. pdl (--pdl):
+    inductor launches its kernels as programmatic dependent launches where the GPU can (each waits for the one before
+    it only where it reads that one's output; inductor leaves it off before Hopper), so a step of ~300 small kernels
+    loses less time between them; auto: on at tp_size 1, where it was measured, and where torch has the option."""
     import torch._inductor.config as inductor
     inductor.coordinate_descent_tuning = on
     if hasattr(inductor.triton, "enable_pdl"):               # torch >= 2.9
-        inductor.triton.enable_pdl = pdl
-    elif pdl:
-        raise lesson.UsageError("--pdl needs torch.compile's enable_pdl option (torch 2.9 or later); drop --pdl.")
+        inductor.triton.enable_pdl = pdl == "on" or (pdl == "auto" and tp_size == 1)
+    elif pdl == "on":
+        raise lesson.UsageError("--pdl on needs torch.compile's enable_pdl option (torch 2.9 or later); drop it.")
 
 def decode_step(model, device, config: FastDecodeConfig) -> tuple:
     """(step, mode, all_reduce): the one-token forward, how it runs (config.step; auto: see the module docstring),
@@ -222,7 +224,7 @@ def decode_step(model, device, config: FastDecodeConfig) -> tuple:
     if mode == "cuda-graph":
         return GraphStep(step), mode, None
     if mode == "compiled":
-        inductor_tuning(config.tune, config.pdl)
+        inductor_tuning(config.tune, config.pdl, config.tp_size)
         options = layer_options(model)
         from extensions.tp_all_reduce import symmetric_all_reduce
         if symmetric_all_reduce(model, config.all_reduce):

@@ -65,9 +65,11 @@ MODES = {
     "hf-4bit-wo-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "weight-only"]),
     "hf-4bit-wo-fp16-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "weight-only",
                                       "--bnb-4bit-compute-dtype", "fp16"]),
-    # the compiled step's kernels as programmatic dependent launches (fast_decode.py --pdl), fp16 and 4-bit
-    "hf-pdl-compile": (FAST, ["--backend", "hf", "--pdl"]),
-    "hf-4bit-wo-pdl-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "weight-only", "--pdl"]),
+    # the compiled step's kernels without programmatic dependent launches (fast_decode.py --pdl off; on by default
+    # at tp 1 where the GPU can), fp16 and 4-bit
+    "hf-nopdl-compile": (FAST, ["--backend", "hf", "--pdl", "off"]),
+    "hf-4bit-wo-nopdl-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "weight-only", "--pdl",
+                                       "off"]),
     # DeepSpeed-FastGen (extensions/fastgen.py): another engine on the same weights; GPU only (refused on a CPU)
     "fastgen": (FASTGEN, ["--backend", "hf"]),
 }

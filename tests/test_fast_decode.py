@@ -7,7 +7,8 @@ import torch
 
 import ds_bnb_infer as m
 from conftest import ROOT, launch, run_cli
-from extensions.fast_decode import FastDecodeConfig, FastGreedy, StaticGenerate, decode_step, fuse_projections
+from extensions.fast_decode import FastDecodeConfig, FastGreedy, StaticGenerate, decode_step, fuse_projections, \
+    inductor_tuning
 
 FAST = ROOT / "extensions" / "fast_decode.py"
 
@@ -100,9 +101,9 @@ def test_validate_takes_tensor_parallel_and_refuses_sampling_and_loop_flags_of_t
 
 def test_the_fast_decode_flags_are_fields_with_the_help_and_defaults_of_the_dataclass():
     """No environment switch: the loop's choices are FastDecodeConfig fields, parsed like the lesson's."""
-    c = m.config_from_args(["--step", "cuda-graph", "--no-fuse", "--no-tune", "--pdl", "--all-reduce", "one-shot"],
-                           config_class=FastDecodeConfig)
-    assert (c.step, c.fuse, c.tune, c.pdl, c.all_reduce, c.loop) == ("cuda-graph", False, False, True, "one-shot",
+    c = m.config_from_args(["--step", "cuda-graph", "--no-fuse", "--no-tune", "--pdl", "off", "--all-reduce",
+                            "one-shot"], config_class=FastDecodeConfig)
+    assert (c.step, c.fuse, c.tune, c.pdl, c.all_reduce, c.loop) == ("cuda-graph", False, False, "off", "one-shot",
                                                                      "ours")
     assert m.config_from_args([], config_class=FastDecodeConfig) == FastDecodeConfig()
     assert "--all-reduce {push,one-shot,nccl}" in m.build_parser("x", FastDecodeConfig).format_help()
@@ -193,22 +194,28 @@ def test_profile_decode_lists_one_steps_kernels_verified(tmp_path):
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
-@pytest.mark.parametrize("pdl", [True, False])
-def test_a_compiled_step_sets_inductors_launch_options_from_the_flags(pdl):
+@pytest.mark.parametrize("pdl, tp_size, tune, launches", [("on", 1, False, True), ("off", 1, True, False),
+                                                          ("auto", 1, True, True), ("auto", 2, True, False)])
+def test_a_compiled_step_sets_inductors_launch_options_from_the_flags(pdl, tp_size, tune, launches):
     """--pdl / --no-tune are torch.compile's own options, set when the step is compiled (on a CPU inductor generates
-    no launches for them: the device's effect is measured in benchmarks/); with --loop transformers, or a step that
-    is not compiled, --pdl is refused."""
+    no launches for them: the device's effect is measured in benchmarks/); --pdl auto (the default) is on at tp 1 and
+    off under tensor parallel; with --loop transformers, or a step that is not compiled, --pdl on is refused."""
     import torch._inductor.config as inductor
     model = m.load_model(FastDecodeConfig(model_name="random:tiny", device="cpu"), "none", "cpu")
-    config = FastDecodeConfig(model_name="random:tiny", device="cpu", step="compiled", pdl=pdl, tune=not pdl)
     before = inductor.triton.enable_pdl, inductor.coordinate_descent_tuning
     try:
-        step, mode, _ = decode_step(model, torch.device("cpu"), config)
-        assert mode == "compiled"
-        assert (inductor.triton.enable_pdl, inductor.coordinate_descent_tuning) == (pdl, not pdl)
+        inductor_tuning(tune, pdl, tp_size)
+        assert (inductor.triton.enable_pdl, inductor.coordinate_descent_tuning) == (launches, tune)
+        if tp_size == 1:
+            config = FastDecodeConfig(model_name="random:tiny", device="cpu", step="compiled", pdl=pdl, tune=tune)
+            inductor.triton.enable_pdl = not launches
+            step, mode, _ = decode_step(model, torch.device("cpu"), config)
+            assert mode == "compiled"
+            assert (inductor.triton.enable_pdl, inductor.coordinate_descent_tuning) == (launches, tune)
     finally:
         inductor.triton.enable_pdl, inductor.coordinate_descent_tuning = before
     with pytest.raises(m.UsageError, match="--pdl sets how this file's loop runs"):
-        StaticGenerate.validate(FastDecodeConfig(loop="transformers", pdl=True))
+        StaticGenerate.validate(FastDecodeConfig(loop="transformers", pdl="on"))
     with pytest.raises(m.UsageError, match="--step cuda-graph compiles nothing"):
-        FastGreedy.validate(FastDecodeConfig(step="cuda-graph", pdl=True))
+        FastGreedy.validate(FastDecodeConfig(step="cuda-graph", pdl="on"))
+    FastGreedy.validate(FastDecodeConfig(step="cuda-graph"))          # auto: nothing to refuse
