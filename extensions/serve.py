@@ -139,8 +139,12 @@ class SlotBatch(lesson.Decoder):
         if self.prefill_mode == "compiled":
             self.prefill_fn = torch.compile(functools.partial(prefill_forward, self.module), dynamic=True,
                                             fullgraph=True)
-            with torch.no_grad():                     # compiles it now: 2 rows of 3 positions stand for any shape
-                self.prefill_fn(*self.host_to_device(*padded([[1, 2, 3], [4, 5]], 3)))
+            # Compiled now: 2 rows of 3 positions stand for any shape; and 2 rows of 17, as a 4-bit layer takes 2-16
+            # rows of x through one kernel and more through another (quantized_matmul.py), a branch on the rows'
+            # count that the graph keeps as a condition on its shape: each side compiled once, before any request.
+            with torch.no_grad():
+                for prompts in ([[1, 2, 3], [4, 5]], [list(range(1, 18)), [4, 5]]):
+                    self.prefill_fn(*self.host_to_device(*padded(prompts, len(prompts[0]))))
         self.mask.zero_()
         self.slot = 0
         self.seek()

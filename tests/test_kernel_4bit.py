@@ -412,6 +412,18 @@ def test_a_norm_before_the_matvec_and_its_layout_compile_to_one_kernel():
         assert sum(src.count("async_compile.triton(") for src in code) == kernels, (options, code)
         assert float((y.float() - eager.float()).norm() / eager.float().norm()) < 1e-3
 
+@pytest.mark.gpu
+def test_a_4bit_servers_compiled_prefill_takes_any_rows_without_compiling_again():
+    """serve.py on a GPU with --quant 4bit: its prefill, compiled at start, takes prompts whose rows of x fall on
+    either side of the 4-bit layers' 16-row branch (the tensor-core kernel or linear()) without compiling again."""
+    from extensions.serve import ServeConfig, SlotBatch
+    config = ServeConfig(model_name="random:tiny", backend="hf", quant="4bit", max_num_seqs=2, max_model_len=60)
+    batch, _, info = m.init_engine(config, SlotBatch)
+    assert info.verify["passed"] and batch.prefill_mode == "compiled"
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows, prompts in [([0], [[5]]), ([1], [list(range(3, 40))]), ([0, 1], [[1, 2, 3], [7] * 5])]:
+            assert torch.isfinite(batch.admit(rows, prompts)).all()
+
 def test_the_server_multiplies_4bit_weight_only_verified():
     """serve.py --quant 4bit serves with the same matmul (its rows' decoder swaps the layers before verification)."""
     from extensions.serve import ServeConfig, SlotBatch
