@@ -5,6 +5,7 @@
 # benchmarks/peer_gpt_fast.py says what is run and how it is timed. PEERS picks from:
 #   tp1  peer-b1 (GPU 0) and peer-b16 (GPU 1) at the same time, as gpu_tensor_parallel.sh's tp1fast
 #   tp2  peer-tp2 (both GPUs, torchrun, batch 1)
+#   int4 peer-int4-b1 (GPU 0, batch 1, its weight-only int4, group 128; one GPU is enough)
 # Writes NAME.json per run, peer-env.log (card, versions, each run's exit) and peer-runs.log (the consoles).
 # gpt-fast's files travel in an ignored folder; fill it once (nothing of it is committed):
 #   mkdir -p .peer/gpt-fast && echo /.peer/ >> .git/info/exclude
@@ -28,6 +29,7 @@ for what in $PEERS; do
     tp1) peer peer-b1 300 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/peer_gpt_fast.py --batch-size 1 &
          peer peer-b16 300 env CUDA_VISIBLE_DEVICES=1 python3 benchmarks/peer_gpt_fast.py --batch-size 16 &
          wait ;;
+    int4) peer peer-int4-b1 300 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/peer_gpt_fast.py --quant int4 --batch-size 1 ;;
     tp2) peer peer-tp2 300 torchrun --standalone --nproc_per_node=2 benchmarks/peer_gpt_fast.py --batch-size 1 ;;
     *)   echo "unknown peer run $what" >> "$OUT/peer-env.log" ;;
   esac

@@ -8,6 +8,10 @@ and this harness runs its own generate.main(), its recipe unchanged: torch.compi
 decode step, coordinate-descent tuning, its own tensor parallel under torchrun. Only what cannot be had offline is
 replaced: the checkpoint (random bf16 weights of the Llama-2-7B shape, built as its _load_model() builds a model:
 meta device, then its apply_tp() under torchrun) and the tokenizer (main() takes a synthetic prompt of N random ids).
+--quant int4 is its weight-only int4 (group 128, inner_k_tiles 8: its WeightOnlyInt4QuantHandler's defaults), made
+from the random bf16 weights with its own group_quantize_tensor() and WeightOnlyInt4Linear, every nn.Linear as its
+handler replaces them (the output layer too); one step differs from its quantize.py: the codes are packed two a byte
+before torch.ops.aten._convert_weight_to_int4pack, the input that op takes since torch 2.5 (its code passes int32).
 
 Its own figure, "tokens/sec", divides a row's new tokens by the whole generate() (prefill included). The figure
 compared here is this script's: decode tokens per second, batch x (new tokens - 1) over the time of its
@@ -43,6 +47,7 @@ def main() -> int:
     p.add_argument("--gpt-fast", default=".peer/gpt-fast")
     p.add_argument("--model", default="Llama-2-7b-chat-hf", help="a name from gpt-fast's transformer_configs")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--quant", choices=["bf16", "int4"], default="bf16", help="int4: its weight-only int4, group 128")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--samples", type=int, default=3, help="timed samples, after its one compiling sample")
@@ -64,10 +69,27 @@ def main() -> int:
         with torch.no_grad():
             for param in model.parameters():
                 param.normal_(0, 0.02) if param.dim() > 1 else param.fill_(1.0)
+        if args.quant == "int4":
+            int4_weight_only(model)
         if use_tp:
             from tp import apply_tp
             apply_tp(model)
         return model.to(device=device, dtype=precision).eval()
+
+    def int4_weight_only(model, groupsize=128, inner_k_tiles=8):   # its WeightOnlyInt4QuantHandler, done in place
+        import quantize as Q
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                codes, scales_and_zeros = Q.group_quantize_tensor(child.weight.data.to(torch.bfloat16), 4, groupsize)
+                packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+                with torch.device("meta"):
+                    layer = Q.WeightOnlyInt4Linear(child.in_features, child.out_features, bias=False,
+                                                   groupsize=groupsize, inner_k_tiles=inner_k_tiles, padding=False)
+                layer.weight = torch.ops.aten._convert_weight_to_int4pack(packed, inner_k_tiles)
+                layer.scales_and_zeros = scales_and_zeros
+                setattr(parent, name, layer)
 
     class SyntheticTokenizer:
         def bos_id(self):
@@ -105,6 +127,7 @@ def main() -> int:
         stamp = os.path.join(args.gpt_fast, "COMMIT")           # written when the folder was filled
         commit = open(stamp).read().strip() if os.path.exists(stamp) else None
         report = {"peer": "gpt-fast", "peer_commit": commit, "model": args.model, "dtype": "bf16",
+                  "quant": args.quant if args.quant != "bf16" else None,
                   "tp": world, "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens,
                   "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
                   "decode_s": timed, "decode_tokens_per_s": rates,
