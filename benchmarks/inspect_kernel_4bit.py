@@ -82,16 +82,15 @@ def main() -> int:
     args = parser.parse_args()
     common = dict(w_ptr="*i32", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32", code_ptr="*fp32")
     cases = []
-    for n, words, warps, regs, per_sm, stages in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.num_warps, c.maxnreg,
-                                                   c.kwargs["PER_SM"], c.kwargs["STAGES"])
-                                                  for c in kernel_4bit.MATVEC.configs]:  # what its autotuner tries
+    for n, words, warps, regs, per_sm in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.num_warps, c.maxnreg,
+                                           c.kwargs["PER_SM"])
+                                          for c in kernel_4bit.MATVEC.configs]:  # what its autotuner tries
         cases.append(("matvec (kernel_4bit.py)", f"BLOCK_N={n} WORDS={words} warps={warps}" +
-                      (f" maxnreg={regs}" if regs else "") + (f" per_sm={per_sm}" if per_sm else "") +
-                      (f" stages={stages}" if stages else ""),
+                      (f" maxnreg={regs}" if regs else "") + (f" per_sm={per_sm}" if per_sm else ""),
                       kernel_4bit.matvec,
                       dict(x_ptr="*fp32", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32",
                            KB="i32", XW="i32"),
-                      dict(NESTED=True, BLOCK_N=n, WORDS=words, PER_SM=per_sm, STAGES=stages, PDL=True), warps,
+                      dict(NESTED=True, BLOCK_N=n, WORDS=words, PER_SM=per_sm, PDL=True), warps,
                       n * words * 8 // (32 * warps),
                       ("N", "KW", "XW"), regs))
     for n, words, warps in [(16, 128, 4), (8, 128, 4)]:

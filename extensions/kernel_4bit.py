@@ -42,9 +42,9 @@ is about 5 instructions a code, 128 registers a thread at most (benchmarks/inspe
 first form took 33-39, the form before this one 20 barriers a step; benchmarks/README.md has their times). Each step
 issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a matvec);
 a program may take several blocks of rows in one such pipeline (fewer programs than blocks: the first load of a
-block, a whole memory latency, overlaps the block before), or leave the pipeline to Triton (asynchronous copies
-STAGES - 1 steps ahead: half the registers, so more programs an SM), and on Hopper the matvec is a programmatic dependent
-launch: its first words load while the kernel that writes x finishes, and gdc_wait() holds the reads of x until
+block, a whole memory latency, overlaps the block before; Triton's own pipeline of asynchronous copies, with half
+the registers, was 1.9-3.1x slower at every 7B shape, benchmarks/README.md), and on Hopper the matvec is a
+programmatic dependent launch: its first words load while the kernel that writes x finishes, and gdc_wait() holds the reads of x until
 it has. The tiling is autotuned per matrix shape on its first call. For 2-16 rows the tensor-core form dequantizes
 a tile of W through the same lookup, rounded as bitsandbytes rounds it, then one tl.dot with 16 rows of x (6-8
 instructions a code of W: fewer with the tile as the dot's first operand, which Hopper's tensor cores read from
@@ -210,7 +210,7 @@ def matvec_step(acc, table, words, x_ptr, absmax_ptr, absmax2_ptr, code2_ptr, of
 @triton.jit
 def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, KW, KB, XW,
            NESTED: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, PER_SM: tl.constexpr = 0,
-           STAGES: tl.constexpr = 0, PDL: tl.constexpr = False):
+           PDL: tl.constexpr = False):
     """out[N] = W[N, K] @ x[K] (one row of x: a decode step at batch 1). A program: BLOCK_N rows of W, WORDS int32
     words (8 codes each) of every row a step, the next step's words loaded before this step's are used. x comes as
     code_major() lays it out (fp32, row j holding code position j of every word, XW words a row, zeros past KW), so
@@ -219,48 +219,32 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
     pipeline: the first words of its next block are loaded during the last step of the one before (else each block's
     first load waits a whole memory latency). PDL (launched as a programmatic dependent launch): the first words are
     loaded before the kernel that writes x has finished; gdc_wait() holds every read of x until it has. PER_SM: the
-    programs an SM runs at once, for the launcher (0: a program a block). STAGES > 0: Triton's own pipeline instead,
-    STAGES - 1 steps ahead through asynchronous copies into shared memory (fewer registers, so more programs an SM,
-    and more bytes in flight; a few more instructions a code, and no load before gdc_wait())."""
+    programs an SM runs at once, for the launcher (0: a program a block)."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
     table = tl.load(code_ptr + tl.arange(0, 16))                                  # the 16-entry code (nf4 or fp4)
     col = tl.arange(0, WORDS)
-    if STAGES > 0:              # one block a program (PER_SM 0), Triton's pipeline over its steps
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    next_words = tl.load(w_ptr + rows[:, None] * KW + col[None, :],
+                         mask=(rows < N)[:, None] & (col < KW)[None, :], other=0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    for b in range(pid, tl.cdiv(N, BLOCK_N), programs):
+        rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        offset = tl.load(offset_ptr + rows, mask=row_ok, other=0.0) if NESTED else 0.0    # [R]: each row's offset
+        offset = tl.load(offset_ptr + rows, mask=row_ok, other=0.0) if NESTED else 0.0
         w_at = w_ptr + rows[:, None] * KW + col[None, :]
         acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-        for w0 in tl.range(0, KW, WORDS, num_stages=STAGES):
-            words = tl.load(w_at + w0, mask=row_ok[:, None] & (w0 + col < KW)[None, :], other=0)
+        for w0 in range(0, KW, WORDS):
+            words = next_words
+            # The next step's words: this block's, or after its last step the first of the program's next block.
+            last = w0 + WORDS >= KW
+            ahead = tl.where(last, programs * BLOCK_N * KW, w0 + WORDS)
+            ahead_ok = tl.where(last, rows + programs * BLOCK_N < N, row_ok)
+            ahead_w0 = tl.where(last, 0, w0 + WORDS)
+            next_words = tl.load(w_at + ahead, mask=ahead_ok[:, None] & (ahead_w0 + col < KW)[None, :], other=0)
             acc = matvec_step(acc, table, words, x_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok,
                               col, w0, KB, XW, NESTED, WORDS)
         tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
-    else:
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        next_words = tl.load(w_ptr + rows[:, None] * KW + col[None, :],
-                             mask=(rows < N)[:, None] & (col < KW)[None, :], other=0)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        for b in range(pid, tl.cdiv(N, BLOCK_N), programs):
-            rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
-            row_ok = rows < N
-            offset = tl.load(offset_ptr + rows, mask=row_ok, other=0.0) if NESTED else 0.0
-            w_at = w_ptr + rows[:, None] * KW + col[None, :]
-            acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-            for w0 in range(0, KW, WORDS):
-                words = next_words
-                # The next step's words: this block's, or after its last step the first of the program's next block.
-                last = w0 + WORDS >= KW
-                ahead = tl.where(last, programs * BLOCK_N * KW, w0 + WORDS)
-                ahead_ok = tl.where(last, rows + programs * BLOCK_N < N, row_ok)
-                ahead_w0 = tl.where(last, 0, w0 + WORDS)
-                next_words = tl.load(w_at + ahead, mask=ahead_ok[:, None] & (ahead_w0 + col < KW)[None, :], other=0)
-                acc = matvec_step(acc, table, words, x_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok,
-                                  col, w0, KB, XW, NESTED, WORDS)
-            tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 @triton.jit
 def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, ROW0, N, K,
@@ -284,22 +268,19 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
 # configuration: rows of W a program, words a step, warps: those among the fastest at a 7B model's shapes on an H100
 # (benchmarks/README.md); for the matvec also some with registers capped at 80 (more programs an SM hide more of the
 # loads' latency; nothing spills for sm_90: picked at most 7B shapes), some with PER_SM programs an SM each taking
-# several blocks (picked at the fused shapes), some with Triton's pipeline of STAGES (58-128 registers; not yet timed)
-# and two for short rows (small models); for the tensor-core form also
+# several blocks (picked at the fused shapes) and two for short rows (small models); for the tensor-core form also
 # some with the weight as the dot's first operand (W_FIRST: fewer instructions a code for sm_90) and some with K
 # split in 2 or 4, with Triton's pipeline of the loads that feed the dot (num_stages 3, Triton's default: the
 # probe's explicit tilings ran so, faster at 16 rows than the same tilings autotuned with 1 stage, benchmarks/README.md;
 # not 32 x 64 words, which spills with it).
 AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, PER_SM=per_sm, STAGES=stages), num_warps=warps,
-                                        num_stages=1, maxnreg=regs)
-                          for n, w, warps, regs, per_sm, stages in [
-                              (16, 128, 4, None, 0, 0), (8, 128, 4, None, 0, 0), (4, 128, 2, None, 0, 0),
-                              (32, 64, 4, None, 0, 0), (8, 128, 4, 80, 0, 0), (16, 128, 8, None, 0, 0),
-                              (32, 128, 8, None, 0, 0), (8, 64, 4, None, 0, 0), (16, 32, 4, None, 0, 0),
-                              (8, 128, 4, 80, 6, 0), (8, 128, 4, 80, 3, 0), (16, 128, 4, None, 4, 0),
-                              (16, 128, 8, 80, 3, 0), (8, 128, 4, None, 0, 2), (8, 128, 4, None, 0, 3),
-                              (16, 128, 4, None, 0, 3)]],
+MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, PER_SM=per_sm), num_warps=warps, num_stages=1,
+                                        maxnreg=regs)
+                          for n, w, warps, regs, per_sm in [
+                              (16, 128, 4, None, 0), (8, 128, 4, None, 0), (4, 128, 2, None, 0), (32, 64, 4, None, 0),
+                              (8, 128, 4, 80, 0), (16, 128, 8, None, 0), (32, 128, 8, None, 0), (8, 64, 4, None, 0),
+                              (16, 32, 4, None, 0), (8, 128, 4, 80, 6), (8, 128, 4, 80, 3), (16, 128, 4, None, 4),
+                              (16, 128, 8, 80, 3)]],
                          key=["N", "KW"], **AUTOTUNE_CACHE)(matvec)
 MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first, SPLIT=split), num_warps=warps,
                                         num_stages=stages)
@@ -367,8 +348,8 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
                 out_dtype: torch.dtype, tiling: list[int] | None = None, pdl: bool | None = None) -> torch.Tensor:
     """The matvec [1, N] in out_dtype, x given as code_major(x). A custom op: torch.compile keeps it whole in the
     compiled step (and a CUDA graph captures its launch). Its tiling is autotuned; tiling (BLOCK_N, BLOCKS[,
-    PROGRAMS[, STAGES]]): rows of W and blocks of 64 codes a step (and at most that many programs, or Triton's
-    pipeline of STAGES; Triton's interpreter, the tests, the probes). pdl: launched as a programmatic dependent
+    PROGRAMS]): rows of W and blocks of 64 codes a step (and at most that many programs; Triton's interpreter, the
+    tests, the probes). pdl: launched as a programmatic dependent
     launch where the GPU can (None) or not (False)."""
     n = out_features
     kw = packed.numel() // 4 // n
@@ -376,7 +357,7 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
         raise ValueError(f"matvec_4bit takes x as code_major() lays it out, not {tuple(xt.shape)} {xt.stride()}")
     if tiling is not None and 8 * tiling[1] > X_WORDS:
         raise ValueError(f"a matvec step takes at most {X_WORDS // 8} blocks of 64 codes, not {tiling[1]}")
-    if tiling is not None and tiling[2:] and tiling[2] < 1:      # (a tensor-core tiling's third is W_FIRST)
+    if tiling is not None and (tiling[3:] or tiling[2:] and tiling[2] < 1):   # (a tensor-core tiling's 3rd: W_FIRST)
         raise ValueError(f"a matvec's tiling is (rows, blocks[, programs >= 1]), not {tiling}")
     out = torch.empty(1, n, dtype=out_dtype, device=xt.device)
     args = (xt, words(packed), absmax, absmax2, code2, code, out, offset, n, kw, kw // 8, xt.shape[1])
@@ -387,10 +368,8 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
         MATVEC[lambda meta: (programs(n, meta["BLOCK_N"], meta["PER_SM"], xt.device),)](
             *args, NESTED=nested, enable_fp_fusion=False, **pdl)
     else:
-        stages = tiling[3] if tiling[3:] else 0             # Triton's pipeline: a program a block (matvec())
-        grid = min(triton.cdiv(n, tiling[0]), tiling[2]) if tiling[2:] and not stages else triton.cdiv(n, tiling[0])
-        matvec[(grid,)](*args, NESTED=nested, BLOCK_N=tiling[0], WORDS=8 * tiling[1], STAGES=stages,
-                        enable_fp_fusion=False, **pdl)
+        grid = min(triton.cdiv(n, tiling[0]), tiling[2]) if tiling[2:] else triton.cdiv(n, tiling[0])
+        matvec[(grid,)](*args, NESTED=nested, BLOCK_N=tiling[0], WORDS=8 * tiling[1], enable_fp_fusion=False, **pdl)
     return out
 
 @matvec_4bit.register_fake
