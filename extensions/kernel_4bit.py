@@ -44,8 +44,8 @@ issues the next step's loads before it computes (Triton pipelines loads that fee
 a program may take several blocks of rows in one such pipeline (fewer programs than blocks: the first load of a
 block, a whole memory latency, overlaps the block before; Triton's own pipeline of asynchronous copies, with half
 the registers, was 1.9-3.1x slower at every 7B shape, benchmarks/README.md), and on Hopper the matvec is a
-programmatic dependent launch: its first words load while the kernel that writes x finishes, and gdc_wait() holds the reads of x until
-it has. The tiling is autotuned per matrix shape on its first call. For 2-16 rows the tensor-core form dequantizes
+programmatic dependent launch: its first words load while the kernel that writes x finishes, and gdc_wait() holds
+the reads of x until it has. The tiling is autotuned per matrix shape on its first call. For 2-16 rows the tensor-core form dequantizes
 a tile of W through the same lookup, rounded as bitsandbytes rounds it, then one tl.dot with 16 rows of x (6-8
 instructions a code of W: fewer with the tile as the dot's first operand, which Hopper's tensor cores read from
 registers), its tiling, operand order and split of K (a matrix of few rows and long ones, down_proj, gives too few
