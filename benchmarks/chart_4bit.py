@@ -15,13 +15,16 @@ def rows_of(modes: list[str], peers: list[str]) -> list[dict]:
     rows = []
     for path in modes:
         result = json.load(open(path))
+        model = result["rest"][result["rest"].index("--model") + 1] if "--model" in result["rest"] else "?"
         rows += [dict(name=r["mode"], batch=r["batch_size"], tok_s=r["decode_tokens_per_s"],
-                      gib=r["peak_allocated_gib"], card=result["card"], date=result["date"])
+                      gib=r["peak_allocated_gib"], card=result["card"], date=result["date"],
+                      what=f"{model}, {result['new_tokens']} new tokens")
                  for r in result["rows"] if r["status"] == "ok" and r["verified"]]
     for path in peers:
         r = json.load(open(path))
         rows.append(dict(name=f"gpt-fast {r.get('quant') or r['dtype']} (peer)", batch=r["batch_size"],
-                         tok_s=r["decode_tokens_per_s_median"], gib=None, card=r["card"], date=r["date"][:10]))
+                         tok_s=r["decode_tokens_per_s_median"], gib=None, card=r["card"], date=r["date"][:10],
+                         what=None))
     return sorted(rows, key=lambda r: (r["batch"], r["tok_s"]))
 
 
@@ -50,8 +53,9 @@ def main() -> int:
         memory.barh(names, [r["gib"] or 0 for r in part], color="tab:green")
         memory.set_yticks([])
         memory.set_title("peak GiB allocated", fontsize=10)
-    fig.suptitle(f"{rows[0]['card']}, {rows[0]['date']}: random:llama-2-7b, prompt 32, 128 new tokens, the project's rows "
-                 "verified (the peer's memory: not comparable)", fontsize=10)
+    what = next(r["what"] for r in rows if r["what"])
+    fig.suptitle(f"{rows[0]['card']}, {rows[0]['date']}: {what}; the project's rows verified (the peer's memory: not "
+                 "comparable)", fontsize=10)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     return 0
