@@ -40,20 +40,19 @@ shared memory with two barriers at each of the 8 code positions, so the matvec t
 (fp32, code position j of every word in row j) and loads it as a tile of the words' shape. Compiled for sm_90 that
 is about 5 instructions a code, 128 registers a thread at most (benchmarks/inspect_kernel_4bit.py counts them; the
 first form took 33-39, the form before this one 20 barriers a step; benchmarks/README.md has their times). Each step
-issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a matvec);
-a program may take several blocks of rows in one such pipeline (fewer programs than blocks: the first load of a
-block, a whole memory latency, overlaps the block before; Triton's own pipeline of asynchronous copies, with half
-the registers, was 1.9-3.1x slower at every 7B shape, benchmarks/README.md), and on Hopper the matvec is a
-programmatic dependent launch: its first words load while the kernel that writes x finishes, and gdc_wait() holds
-the reads of x until it has. The tiling is autotuned per matrix shape on its first call. For 2-16 rows the tensor-core form dequantizes
-a tile of W through the same lookup, rounded as bitsandbytes rounds it, then one tl.dot with 16 rows of x (6-8
-instructions a code of W: fewer with the tile as the dot's first operand, which Hopper's tensor cores read from
+issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a matvec); a
+program may take several blocks of rows in one such pipeline (fewer programs than blocks: the first load of a block, a
+whole memory latency, overlaps the block before; Triton's own pipeline of asynchronous copies, with half the
+registers, was 1.9-3.1x slower at every 7B shape, benchmarks/README.md), and on Hopper the matvec is a programmatic
+dependent launch: its first words load while the kernel that writes x finishes, and gdc_wait() holds the reads of x
+until it has. The tiling is autotuned per matrix shape on its first call. For 2-16 rows the tensor-core form
+dequantizes a tile of W through the same lookup, rounded as bitsandbytes rounds it, then one tl.dot with 16 rows of x
+(6-8 instructions a code of W: fewer with the tile as the dot's first operand, which Hopper's tensor cores read from
 registers), its tiling, operand order and split of K (a matrix of few rows and long ones, down_proj, gives too few
-programs otherwise; the ranges' fp32 sums are added in a fixed order) autotuned too; a prefill (more rows)
-dequantizes W a range of rows at a time
-(linear()), then one matmul each. On a CPU (no Triton) the same dequantization runs in torch
-(extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs; on a GPU each layer's kernels are checked
-against its weight dequantized before anything is timed (quantized_matmul.check_matmuls()).
+programs otherwise; the ranges' fp32 sums are added in a fixed order) autotuned too; a prefill (more rows) dequantizes
+W a range of rows at a time (linear()), then one matmul each. On a CPU (no Triton) the same dequantization runs in
+torch (extensions/quantized_matmul.py), so a CPU run verifies what the GPU runs; on a GPU each layer's kernels are
+checked against its weight dequantized before anything is timed (quantized_matmul.check_matmuls()).
 """
 from __future__ import annotations
 
@@ -349,8 +348,7 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
     """The matvec [1, N] in out_dtype, x given as code_major(x). A custom op: torch.compile keeps it whole in the
     compiled step (and a CUDA graph captures its launch). Its tiling is autotuned; tiling (BLOCK_N, BLOCKS[,
     PROGRAMS]): rows of W and blocks of 64 codes a step (and at most that many programs; Triton's interpreter, the
-    tests, the probes). pdl: launched as a programmatic dependent
-    launch where the GPU can (None) or not (False)."""
+    tests, the probes). pdl: launched as a programmatic dependent launch where the GPU can (None) or not (False)."""
     n = out_features
     kw = packed.numel() // 4 // n
     if not xt.is_contiguous() or xt.shape[0] != 8 or xt.shape[1] < kw or xt.shape[1] % X_WORDS:
