@@ -12,6 +12,10 @@ memory and each weight rounded; its `smem`, x a vector broadcast over the rows: 
 barriers). Integer arguments are taken divisible by 16 and pointers 16-byte aligned, as Triton specializes them at
 the 7B shapes.
 
+It also counts the loop's instructions that run on the integer pipe (ALU: shifts, logic, LEA, IADD3, PRMT,
+compares; IMAD runs on the FP32 pipe): on sm_90 that pipe takes 16 threads a cycle, half a warp, where the FP32 pipe
+takes a whole warp, so its instructions a code bound how fast the SMs can unpack the codes whatever the memory does.
+
 This counts instructions, not time: a kernel that issues few instructions a code can still wait on memory (the GPU
 probes, probe_kernel_4bit.py and probe_kernel_4bit_variants.py, time them). benchmarks/README.md has the counts of
 the day next to those times.
@@ -59,6 +63,10 @@ def compile_kernel(fn, signature: dict, constants: dict, warps: int, arch: int, 
         usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", path], capture_output=True,
                                text=True, check=True).stdout
     return sass, usage, compiled.asm["ptx"]
+
+
+# The opcodes sm_90 issues to its integer pipe (Nsight Compute's "alu"); a warp's instruction occupies it 2 cycles.
+ALU = {"LOP3", "SHF", "LEA", "IADD3", "PRMT", "ISETP", "SEL", "IMNMX", "PLOP3", "IABS", "POPC", "FLO", "BMSK", "SGXT"}
 
 
 def loop_of(sass: str):
@@ -128,9 +136,10 @@ def main() -> int:
                          barriers=loop.count("BAR"), spills=loop.count("LDL") + loop.count("STL"),
                          waits_for_prior_kernel="griddepcontrol.wait" in ptx,     # PDL: the matvec's gdc_wait()
                          async_copies=loop.count("LDGSTS"),        # Triton's pipeline: global -> shared, no registers
-                         most_frequent=dict(top)))
+                         alu_per_code=round(sum(i in ALU for i in loop) / codes, 2), most_frequent=dict(top)))
         print(f"{kernel:36s} {tiling:30s} {regs:3d} registers, loop {len(loop):4d} instructions for {codes:3d} codes "
-              f"a thread: {len(loop) / codes:5.2f} a code; {', '.join(f'{k} {v}' for k, v in top)}", flush=True)
+              f"a thread: {len(loop) / codes:5.2f} a code ({rows[-1]['alu_per_code']:4.2f} ALU); "
+              f"{', '.join(f'{k} {v}' for k, v in top)}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(arch=f"sm_{args.arch}", triton=triton.__version__, rows=rows), f, indent=1)

@@ -282,7 +282,7 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
     """The matvec's design read from the machine code Triton makes for sm_90, without a GPU: its table in shared
     memory, a word's codes looked up by one gather, each block's scale once on its words' sums, x loaded in the
     tile's own layout (code_major()): under 7 instructions a code at every tiling its autotuner tries (under 5.5 at
-    16 rows x 128 words), at most 128 registers a thread, at most 4 barriers a step, nothing spilled (one tiling's
+    16 rows x 128 words; 2-3.5 of them on the integer pipe, at least a shift and a mask a code), at most 128 registers a thread, at most 4 barriers a step, nothing spilled (one tiling's
     registers are capped). The former forms: over 25 instructions a code (the table in global memory), 20 barriers a
     step (x a vector, moved through shared memory at each code position). The tensor-core form: fewer instructions a
     code of W with W the dot's first operand than with x first, and with Triton's pipeline its loads copied
@@ -301,6 +301,8 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
         for row in now), now
     assert next(row for row in now if row["tiling"] == "BLOCK_N=16 WORDS=128 warps=4")["instructions_per_code"] < 5.5
     assert any("maxnreg" in row["tiling"] for row in now), now
+    # a code's shift and mask on the integer pipe (half a warp a cycle): at least 2 of its instructions a code
+    assert all(2 <= row["alu_per_code"] < 3.5 for row in now), now
     assert all(row["waits_for_prior_kernel"] for row in now), now
     assert not any(row["async_copies"] for row in now), now      # its own pipeline: loads into registers
     # the tensor-core form: its tile as the dot's first operand (read from registers) can spend fewer than x first;
