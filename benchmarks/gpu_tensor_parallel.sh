@@ -17,7 +17,7 @@
 #   qfast7 / qfast70   tensor_parallel.py --quant 4bit --fast-decode (a CUDA graph a step), 7B / 70B
 #   tp1fast      tp 1 baselines, one GPU each at the same time: fast7tp1 (fast_decode.py, batch 1), fast7tp1b16
 #   tp1quant     qtp1fast70 (tensor_parallel.py --tp-size 1 --quant 4bit --fast-decode: quantized while filled, as no
-#                80 GB GPU holds the 70B fp16 model) and qtp1fast7, one GPU each at the same time
+#                80 GB GPU holds the 70B fp16 model; fp16 compute, README 六) and qtp1fast7, one GPU each at once
 #   tp1pair      fast7tp1 and lesson7q (the lesson's --quant 4bit, generate(), 32 tokens), one GPU each
 #   profile      benchmarks/profile_tp.py: both ranks' kernels of one tp 2 decode step -> tp-profile*.json
 #   probe        benchmarks/probe_allreduce.py --push under torchrun -> allreduce.log
@@ -86,7 +86,7 @@ for name in $RUNS; do
                     --max-new-tokens 128 --batch-size 16 "${ONE[@]}" &
                   wait ;;
     tp1quant)     run qtp1fast70 420 env CUDA_VISIBLE_DEVICES=0 python3 $TP --tp-size 1 --quant 4bit --fast-decode \
-                    --model "$MODEL70" --max-new-tokens 128 "${ONE[@]}" &
+                    --bnb-4bit-compute-dtype fp16 --model "$MODEL70" --max-new-tokens 128 "${ONE[@]}" &
                   run qtp1fast7 240 env CUDA_VISIBLE_DEVICES=1 python3 $TP --tp-size 1 --quant 4bit --fast-decode \
                     --model "$MODEL7" --max-new-tokens 128 "${ONE[@]}" &
                   wait ;;

@@ -44,7 +44,8 @@ graph of bitsandbytes' kernels and the all-reduces), checked against the engine 
   deepspeed --num_gpus=2 extensions/tensor_parallel.py --tp-size 2 --model random:llama-2-7b --fast-decode
   deepspeed --num_gpus=2 extensions/tensor_parallel.py --tp-size 2 --model random:llama-2-70b --fast-decode \\
       --step cuda-graph                                        # 2 x 80 GB GPUs; a CUDA graph: no long compile
-  python extensions/tensor_parallel.py --tp-size 1 --model random:llama-2-70b --quant 4bit --fast-decode   # one GPU
+  python extensions/tensor_parallel.py --tp-size 1 --model random:llama-2-70b --quant 4bit --fast-decode \\
+      --bnb-4bit-compute-dtype fp16                            # one GPU; bf16's rounding fails the check (README 六)
   deepspeed --num_gpus=2 extensions/tensor_parallel.py --tp-size 2 --model random:tiny --quant 8bit --dtype fp32  # CPU
   deepspeed --num_gpus=2 extensions/tensor_parallel.py --tp-size 2 --model random:tiny --quant 4bit --dtype fp32 \
       --matmul bitsandbytes                                    # CPU; bitsandbytes' own 4-bit kernel, for comparison
