@@ -97,10 +97,10 @@ def main() -> int:
                       (f" maxnreg={regs}" if regs else "") + (f" per_sm={per_sm}" if per_sm else ""),
                       kernel_4bit.matvec,
                       dict(x_ptr="*fp32", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32",
-                           KB="i32", XW="i32"),
-                      dict(NESTED=True, BLOCK_N=n, WORDS=words, PER_SM=per_sm, PDL=True), warps,
+                           KB="i32"),
+                      dict(NESTED=True, BLOCK_N=n, WORDS=words, PER_SM=per_sm, PDL=True, XW=512), warps,  # 7B's x
                       n * words * 8 // (32 * warps),
-                      ("N", "KW", "XW"), regs))
+                      ("N", "KW"), regs))
     for n, words, warps in [(16, 128, 4), (8, 128, 4)]:
         cases.append(("former smem matvec (variants' smem)", f"BLOCK_N={n} WORDS={words} warps={warps}",
                       variants.matvec_smem,

@@ -207,13 +207,16 @@ def matvec_step(acc, table, words, x_ptr, absmax_ptr, absmax2_ptr, code2_ptr, of
     return tl.fma(part, tl.broadcast_to(scale[:, :, None], (R, WORDS // 8, 8)).reshape(R, WORDS), acc)
 
 @triton.jit
-def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, KW, KB, XW,
+def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, KW, KB, XW: tl.constexpr,
            NESTED: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, PER_SM: tl.constexpr = 0,
            PDL: tl.constexpr = False):
     """out[N] = W[N, K] @ x[K] (one row of x: a decode step at batch 1). A program: BLOCK_N rows of W, WORDS int32
     words (8 codes each) of every row a step, the next step's words loaded before this step's are used. x comes as
     code_major() lays it out (fp32, row j holding code position j of every word, XW words a row, zeros past KW), so
-    that it loads in the tile's own layout, 4 words a load. KW, KB: words and blocks of 64 codes a row of W.
+    that it loads in the tile's own layout, 4 words a load; XW is a compile-time constant (it follows from KW, which
+    keys the autotuner: no compilation more), so the 8 rows of x are offsets of one address, not 8 computed ones
+    (benchmarks/inspect_kernel_4bit.py: 5.39 instructions a code, not 5.70). KW, KB: words and blocks of 64 codes a
+    row of W.
     Launched with fewer programs than blocks of BLOCK_N rows, a program takes blocks pid, pid + programs, ... in one
     pipeline: the first words of its next block are loaded during the last step of the one before (else each block's
     first load waits a whole memory latency). PDL (launched as a programmatic dependent launch): the first words are
