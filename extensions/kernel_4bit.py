@@ -215,8 +215,7 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
     code_major() lays it out (fp32, row j holding code position j of every word, XW words a row, zeros past KW), so
     that it loads in the tile's own layout, 4 words a load; XW is a compile-time constant (it follows from KW, which
     keys the autotuner: no compilation more), so the 8 rows of x are offsets of one address, not 8 computed ones
-    (benchmarks/inspect_kernel_4bit.py: 5.39 instructions a code, not 5.70). KW, KB: words and blocks of 64 codes a
-    row of W.
+    (fewer instructions a code: benchmarks/inspect_kernel_4bit.py). KW, KB: words and blocks of 64 codes a row of W.
     Launched with fewer programs than blocks of BLOCK_N rows, a program takes blocks pid, pid + programs, ... in one
     pipeline: the first words of its next block are loaded during the last step of the one before (else each block's
     first load waits a whole memory latency). PDL (launched as a programmatic dependent launch): the first words are
