@@ -294,8 +294,11 @@ def test_console_shortens_long_texts_and_names_where_the_json_went(tmp_path):
 
 
 def test_ctrl_c_ends_with_one_line_and_exit_130():
+    # The child gets Ctrl-C as a terminal's foreground job does: a background job of a non-interactive shell (a CI
+    # started with `&`) ignores SIGINT, and a child inherits that.
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--model", "random:tiny", "--max-new-tokens", "1000",
-                             "--iters", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                             "--iters", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stderr:                   # wait until it is measuring, then press Ctrl-C
             if line.startswith("[warmup]"):
