@@ -5,12 +5,13 @@ machine: Triton compiles a kernel for a target without a GPU, and its wheel ship
 each kernel and tiling this prints the registers a thread takes (they bound how many programs share an SM), the
 shared memory, and the instructions of the loop over K with the codes a thread handles a step: instructions a code
 (for the tensor-core matmul: a code of W, multiplied by 16 rows of x),
-and the most frequent ones (LDS: a shared-memory load, the table lookup; LDG: a global load; BAR: a barrier; SHFL: a
-shuffle between threads). The kernels: extensions/kernel_4bit.py's matvec and tensor-core matmul (the tilings its
-autotuner tries), and two former forms of the matvec (probe_kernel_4bit_variants.py's `prefetch`, the table in global
-memory and each weight rounded; its `smem`, x a vector broadcast over the rows: through shared memory, with
-barriers). Integer arguments are taken divisible by 16 and pointers 16-byte aligned, as Triton specializes them at
-the 7B shapes.
+and the most frequent ones (LDS: a shared-memory load, the table lookup by tl.gather; LDG: a global load; BAR: a
+barrier; SHFL: a shuffle between threads, the table lookup by warp shuffle). The kernels: extensions/kernel_4bit.py's
+matvec with each of its two table lookups (its SHUFFLE_ON_GPU picks the GPU's; Triton's interpreter runs tl.gather's)
+and its tensor-core matmul (the tilings their autotuners try), and two former forms of the matvec
+(probe_kernel_4bit_variants.py's `prefetch`, the table in global memory and each weight rounded; its `smem`, x a
+vector broadcast over the rows: through shared memory, with barriers). Integer arguments are taken divisible by 16
+and pointers 16-byte aligned, as Triton specializes them at the 7B shapes.
 
 It also counts the loop's instructions that run on the integer pipe (ALU: shifts, logic, LEA, IADD3, PRMT,
 compares; IMAD runs on the FP32 pipe): on sm_90 that pipe takes 16 threads a cycle, half a warp, where the FP32 pipe
@@ -90,17 +91,19 @@ def main() -> int:
     args = parser.parse_args()
     common = dict(w_ptr="*i32", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32", code_ptr="*fp32")
     cases = []
-    for n, words, warps, regs, per_sm in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.num_warps, c.maxnreg,
-                                           c.kwargs["PER_SM"])
-                                          for c in kernel_4bit.MATVEC.configs]:  # what its autotuner tries
-        cases.append(("matvec (kernel_4bit.py)", f"BLOCK_N={n} WORDS={words} warps={warps}" +
-                      (f" maxnreg={regs}" if regs else "") + (f" per_sm={per_sm}" if per_sm else ""),
-                      kernel_4bit.matvec,
-                      dict(x_ptr="*fp32", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32",
-                           KB="i32"),
-                      dict(NESTED=True, BLOCK_N=n, WORDS=words, PER_SM=per_sm, PDL=True, XW=512), warps,  # 7B's x
-                      n * words * 8 // (32 * warps),
-                      ("N", "KW"), regs))
+    for shuffle, lookup in ((False, "tl.gather"), (True, "warp shuffle")):     # kernel_4bit.SHUFFLE_ON_GPU's two
+        for n, words, warps, regs, per_sm in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.num_warps, c.maxnreg,
+                                               c.kwargs["PER_SM"])
+                                              for c in kernel_4bit.MATVEC.configs]:  # what its autotuner tries
+            cases.append((f"matvec (kernel_4bit.py), lookup by {lookup}"
+                          + (" (the GPU's)" if shuffle == kernel_4bit.SHUFFLE_ON_GPU else ""),
+                          f"BLOCK_N={n} WORDS={words} warps={warps}" + (f" maxnreg={regs}" if regs else "")
+                          + (f" per_sm={per_sm}" if per_sm else ""),
+                          kernel_4bit.matvec,
+                          dict(x_ptr="*fp32", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32",
+                               KB="i32"),
+                          dict(NESTED=True, BLOCK_N=n, WORDS=words, PER_SM=per_sm, PDL=True, XW=512,  # the 7B's x
+                               SHUFFLE=shuffle), warps, n * words * 8 // (32 * warps), ("N", "KW"), regs))
     for n, words, warps in [(16, 128, 4), (8, 128, 4)]:
         cases.append(("former smem matvec (variants' smem)", f"BLOCK_N={n} WORDS={words} warps={warps}",
                       variants.matvec_smem,
@@ -136,7 +139,9 @@ def main() -> int:
                          barriers=loop.count("BAR"), spills=loop.count("LDL") + loop.count("STL"),
                          waits_for_prior_kernel="griddepcontrol.wait" in ptx,     # PDL: the matvec's gdc_wait()
                          async_copies=loop.count("LDGSTS"),        # Triton's pipeline: global -> shared, no registers
-                         alu_per_code=round(sum(i in ALU for i in loop) / codes, 2), most_frequent=dict(top)))
+                         alu_per_code=round(sum(i in ALU for i in loop) / codes, 2),
+                         shared_loads_per_code=round(loop.count("LDS") / codes, 2),
+                         shuffles_per_code=round(loop.count("SHFL") / codes, 2), most_frequent=dict(top)))
         print(f"{kernel:36s} {tiling:30s} {regs:3d} registers, loop {len(loop):4d} instructions for {codes:3d} codes "
               f"a thread: {len(loop) / codes:5.2f} a code ({rows[-1]['alu_per_code']:4.2f} ALU); "
               f"{', '.join(f'{k} {v}' for k, v in top)}", flush=True)

@@ -33,20 +33,25 @@ few instructions; a table lookup from memory costs a 64-bit address and a load a
 spread over threads needs shuffles and shared-memory copies to sum. So a program takes BLOCK_N rows x WORDS int32
 words (8 codes a word) a step, splits each word with shifts, and joins the 8 codes into one tl.gather from the
 16-entry table, which Triton keeps in shared memory (one 32-bit shared load a code, 16 entries in 16 banks: no
-conflicts; a 256-entry table of a byte's two values, half the loads, measured slower); each word's 8 products with
-x are summed in registers (fused multiply-adds) and each block's scale multiplies its words' sums once, not each
-weight. x must reach each thread in the tile's own layout: a vector of x broadcast over the rows is moved through
-shared memory with two barriers at each of the 8 code positions, so the matvec takes x as code_major() lays it out
-(fp32, code position j of every word in row j) and loads it as a tile of the words' shape. Compiled for sm_90 that
-is about 5 instructions a code, 128 registers a thread at most (benchmarks/inspect_kernel_4bit.py counts them; the
-first form took 33-39, the form before this one 20 barriers a step; benchmarks/README.md has their times). Each step
-issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a matvec); a
-program may take several blocks of rows in one such pipeline (fewer programs than blocks: the first load of a block, a
-whole memory latency, overlaps the block before; Triton's own pipeline of asynchronous copies, with half the
-registers, was 1.9-3.1x slower at every 7B shape, benchmarks/README.md), and on Hopper the matvec is a programmatic
+conflicts; a 256-entry table of a byte's two values, half the loads, measured slower). A lookup with no memory at
+all is written too (SHUFFLE_ON_GPU, below): every lane of a warp holds one entry (lane l the entry l mod 16) and a
+warp shuffle reads it from the lane whose number is the code, so a code costs one shift (the shuffle's lane index
+keeps 5 bits, and lanes l and l + 16 hold the same entry: no mask, no index scaled to an address), where tl.gather
+takes a shift, a mask and a scaling besides its load, on the integer pipe that takes half a warp a cycle. Each
+word's 8 products with x are summed in registers (fused multiply-adds) and each block's scale multiplies its words'
+sums once, not each weight. x must reach each thread in the tile's own layout: a vector of x broadcast over the rows
+is moved through shared memory with two barriers at each of the 8 code positions, so the matvec takes x as
+code_major() lays it out (fp32, code position j of every word in row j) and loads it as a tile of the words' shape.
+Compiled for sm_90 that is about 5 instructions a code with tl.gather, about 4 with the shuffle, 128 registers a
+thread at most (benchmarks/inspect_kernel_4bit.py counts them; the first form took 33-39, the form before this one 20
+barriers a step; benchmarks/README.md has their times). Each step issues the next step's loads before it computes
+(Triton pipelines loads that feed tl.dot, not those of a matvec); a program may take several blocks of rows in one
+such pipeline (fewer programs than blocks: the first load of a block, a whole memory latency, overlaps the block
+before; Triton's own pipeline of asynchronous copies, with half the registers, was 1.9-3.1x slower at every 7B
+shape, benchmarks/README.md), and on Hopper the matvec is a programmatic
 dependent launch: its first words load while the kernel that writes x finishes, and gdc_wait() holds the reads of x
 until it has. The tiling is autotuned per matrix shape on its first call. For 2-16 rows the tensor-core form
-dequantizes a tile of W through the same lookup, rounded as bitsandbytes rounds it, then one tl.dot with 16 rows of x
+dequantizes a tile of W through tl.gather's lookup, rounded as bitsandbytes rounds it, then one tl.dot with 16 rows of x
 (6-8 instructions a code of W: fewer with the tile as the dot's first operand, which Hopper's tensor cores read from
 registers), its tiling, operand order and split of K (a matrix of few rows and long ones, down_proj, gives too few
 programs otherwise; the ranges' fp32 sums are added in a fixed order) autotuned too; a prefill (more rows) dequantizes
@@ -129,6 +134,23 @@ def word_values(table, words):
     return v0, v1, v2, v3, v4, v5, v6, v7
 
 @triton.jit
+def lane_table(code_ptr, like):
+    """For the shuffle lookup: each element of a tensor of `like`'s shape holds, as int32 bits, the 16-entry table's
+    entry of its thread's lane (lane & 15): the warp's 32 lanes hold the table twice over."""
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.load(code_ptr + (lane & 15)).to(tl.int32, bitcast=True)
+
+@triton.jit
+def shuffle_lookup(table_bits, codes):
+    """The table's value (fp32) of each code in the low 4 bits of `codes` (int32; the bits above are ignored), read
+    from the lane whose number is the code by a warp shuffle: the shuffle's lane index keeps 5 bits and lanes l and
+    l + 16 hold the same entry, so no mask is needed and the value comes back in a register, with no table in
+    shared memory and no index scaled to an address."""
+    bits = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r", [table_bits, codes],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+    return bits.to(tl.float32, bitcast=True)
+
+@triton.jit
 def block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED: tl.constexpr,
                  BLOCKS: tl.constexpr):
     """The fp32 scales [R, BLOCKS] of the blocks that start at word w0 (8 words a block), as bitsandbytes computes
@@ -191,17 +213,22 @@ def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
 
 @triton.jit
 def matvec_step(acc, table, words, x_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, col, w0, KB, XW,
-                NESTED: tl.constexpr, WORDS: tl.constexpr):
+                NESTED: tl.constexpr, WORDS: tl.constexpr, SHUFFLE: tl.constexpr):
     """One step of the matvec: acc [R, WORDS] plus the products of `words` (the rows' words w0 .. w0 + WORDS) with
     x."""
-    values = word_values(table, words)
     # x in the tile's shape (the same address down a column): loaded in the words' own layout, where a vector
     # broadcast over the rows would be moved through shared memory, with barriers, at every code position.
     x_at = x_ptr + (w0 + col)[None, :] + rows[:, None] * 0
     # Each word's sum of its 8 products with x, then each block's scale once on its words' sums.
     part = tl.zeros(acc.shape, dtype=tl.float32)
-    for j in tl.static_range(8):
-        part = tl.fma(values[j], tl.load(x_at + j * XW), part)
+    if SHUFFLE:     # `table`: lane_table()'s; code j of a word at bit 8 (j // 2) + 4 (1 - j % 2)
+        for j in tl.static_range(8):
+            part = tl.fma(shuffle_lookup(table, words >> ((j // 2) * 8 + 4 * (1 - j % 2))), tl.load(x_at + j * XW),
+                          part)
+    else:
+        values = word_values(table, words)
+        for j in tl.static_range(8):
+            part = tl.fma(values[j], tl.load(x_at + j * XW), part)
     scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED, WORDS // 8)
     R: tl.constexpr = acc.shape[0]
     return tl.fma(part, tl.broadcast_to(scale[:, :, None], (R, WORDS // 8, 8)).reshape(R, WORDS), acc)
@@ -209,7 +236,7 @@ def matvec_step(acc, table, words, x_ptr, absmax_ptr, absmax2_ptr, code2_ptr, of
 @triton.jit
 def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, KW, KB, XW: tl.constexpr,
            NESTED: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, PER_SM: tl.constexpr = 0,
-           PDL: tl.constexpr = False):
+           PDL: tl.constexpr = False, SHUFFLE: tl.constexpr = False):
     """out[N] = W[N, K] @ x[K] (one row of x: a decode step at batch 1). A program: BLOCK_N rows of W, WORDS int32
     words (8 codes each) of every row a step, the next step's words loaded before this step's are used. x comes as
     code_major() lays it out (fp32, row j holding code position j of every word, XW words a row, zeros past KW), so
@@ -220,13 +247,17 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
     pipeline: the first words of its next block are loaded during the last step of the one before (else each block's
     first load waits a whole memory latency). PDL (launched as a programmatic dependent launch): the first words are
     loaded before the kernel that writes x has finished; gdc_wait() holds every read of x until it has. PER_SM: the
-    programs an SM runs at once, for the launcher (0: a program a block)."""
+    programs an SM runs at once, for the launcher (0: a program a block). SHUFFLE: the table lookup by warp shuffle
+    (lane_table(), shuffle_lookup(); PTX, so not under Triton's interpreter), else by tl.gather (word_values())."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
-    table = tl.load(code_ptr + tl.arange(0, 16))                                  # the 16-entry code (nf4 or fp4)
     col = tl.arange(0, WORDS)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     next_words = tl.load(w_ptr + rows[:, None] * KW + col[None, :],
                          mask=(rows < N)[:, None] & (col < KW)[None, :], other=0)
+    if SHUFFLE:
+        table = lane_table(code_ptr, rows[:, None] * 0 + col[None, :] * 0)
+    else:
+        table = tl.load(code_ptr + tl.arange(0, 16))                              # the 16-entry code (nf4 or fp4)
     if PDL:
         tl.extra.cuda.gdc_wait()
     for b in range(pid, tl.cdiv(N, BLOCK_N), programs):
@@ -244,7 +275,7 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
             ahead_w0 = tl.where(last, 0, w0 + WORDS)
             next_words = tl.load(w_at + ahead, mask=ahead_ok[:, None] & (ahead_w0 + col < KW)[None, :], other=0)
             acc = matvec_step(acc, table, words, x_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok,
-                              col, w0, KB, XW, NESTED, WORDS)
+                              col, w0, KB, XW, NESTED, WORDS, SHUFFLE)
         tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 @triton.jit
@@ -282,7 +313,7 @@ MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, PER_SM=per_sm),
                               (8, 128, 4, 80, 0), (16, 128, 8, None, 0), (32, 128, 8, None, 0), (8, 64, 4, None, 0),
                               (16, 32, 4, None, 0), (8, 128, 4, 80, 6), (8, 128, 4, 80, 3), (16, 128, 4, None, 4),
                               (16, 128, 8, 80, 3)]],
-                         key=["N", "KW"], **AUTOTUNE_CACHE)(matvec)
+                         key=["N", "KW", "SHUFFLE"], **AUTOTUNE_CACHE)(matvec)
 MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first, SPLIT=split), num_warps=warps,
                                         num_stages=stages)
                           for n, w, first, warps, split, stages in [
@@ -291,6 +322,11 @@ MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first, 
                               (32, 32, False, 4, 4, 3), (64, 16, True, 4, 2, 3), (64, 16, True, 4, 4, 3)]],
                          key=["N", "KW"], **AUTOTUNE_CACHE)(matmul)
 MAX_SPLIT = max(c.kwargs["SPLIT"] for c in MATMUL.configs)
+# The matvec's table lookup on a GPU: by warp shuffle (True) or by tl.gather from shared memory (False). Both give the
+# same values to the same multiply-adds (the same outputs, bit for bit); the shuffle issues fewer instructions a code
+# (benchmarks/inspect_kernel_4bit.py) but has not yet been timed on a GPU (benchmarks/probe_matvec_shuffle.py times
+# both), so the measured form stays the default.
+SHUFFLE_ON_GPU = False
 # code_major() pads x's rows with zeros to a multiple of this many words, a multiple of every matvec step's words (its
 # last step reads x unmasked: a masked word is code 0, whose value is not 0).
 X_WORDS = 256
@@ -346,11 +382,13 @@ def programs(n: int, block_n: int, per_sm: int, device) -> int:
 @torch.library.custom_op("ds_bnb_infer::matvec_4bit", mutates_args=())
 def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor,
                 code2: torch.Tensor, code: torch.Tensor, offset: torch.Tensor, out_features: int, nested: bool,
-                out_dtype: torch.dtype, tiling: list[int] | None = None, pdl: bool | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype, tiling: list[int] | None = None, pdl: bool | None = None,
+                shuffle: bool | None = None) -> torch.Tensor:
     """The matvec [1, N] in out_dtype, x given as code_major(x). A custom op: torch.compile keeps it whole in the
     compiled step (and a CUDA graph captures its launch). Its tiling is autotuned; tiling (BLOCK_N, BLOCKS[,
     PROGRAMS]): rows of W and blocks of 64 codes a step (and at most that many programs; Triton's interpreter, the
-    tests, the probes). pdl: launched as a programmatic dependent launch where the GPU can (None) or not (False)."""
+    tests, the probes). pdl: launched as a programmatic dependent launch where the GPU can (None) or not (False).
+    shuffle: the table lookup on a GPU by warp shuffle or not (None: SHUFFLE_ON_GPU; the tests, the probes)."""
     n = out_features
     kw = packed.numel() // 4 // n
     if not xt.is_contiguous() or xt.shape[0] != 8 or xt.shape[1] < kw or xt.shape[1] % X_WORDS:
@@ -364,16 +402,20 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
     # enable_fp_fusion=False: a scale's product and its sum with the offset are rounded apart, as in bitsandbytes (a
     # fused multiply-add rounds once: a scale could differ in its last bit); the products with x are tl.fma.
     pdl = {"PDL": True, "launch_pdl": True} if pdl_capable(xt.device) and pdl is not False else {}
+    # Triton's interpreter (a CPU's tests) runs no PTX: the lookup by tl.gather there, whatever SHUFFLE_ON_GPU says.
+    shuffle = (SHUFFLE_ON_GPU if shuffle is None else shuffle) and xt.device.type == "cuda"
     if tiling is None:
         MATVEC[lambda meta: (programs(n, meta["BLOCK_N"], meta["PER_SM"], xt.device),)](
-            *args, NESTED=nested, enable_fp_fusion=False, **pdl)
+            *args, NESTED=nested, SHUFFLE=shuffle, enable_fp_fusion=False, **pdl)
     else:
         grid = min(triton.cdiv(n, tiling[0]), tiling[2]) if tiling[2:] else triton.cdiv(n, tiling[0])
-        matvec[(grid,)](*args, NESTED=nested, BLOCK_N=tiling[0], WORDS=8 * tiling[1], enable_fp_fusion=False, **pdl)
+        matvec[(grid,)](*args, NESTED=nested, BLOCK_N=tiling[0], WORDS=8 * tiling[1], SHUFFLE=shuffle,
+                        enable_fp_fusion=False, **pdl)
     return out
 
 @matvec_4bit.register_fake
-def _(xt, packed, absmax, absmax2, code2, code, offset, out_features, nested, out_dtype, tiling=None, pdl=None):
+def _(xt, packed, absmax, absmax2, code2, code, offset, out_features, nested, out_dtype, tiling=None, pdl=None,
+      shuffle=None):
     return xt.new_empty(1, out_features, dtype=out_dtype)
 
 @torch.library.custom_op("ds_bnb_infer::matmul_rows_4bit", mutates_args=())

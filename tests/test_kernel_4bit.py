@@ -279,30 +279,42 @@ def test_triton_kernel_dequantizes_bit_for_bit_and_multiplies_under_the_interpre
 
 
 def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
-    """The matvec's design read from the machine code Triton makes for sm_90, without a GPU: its table in shared
-    memory, a word's codes looked up by one gather, each block's scale once on its words' sums, x loaded in the
-    tile's own layout (code_major()): under 7 instructions a code at every tiling its autotuner tries (under 5.5 at
-    16 rows x 128 words; 2-3.5 of them on the integer pipe, at least a shift and a mask a code), at most 128 registers a thread, at most 4 barriers a step, nothing spilled (one tiling's
-    registers are capped). The former forms: over 25 instructions a code (the table in global memory), 20 barriers a
-    step (x a vector, moved through shared memory at each code position). The tensor-core form: fewer instructions a
-    code of W with W the dot's first operand than with x first, and with Triton's pipeline its loads copied
-    asynchronously. Launched as a programmatic dependent launch (Hopper),
-    the matvec waits for the kernel before it (griddepcontrol.wait) before it reads x; it keeps its own pipeline of
-    loads into registers (no asynchronous copies, LDGSTS: Triton's pipeline was slower, kernel_4bit.py)."""
+    """The matvec's design read from the machine code Triton makes for sm_90, without a GPU: each block's scale once on
+    its words' sums, x loaded in the tile's own layout (code_major()), at most 128 registers a thread, at most 4
+    barriers a step, nothing spilled (one tiling's registers are capped), at every tiling its autotuner tries. Its
+    table lookup by tl.gather (from shared memory): under 7 instructions a code (under 5.5 at 16 rows x 128 words),
+    2-3.5 of them on the integer pipe (a shift and a mask a code) and a shared-memory load a code. By warp shuffle
+    (kernel_4bit.SHUFFLE_ON_GPU): a shuffle a code and no table in shared memory, under 2 integer instructions a code
+    (one shift), under 5 instructions a code at every long-row tiling (under 4 at 16 x 128). The former forms: over
+    25 instructions a code (the table in global memory), 20 barriers a step (x a vector, moved through shared memory
+    at each code position). The tensor-core form: fewer instructions a code of W with W the dot's first operand than
+    with x first, and with Triton's pipeline its loads copied asynchronously. Launched as a programmatic dependent
+    launch (Hopper), the matvec waits for the kernel before it (griddepcontrol.wait) before it reads x; it keeps its
+    own pipeline of loads into registers (no asynchronous copies, LDGSTS: Triton's pipeline was slower,
+    kernel_4bit.py)."""
     from extensions import kernel_4bit
     path = tmp_path / "inspect.json"
     r = run_group([sys.executable, str(ROOT / "benchmarks" / "inspect_kernel_4bit.py"), "--json", str(path)],
                   timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(path.read_text())["rows"]
-    now = [row for row in rows if row["kernel"].startswith("matvec")]
-    assert len(now) == len(kernel_4bit.MATVEC.configs) and all(
-        row["instructions_per_code"] < 7 and row["registers"] <= 128 and row["barriers"] <= 4 and row["spills"] == 0
-        for row in now), now
-    assert next(row for row in now if row["tiling"] == "BLOCK_N=16 WORDS=128 warps=4")["instructions_per_code"] < 5.5
+    gather = [row for row in rows if row["kernel"].startswith("matvec (kernel_4bit.py), lookup by tl.gather")]
+    shuffle = [row for row in rows if row["kernel"].startswith("matvec (kernel_4bit.py), lookup by warp shuffle")]
+    now = gather + shuffle
+    assert len(gather) == len(shuffle) == len(kernel_4bit.MATVEC.configs) and all(
+        row["registers"] <= 128 and row["barriers"] <= 4 and row["spills"] == 0 for row in now), now
+    assert sum("(the GPU's)" in row["kernel"] for row in now) == len(kernel_4bit.MATVEC.configs), now
     assert any("maxnreg" in row["tiling"] for row in now), now
-    # a code's shift and mask on the integer pipe (half a warp a cycle): at least 2 of its instructions a code
-    assert all(2 <= row["alu_per_code"] < 3.5 for row in now), now
+    at_16x128 = "BLOCK_N=16 WORDS=128 warps=4"
+    # tl.gather: a shift and a mask a code on the integer pipe (half a warp a cycle), and a shared-memory load
+    assert all(row["instructions_per_code"] < 7 and 2 <= row["alu_per_code"] < 3.5
+               and row["shared_loads_per_code"] >= 1 for row in gather), gather
+    assert next(row for row in gather if row["tiling"] == at_16x128)["instructions_per_code"] < 5.5
+    # the shuffle: one a code, no shared-memory load a code (a few a step: the sums across a row's threads), a shift
+    assert all(row["shuffles_per_code"] >= 1 and row["shared_loads_per_code"] < 0.1 and row["alu_per_code"] < 2
+               and row["instructions_per_code"] < 5.5 for row in shuffle), shuffle
+    assert all(row["instructions_per_code"] < 5 for row in shuffle if "WORDS=128" in row["tiling"]), shuffle
+    assert next(row for row in shuffle if row["tiling"] == at_16x128)["instructions_per_code"] < 4
     assert all(row["waits_for_prior_kernel"] for row in now), now
     assert not any(row["async_copies"] for row in now), now      # its own pipeline: loads into registers
     # the tensor-core form: its tile as the dot's first operand (read from registers) can spend fewer than x first;
@@ -349,8 +361,11 @@ def test_4bit_runs_weight_only_by_default_verified(tmp_path):
 @pytest.mark.gpu
 def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_path):
     """On a GPU: the kernel's dequantization equals bitsandbytes' for bf16 too (one layer, and layers concatenated),
-    its matmul (1 and 16 rows) is near x @ W^T, and the compiled fast loop over Int4WeightOnly layers (the default of
-    --quant 4bit, q/k/v and gate/up fused) is verified, its kernels checked against their weights first."""
+    its matmul (1 and 16 rows) is near x @ W^T, the matvec's products with one-hot rows of x are the dequantized
+    weight's columns bit for bit with each table lookup (tl.gather, and the warp shuffle that only a GPU runs), the two
+    lookups' products with any x equal, and the compiled fast loop over
+    Int4WeightOnly layers (the default of --quant 4bit, q/k/v and gate/up fused) is verified, its kernels checked
+    against their weights first."""
     from extensions import kernel_4bit
     for dtype in (torch.float16, torch.bfloat16):
         for quant_type in ("nf4", "fp4"):
@@ -366,6 +381,20 @@ def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_
                                                     nested, state.dtype)
                         exact = x.float() @ want.float().t()
                         assert float((y.float() - exact).norm() / exact.norm()) < 1e-2
+                    # one-hot rows of x: the matvec with each table lookup (the warp shuffle is PTX, which Triton's
+                    # interpreter cannot run) gives back the dequantized weight column by column, every nibble's
+                    # place; and the two lookups' products with a random x are the same, bit for bit
+                    columns = [*range(16), shape[1] // 2 + 3, shape[1] - 1]
+                    x = torch.zeros(len(columns) + 1, shape[1], device="cuda", dtype=dtype)
+                    x[range(len(columns)), columns] = 1
+                    x[-1] = torch.randn(shape[1], device="cuda")
+                    got = {shuffle: torch.cat([kernel_4bit.matvec_4bit(kernel_4bit.code_major(row[None]), packed,
+                                                                       absmax, absmax2, code2, code, offset, shape[0],
+                                                                       nested, dtype, shuffle=shuffle) for row in x])
+                           for shuffle in (False, True)}
+                    case = (dtype, quant_type, double_quant, shape)
+                    assert all(torch.equal(y[:-1], want[:, columns].t()) for y in got.values()), case
+                    assert torch.equal(got[False][-1], got[True][-1]), case
                 layers = parts(quant_type, True, dtype, device="cuda")
                 fused = type(module(*layers[0])).concatenate([module(*layer) for layer in layers])
                 want = torch.cat([F.dequantize_4bit(*layer) for layer in layers])
