@@ -46,7 +46,7 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 def compile_kernel(fn, signature: dict, constants: dict, warps: int, arch: int, divisible: tuple, maxnreg=None,
                    stages: int = 1):
     """fn compiled for sm_<arch> (maxnreg: at most that many registers a thread; stages: Triton's num_stages, its
-    pipeline of the loads feeding a dot): (SASS text, the resource line of cuobjdump, PTX text)."""
+    pipeline of the loads feeding a dot): (SASS text, the resource line of cuobjdump, PTX text, TTGIR text)."""
     names = list(fn.arg_names)
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in signature.items()
              if t.startswith("*") or k in divisible}
@@ -63,11 +63,21 @@ def compile_kernel(fn, signature: dict, constants: dict, warps: int, arch: int, 
                               check=True).stdout
         usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", path], capture_output=True,
                                text=True, check=True).stdout
-    return sass, usage, compiled.asm["ptx"]
+    return sass, usage, compiled.asm["ptx"], compiled.asm["ttgir"]
 
 
 # The opcodes sm_90 issues to its integer pipe (Nsight Compute's "alu"); a warp's instruction occupies it 2 cycles.
 ALU = {"LOP3", "SHF", "LEA", "IADD3", "PRMT", "ISETP", "SEL", "IMNMX", "PLOP3", "IABS", "POPC", "FLO", "BMSK", "SGXT"}
+
+
+def shuffles_read_own_lane(ttgir: str):
+    """For the shuffle lookup: does every warp shuffle read its table from a scalar splat over the tensor (each
+    thread's own register, its lane's entry)? None without shuffles. False: a tensor operand, which Triton may have
+    built in another layout and moved between threads (a layout conversion: then a lane holds another lane's entry,
+    and the lookup is wrong; Triton 3.6 did so with a tensor-valued table)."""
+    tables = re.findall(r'tt\.elementwise_inline_asm "shfl\.sync\.idx[^"]*"[^%]*(%[\w.]+),', ttgir)
+    splats = set(re.findall(r"(%[\w.]+) = tt\.splat %[\w.]+ : i32 ->", ttgir))
+    return all(t in splats for t in tables) if tables else None
 
 
 def loop_of(sass: str):
@@ -129,7 +139,7 @@ def main() -> int:
                       n * blocks * 64 // (32 * warps), ("N", "K"), None))
     rows = []
     for kernel, tiling, fn, signature, constants, warps, codes, divisible, regs, *stages in cases:
-        sass, usage, ptx = compile_kernel(fn, signature, constants, warps, args.arch, divisible, regs, *stages)
+        sass, usage, ptx, ttgir = compile_kernel(fn, signature, constants, warps, args.arch, divisible, regs, *stages)
         loop = loop_of(sass)
         regs = int(re.search(r"REG:(\d+)", usage).group(1))
         shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
@@ -141,7 +151,8 @@ def main() -> int:
                          async_copies=loop.count("LDGSTS"),        # Triton's pipeline: global -> shared, no registers
                          alu_per_code=round(sum(i in ALU for i in loop) / codes, 2),
                          shared_loads_per_code=round(loop.count("LDS") / codes, 2),
-                         shuffles_per_code=round(loop.count("SHFL") / codes, 2), most_frequent=dict(top)))
+                         shuffles_per_code=round(loop.count("SHFL") / codes, 2),
+                         shuffles_read_own_lane=shuffles_read_own_lane(ttgir), most_frequent=dict(top)))
         print(f"{kernel:36s} {tiling:30s} {regs:3d} registers, loop {len(loop):4d} instructions for {codes:3d} codes "
               f"a thread: {len(loop) / codes:5.2f} a code ({rows[-1]['alu_per_code']:4.2f} ALU); "
               f"{', '.join(f'{k} {v}' for k, v in top)}", flush=True)

@@ -92,8 +92,8 @@ def sass():
     sig = dict(x_ptr="*fp32", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32", KB="i32", XW="i32")
     for n, w, warps, regs in [(8, 128, 4, None), (8, 128, 4, 80), (16, 64, 4, None), (16, 128, 4, None),
                               (8, 64, 4, None), (32, 32, 4, None), (8, 256, 4, None)]:
-        s, usage, ptx = I.compile_kernel(matvec_rows, sig, dict(NESTED=True, BLOCK_N=n, WORDS=w, PDL=True), warps, 90,
-                                         ("N", "KW", "XW"), regs)
+        s, usage, ptx, _ = I.compile_kernel(matvec_rows, sig, dict(NESTED=True, BLOCK_N=n, WORDS=w, PDL=True), warps,
+                                            90, ("N", "KW", "XW"), regs)
         loop = I.loop_of(s)
         codes = n * w * 8 // (32 * warps)
         print(n, w, warps, regs, re.search(r"REG:(\d+)", usage).group(1), "regs", len(loop), "instr",

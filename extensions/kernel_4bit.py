@@ -134,10 +134,12 @@ def word_values(table, words):
     return v0, v1, v2, v3, v4, v5, v6, v7
 
 @triton.jit
-def lane_table(code_ptr, like):
-    """For the shuffle lookup: each element of a tensor of `like`'s shape holds, as int32 bits, the 16-entry table's
-    entry of its thread's lane (lane & 15): the warp's 32 lanes hold the table twice over."""
-    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+def lane_table(code_ptr):
+    """For the shuffle lookup: the 16-entry table's entry of this thread's lane (lane & 15), as int32 bits: the warp's
+    32 lanes hold the table twice over. A scalar, on purpose: each thread keeps its own in a register, and a scalar
+    given to a tensor's operation is that thread's register. A tensor's element may be moved to another thread (a
+    layout conversion, which Triton inserts where it likes), and then it holds another lane's entry."""
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
     return tl.load(code_ptr + (lane & 15)).to(tl.int32, bitcast=True)
 
 @triton.jit
@@ -255,7 +257,7 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
     next_words = tl.load(w_ptr + rows[:, None] * KW + col[None, :],
                          mask=(rows < N)[:, None] & (col < KW)[None, :], other=0)
     if SHUFFLE:
-        table = lane_table(code_ptr, rows[:, None] * 0 + col[None, :] * 0)
+        table = lane_table(code_ptr)
     else:
         table = tl.load(code_ptr + tl.arange(0, 16))                              # the 16-entry code (nf4 or fp4)
     if PDL:

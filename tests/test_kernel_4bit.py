@@ -285,7 +285,8 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
     table lookup by tl.gather (from shared memory): under 7 instructions a code (under 5.5 at 16 rows x 128 words),
     2-3.5 of them on the integer pipe (a shift and a mask a code) and a shared-memory load a code. By warp shuffle
     (kernel_4bit.SHUFFLE_ON_GPU): a shuffle a code and no table in shared memory, under 2 integer instructions a code
-    (one shift), under 5 instructions a code at every long-row tiling (under 4 at 16 x 128). The former forms: over
+    (one shift), under 5 instructions a code at every long-row tiling (under 4 at 16 x 128), each shuffle reading its
+    lane's table entry from a per-thread scalar (kernel_4bit.lane_table()). The former forms: over
     25 instructions a code (the table in global memory), 20 barriers a step (x a vector, moved through shared memory
     at each code position). The tensor-core form: fewer instructions a code of W with W the dot's first operand than
     with x first, and with Triton's pipeline its loads copied asynchronously. Launched as a programmatic dependent
@@ -315,6 +316,8 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
                and row["instructions_per_code"] < 5.5 for row in shuffle), shuffle
     assert all(row["instructions_per_code"] < 5 for row in shuffle if "WORDS=128" in row["tiling"]), shuffle
     assert next(row for row in shuffle if row["tiling"] == at_16x128)["instructions_per_code"] < 4
+    # and each shuffle reads the table from its own thread's scalar (a tensor may be moved between threads)
+    assert all(row["shuffles_read_own_lane"] for row in shuffle), shuffle
     assert all(row["waits_for_prior_kernel"] for row in now), now
     assert not any(row["async_copies"] for row in now), now      # its own pipeline: loads into registers
     # the tensor-core form: its tile as the dot's first operand (read from registers) can spend fewer than x first;
