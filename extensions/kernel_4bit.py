@@ -37,7 +37,9 @@ conflicts; a 256-entry table of a byte's two values, half the loads, measured sl
 all is written too (SHUFFLE_ON_GPU, below): every lane of a warp holds one entry (lane l the entry l mod 16) and a
 warp shuffle reads it from the lane whose number is the code, so a code costs one shift (the shuffle's lane index
 keeps 5 bits, and lanes l and l + 16 hold the same entry: no mask, no index scaled to an address), where tl.gather
-takes a shift, a mask and a scaling besides its load, on the integer pipe that takes half a warp a cycle. Each
+takes a shift, a mask and a scaling besides its load, on the integer pipe that takes half a warp a cycle. A lane's
+entry is a scalar of its thread, not a tensor: Triton may move a tensor's elements between threads (a layout
+conversion), and then a lane holds another lane's entry (Triton 3.6 did, with a tensor-valued table). Each
 word's 8 products with x are summed in registers (fused multiply-adds) and each block's scale multiplies its words'
 sums once, not each weight. x must reach each thread in the tile's own layout: a vector of x broadcast over the rows
 is moved through shared memory with two barriers at each of the 8 code positions, so the matvec takes x as
@@ -325,9 +327,10 @@ MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first, 
                          key=["N", "KW"], **AUTOTUNE_CACHE)(matmul)
 MAX_SPLIT = max(c.kwargs["SPLIT"] for c in MATMUL.configs)
 # The matvec's table lookup on a GPU: by warp shuffle (True) or by tl.gather from shared memory (False). Both give the
-# same values to the same multiply-adds (the same outputs, bit for bit); the shuffle issues fewer instructions a code
-# (benchmarks/inspect_kernel_4bit.py) but has not yet been timed on a GPU (benchmarks/probe_matvec_shuffle.py times
-# both), so the measured form stays the default.
+# same values to the same multiply-adds (the same outputs, bit for bit: benchmarks/probe_matvec_shuffle.py checks it on
+# a GPU, and times both); the shuffle issues fewer instructions a code (benchmarks/inspect_kernel_4bit.py), but its
+# kernel times are mixed so far (faster at three of the 7B shapes, slower at down_proj's; benchmarks/README.md) and
+# it has not been timed end to end, so the measured form stays the default.
 SHUFFLE_ON_GPU = False
 # code_major() pads x's rows with zeros to a multiple of this many words, a multiple of every matvec step's words (its
 # last step reads x unmasked: a masked word is code 0, whose value is not 0).

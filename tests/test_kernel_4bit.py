@@ -391,9 +391,11 @@ def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_
                     x = torch.zeros(len(columns) + 1, shape[1], device="cuda", dtype=dtype)
                     x[range(len(columns)), columns] = 1
                     x[-1] = torch.randn(shape[1], device="cuda")
+                    # (at one tiling: the autotuner would compile and time each of its tilings at each shape)
                     got = {shuffle: torch.cat([kernel_4bit.matvec_4bit(kernel_4bit.code_major(row[None]), packed,
                                                                        absmax, absmax2, code2, code, offset, shape[0],
-                                                                       nested, dtype, shuffle=shuffle) for row in x])
+                                                                       nested, dtype, [8, 16], shuffle=shuffle)
+                                               for row in x])
                            for shuffle in (False, True)}
                     case = (dtype, quant_type, double_quant, shape)
                     assert all(torch.equal(y[:-1], want[:, columns].t()) for y in got.values()), case
