@@ -7,10 +7,11 @@ shared memory, and the instructions of the loop over K with the codes a thread h
 (for the tensor-core matmul: a code of W, multiplied by 16 rows of x),
 and the most frequent ones (LDS: a shared-memory load, the table lookup by tl.gather; LDG: a global load; BAR: a
 barrier; SHFL: a shuffle between threads, the table lookup by warp shuffle). The kernels: extensions/kernel_4bit.py's
-matvec with each of its two table lookups (its SHUFFLE_ON_GPU picks the GPU's; Triton's interpreter runs tl.gather's)
-and its tensor-core matmul (the tilings their autotuners try), and two former forms of the matvec
-(probe_kernel_4bit_variants.py's `prefetch`, the table in global memory and each weight rounded; its `smem`, x a
-vector broadcast over the rows: through shared memory, with barriers). Integer arguments are taken divisible by 16
+matvec with each of its two table lookups (its SHUFFLE_ON_GPU picks the GPU's; Triton's interpreter runs tl.gather's),
+each with its absmax loaded in the step that uses it and a step ahead (SCALES_AHEAD), and its tensor-core matmul (the
+tilings their autotuners try), and two former forms of the matvec (probe_kernel_4bit_variants.py's `prefetch`, the
+table in global memory and each weight rounded; its `smem`, x a vector broadcast over the rows: through shared memory,
+with barriers). Integer arguments are taken divisible by 16
 and pointers 16-byte aligned, as Triton specializes them at the 7B shapes.
 
 It also counts the loop's instructions that run on the integer pipe (ALU: shifts, logic, LEA, IADD3, PRMT,
@@ -101,19 +102,23 @@ def main() -> int:
     args = parser.parse_args()
     common = dict(w_ptr="*i32", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32", code_ptr="*fp32")
     cases = []
-    for shuffle, lookup in ((False, "tl.gather"), (True, "warp shuffle")):     # kernel_4bit.SHUFFLE_ON_GPU's two
+    # kernel_4bit.SHUFFLE_ON_GPU's two lookups, each with the absmax loaded in its step and a step ahead (SCALES_AHEAD)
+    for ahead, shuffle, lookup in [(a, s, name) for a in (False, True)
+                                   for s, name in ((False, "tl.gather"), (True, "warp shuffle"))]:
         for n, words, warps, regs, per_sm in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.num_warps, c.maxnreg,
                                                c.kwargs["PER_SM"])
                                               for c in kernel_4bit.MATVEC.configs]:  # what its autotuner tries
-            cases.append((f"matvec (kernel_4bit.py), lookup by {lookup}"
-                          + (" (the GPU's)" if shuffle == kernel_4bit.SHUFFLE_ON_GPU else ""),
+            cases.append((f"matvec (kernel_4bit.py){', absmax a step ahead' if ahead else ''}, lookup by {lookup}"
+                          + (" (the GPU's)" if (shuffle, ahead) == (kernel_4bit.SHUFFLE_ON_GPU,
+                                                                      kernel_4bit.SCALES_AHEAD) else ""),
                           f"BLOCK_N={n} WORDS={words} warps={warps}" + (f" maxnreg={regs}" if regs else "")
                           + (f" per_sm={per_sm}" if per_sm else ""),
                           kernel_4bit.matvec,
                           dict(x_ptr="*fp32", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32",
                                KB="i32"),
                           dict(NESTED=True, BLOCK_N=n, WORDS=words, PER_SM=per_sm, PDL=True, XW=512,  # the 7B's x
-                               SHUFFLE=shuffle), warps, n * words * 8 // (32 * warps), ("N", "KW"), regs))
+                               SHUFFLE=shuffle, SCALES_AHEAD=ahead), warps, n * words * 8 // (32 * warps),
+                          ("N", "KW"), regs))
     for n, words, warps in [(16, 128, 4), (8, 128, 4)]:
         cases.append(("former smem matvec (variants' smem)", f"BLOCK_N={n} WORDS={words} warps={warps}",
                       variants.matvec_smem,

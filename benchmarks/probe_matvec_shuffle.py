@@ -1,13 +1,14 @@
 """Usage (one GPU, repo root): python3 benchmarks/probe_matvec_shuffle.py --json $OUT/shuffle.json
 
-Device probe (issue 25): extensions/kernel_4bit.py's matvec with its two table lookups, each autotuned over the
-matvec's own tilings at the 7B shapes the fused loop runs: `gather` (tl.gather from the 16-entry table in shared
-memory: a shift, a mask and an index scaled to a byte offset a code, then a shared-memory load) and `shuffle` (a
-warp shuffle from the lane whose number is the code: a shift a code, no mask, no table in shared memory;
-benchmarks/inspect_kernel_4bit.py counts both). Each is timed as one CUDA graph cycling through 8 copies of the
-weights (so every call reads memory); before that, the two forms' outputs are compared bit for bit (the same values
-in the same fused multiply-adds: they must be equal), and the shuffle form's one-hot products against bitsandbytes'
-dequantize_4bit, column by column (nf4 and fp4, double quantization on and off, fp16 and bf16).
+Device probe (issue 25): extensions/kernel_4bit.py's matvec with its two table lookups, each with its absmax loaded
+in the step that uses it and a step ahead (`_ahead`, SCALES_AHEAD), each autotuned over the matvec's own tilings at
+the 7B shapes the fused loop runs: `gather` (tl.gather from the 16-entry table in shared memory: a shift, a mask and
+an index scaled to a byte offset a code, then a shared-memory load) and `shuffle` (a warp shuffle from the lane whose
+number is the code: a shift a code, no mask, no table in shared memory; benchmarks/inspect_kernel_4bit.py counts
+them). Each is timed as one CUDA graph cycling through 8 copies of the weights (so every call reads memory); before
+that, the forms' outputs are compared bit for bit (the same values in the same fused multiply-adds: they must be
+equal), and the shuffle form's one-hot products against bitsandbytes' dequantize_4bit, column by column (nf4 and fp4,
+double quantization on and off, fp16 and bf16).
 """
 import argparse
 import json
@@ -24,14 +25,19 @@ from probe_kernel_4bit import graph_time  # noqa: E402
 SHAPES = {"q/k/v fused": (12288, 4096), "gate/up fused": (22016, 4096), "o": (4096, 4096), "down": (4096, 11008)}
 
 
-def run(xt, packed, args, n, nested, shuffle, out_dtype=torch.float16, tiling=None):
-    """The matvec (kernel_4bit.matvec_4bit) with the lookup given, autotuned (its autotuner keys on the lookup too),
+FORMS = {"gather": (False, False), "shuffle": (True, False), "gather_ahead": (False, True),
+         "shuffle_ahead": (True, True)}   # (shuffle, scales_ahead)
+
+
+def run(xt, packed, args, n, nested, form, out_dtype=torch.float16, tiling=None):
+    """The matvec (kernel_4bit.matvec_4bit) in the form given (FORMS), autotuned (its autotuner keys on the form too),
     or at tiling (rows, blocks of 64 codes a step)."""
-    return K.matvec_4bit(xt, packed, *args, n, nested, out_dtype, tiling, None, shuffle)
+    return K.matvec_4bit(xt, packed, *args, n, nested, out_dtype, tiling, None, *FORMS[form])
 
 
 def exact(report):
-    """The shuffle form against the gather form (random x) and against dequantize_4bit (one-hot x)."""
+    """Every form against the gather form (random x; 3 programs, each taking several blocks) and the shuffle form
+    against dequantize_4bit (one-hot x)."""
     import bitsandbytes.functional as F
     torch.manual_seed(0)
     for quant in ("nf4", "fp4"):
@@ -42,20 +48,21 @@ def exact(report):
                 packed, qs = F.quantize_4bit(w, blocksize=64, quant_type=quant, compress_statistics=nested)
                 args, nested_ = K.state_args(qs)
                 x = torch.randn(1, k, device="cuda", dtype=dtype)
-                a, b = (run(K.code_major(x), packed, args, n, nested_, s, dtype, [8, 16])
-                        for s in (False, True))
+                a, *others = (run(K.code_major(x), packed, args, n, nested_, form, dtype, [8, 16, 3])
+                              for form in FORMS)
                 deq = F.dequantize_4bit(packed, qs)
                 cols = list(range(0, k, 97))
                 onehot = torch.zeros(len(cols), k, device="cuda", dtype=dtype)
                 onehot[torch.arange(len(cols)), cols] = 1
-                got = torch.stack([run(K.code_major(onehot[i:i + 1]), packed, args, n, nested_, True, dtype,
+                got = torch.stack([run(K.code_major(onehot[i:i + 1]), packed, args, n, nested_, "shuffle", dtype,
                                        [8, 16])[0]
                                    for i in range(len(cols))], 1)
-                case = dict(quant=quant, nested=nested, dtype=str(dtype), shuffle_equals_gather=bool(torch.equal(a, b)),
+                case = dict(quant=quant, nested=nested, dtype=str(dtype),
+                            forms_equal_gather=all(bool(torch.equal(a, b)) for b in others),
                             onehot_equals_dequantize=bool(torch.equal(got, deq[:, cols])))
                 report["exact"].append(case)
                 print(case, flush=True)
-    return all(c["shuffle_equals_gather"] and c["onehot_equals_dequantize"] for c in report["exact"])
+    return all(c["forms_equal_gather"] and c["onehot_equals_dequantize"] for c in report["exact"])
 
 
 def main() -> int:
@@ -68,7 +75,7 @@ def main() -> int:
     ok = exact(report)
     json.dump(report, open(args.json, "w"), indent=1)
     if not ok:
-        print("the shuffle form is not exact: not timed")
+        print("a form is not exact: none timed")
         return 1
     for name, (n, k) in SHAPES.items():
         copies = []
@@ -78,15 +85,13 @@ def main() -> int:
             copies.append((packed, K.state_args(qs)[0]))
         xt = K.code_major(torch.randn(1, k, device="cuda", dtype=torch.float16))
         row = {"shape": name, "n": n, "k": k}
-        for shuffle in (False, True):
-            label = "shuffle" if shuffle else "gather"
-            t = graph_time([lambda c=c: run(xt, c[0], c[1], n, True, shuffle) for c in copies])
+        for label in FORMS:
+            t = graph_time([lambda c=c: run(xt, c[0], c[1], n, True, label) for c in copies])
             row[label + "_us"] = t * 1e6
             row[label + "_config"] = str(K.MATVEC.best_config)
             row[label + "_GBps"] = (copies[0][0].numel() + copies[0][1][0].numel()) / t / 1e9
-        print(f"{name}: gather {row['gather_us']:.1f} us ({row['gather_GBps']:.0f} GB/s),"
-              f" shuffle {row['shuffle_us']:.1f}"
-              f" us ({row['shuffle_GBps']:.0f} GB/s), {row['gather_us'] / row['shuffle_us']:.2f}x", flush=True)
+        print(f"{name}: " + ", ".join(f"{label} {row[label + '_us']:.1f} us ({row[label + '_GBps']:.0f} GB/s)"
+                                      for label in FORMS), flush=True)
         report["shapes"].append(row)
         json.dump(report, open(args.json, "w"), indent=1)
     return 0

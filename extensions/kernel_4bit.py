@@ -155,18 +155,33 @@ def shuffle_lookup(table_bits, codes):
     return bits.to(tl.float32, bitcast=True)
 
 @triton.jit
-def block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED: tl.constexpr,
-                 BLOCKS: tl.constexpr):
-    """The fp32 scales [R, BLOCKS] of the blocks that start at word w0 (8 words a block), as bitsandbytes computes
-    them (the module docstring); offset: the rows' offsets [R] (double quantization)."""
+def load_absmax(absmax_ptr, rows, row_ok, w0, KB, BLOCKS: tl.constexpr):
+    """The stored absmax [R, BLOCKS] of the blocks that start at word w0 (8 words a block): with double quantization
+    each an 8-bit index into the second level's code, else the fp32 scale itself."""
     blocks = w0 // 8 + tl.arange(0, BLOCKS)
-    block = rows[:, None] * KB + blocks[None, :]
-    ok = row_ok[:, None] & (blocks < KB)[None, :]
-    scale = tl.load(absmax_ptr + block, mask=ok, other=0)
+    return tl.load(absmax_ptr + rows[:, None] * KB + blocks[None, :],
+                   mask=row_ok[:, None] & (blocks < KB)[None, :], other=0)
+
+@triton.jit
+def scales_of(absmax, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED: tl.constexpr,
+              BLOCKS: tl.constexpr):
+    """The fp32 scales [R, BLOCKS] of those blocks from their stored absmax (load_absmax()), as bitsandbytes computes
+    them (the module docstring); offset: the rows' offsets [R] (double quantization)."""
+    scale = absmax
     if NESTED:
-        scale = tl.load(code2_ptr + scale.to(tl.int32)) * tl.load(absmax2_ptr + block // 256, mask=ok, other=0.0)
+        blocks = w0 // 8 + tl.arange(0, BLOCKS)
+        block = rows[:, None] * KB + blocks[None, :]
+        ok = row_ok[:, None] & (blocks < KB)[None, :]
+        scale = tl.load(code2_ptr + absmax.to(tl.int32)) * tl.load(absmax2_ptr + block // 256, mask=ok, other=0.0)
         scale = scale + offset[:, None]
     return scale
+
+@triton.jit
+def block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED: tl.constexpr,
+                 BLOCKS: tl.constexpr):
+    """The fp32 scales [R, BLOCKS] of the blocks that start at word w0, loaded and computed in one go."""
+    return scales_of(load_absmax(absmax_ptr, rows, row_ok, w0, KB, BLOCKS), absmax2_ptr, code2_ptr, offset, rows,
+                     row_ok, w0, KB, NESTED, BLOCKS)
 
 @triton.jit
 def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, part_ptr, M, N, KW, KB,
@@ -216,10 +231,10 @@ def matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
                  mask=(m < M)[:, None] & row_ok[None, :])
 
 @triton.jit
-def matvec_step(acc, table, words, x_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, col, w0, KB, XW,
+def matvec_step(acc, table, words, absmax, x_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, col, w0, KB, XW,
                 NESTED: tl.constexpr, WORDS: tl.constexpr, SHUFFLE: tl.constexpr):
     """One step of the matvec: acc [R, WORDS] plus the products of `words` (the rows' words w0 .. w0 + WORDS) with
-    x."""
+    x; absmax: their blocks' stored absmax (load_absmax())."""
     # x in the tile's shape (the same address down a column): loaded in the words' own layout, where a vector
     # broadcast over the rows would be moved through shared memory, with barriers, at every code position.
     x_at = x_ptr + (w0 + col)[None, :] + rows[:, None] * 0
@@ -233,14 +248,14 @@ def matvec_step(acc, table, words, x_ptr, absmax_ptr, absmax2_ptr, code2_ptr, of
         values = word_values(table, words)
         for j in tl.static_range(8):
             part = tl.fma(values[j], tl.load(x_at + j * XW), part)
-    scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED, WORDS // 8)
+    scale = scales_of(absmax, absmax2_ptr, code2_ptr, offset, rows, row_ok, w0, KB, NESTED, WORDS // 8)
     R: tl.constexpr = acc.shape[0]
     return tl.fma(part, tl.broadcast_to(scale[:, :, None], (R, WORDS // 8, 8)).reshape(R, WORDS), acc)
 
 @triton.jit
 def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, KW, KB, XW: tl.constexpr,
            NESTED: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, PER_SM: tl.constexpr = 0,
-           PDL: tl.constexpr = False, SHUFFLE: tl.constexpr = False):
+           PDL: tl.constexpr = False, SHUFFLE: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False):
     """out[N] = W[N, K] @ x[K] (one row of x: a decode step at batch 1). A program: BLOCK_N rows of W, WORDS int32
     words (8 codes each) of every row a step, the next step's words loaded before this step's are used. x comes as
     code_major() lays it out (fp32, row j holding code position j of every word, XW words a row, zeros past KW), so
@@ -252,12 +267,16 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
     first load waits a whole memory latency). PDL (launched as a programmatic dependent launch): the first words are
     loaded before the kernel that writes x has finished; gdc_wait() holds every read of x until it has. PER_SM: the
     programs an SM runs at once, for the launcher (0: a program a block). SHUFFLE: the table lookup by warp shuffle
-    (lane_table(), shuffle_lookup(); PTX, so not under Triton's interpreter), else by tl.gather (word_values())."""
+    (lane_table(), shuffle_lookup(); PTX, so not under Triton's interpreter), else by tl.gather (word_values()).
+    SCALES_AHEAD: the next step's absmax loaded with its words, a step ahead, else at the start of the step that uses
+    them (then each step's scales wait for a load from memory, and for the second level's code after it)."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
     col = tl.arange(0, WORDS)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     next_words = tl.load(w_ptr + rows[:, None] * KW + col[None, :],
                          mask=(rows < N)[:, None] & (col < KW)[None, :], other=0)
+    if SCALES_AHEAD:
+        next_absmax = load_absmax(absmax_ptr, rows, rows < N, 0, KB, WORDS // 8)
     if SHUFFLE:
         table = lane_table(code_ptr)
     else:
@@ -278,8 +297,14 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
             ahead_ok = tl.where(last, rows + programs * BLOCK_N < N, row_ok)
             ahead_w0 = tl.where(last, 0, w0 + WORDS)
             next_words = tl.load(w_at + ahead, mask=ahead_ok[:, None] & (ahead_w0 + col < KW)[None, :], other=0)
-            acc = matvec_step(acc, table, words, x_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok,
-                              col, w0, KB, XW, NESTED, WORDS, SHUFFLE)
+            if SCALES_AHEAD:
+                absmax = next_absmax
+                next_absmax = load_absmax(absmax_ptr, tl.where(last, rows + programs * BLOCK_N, rows), ahead_ok,
+                                          ahead_w0, KB, WORDS // 8)
+            else:
+                absmax = load_absmax(absmax_ptr, rows, row_ok, w0, KB, WORDS // 8)
+            acc = matvec_step(acc, table, words, absmax, x_ptr, absmax2_ptr, code2_ptr, offset, rows, row_ok, col,
+                              w0, KB, XW, NESTED, WORDS, SHUFFLE)
         tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 @triton.jit
@@ -317,7 +342,7 @@ MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, PER_SM=per_sm),
                               (8, 128, 4, 80, 0), (16, 128, 8, None, 0), (32, 128, 8, None, 0), (8, 64, 4, None, 0),
                               (16, 32, 4, None, 0), (8, 128, 4, 80, 6), (8, 128, 4, 80, 3), (16, 128, 4, None, 4),
                               (16, 128, 8, 80, 3)]],
-                         key=["N", "KW", "SHUFFLE"], **AUTOTUNE_CACHE)(matvec)
+                         key=["N", "KW", "SHUFFLE", "SCALES_AHEAD"], **AUTOTUNE_CACHE)(matvec)
 MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first, SPLIT=split), num_warps=warps,
                                         num_stages=stages)
                           for n, w, first, warps, split, stages in [
@@ -332,6 +357,9 @@ MAX_SPLIT = max(c.kwargs["SPLIT"] for c in MATMUL.configs)
 # kernel times are mixed so far (faster at three of the 7B shapes, slower at down_proj's; benchmarks/README.md) and
 # it has not been timed end to end, so the measured form stays the default.
 SHUFFLE_ON_GPU = False
+# The matvec's absmax loaded a step ahead, with the words (True), or in the step that uses them (False, as measured so
+# far). The same values in the same operations either way; benchmarks/probe_matvec_shuffle.py times both.
+SCALES_AHEAD = False
 # code_major() pads x's rows with zeros to a multiple of this many words, a multiple of every matvec step's words (its
 # last step reads x unmasked: a masked word is code 0, whose value is not 0).
 X_WORDS = 256
@@ -388,12 +416,13 @@ def programs(n: int, block_n: int, per_sm: int, device) -> int:
 def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor,
                 code2: torch.Tensor, code: torch.Tensor, offset: torch.Tensor, out_features: int, nested: bool,
                 out_dtype: torch.dtype, tiling: list[int] | None = None, pdl: bool | None = None,
-                shuffle: bool | None = None) -> torch.Tensor:
+                shuffle: bool | None = None, scales_ahead: bool | None = None) -> torch.Tensor:
     """The matvec [1, N] in out_dtype, x given as code_major(x). A custom op: torch.compile keeps it whole in the
     compiled step (and a CUDA graph captures its launch). Its tiling is autotuned; tiling (BLOCK_N, BLOCKS[,
     PROGRAMS]): rows of W and blocks of 64 codes a step (and at most that many programs; Triton's interpreter, the
     tests, the probes). pdl: launched as a programmatic dependent launch where the GPU can (None) or not (False).
-    shuffle: the table lookup on a GPU by warp shuffle or not (None: SHUFFLE_ON_GPU; the tests, the probes)."""
+    shuffle: the table lookup on a GPU by warp shuffle or not (None: SHUFFLE_ON_GPU; the tests, the probes).
+    scales_ahead: the absmax loaded a step ahead or not (None: SCALES_AHEAD; the tests, the probes)."""
     n = out_features
     kw = packed.numel() // 4 // n
     if not xt.is_contiguous() or xt.shape[0] != 8 or xt.shape[1] < kw or xt.shape[1] % X_WORDS:
@@ -409,18 +438,19 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
     pdl = {"PDL": True, "launch_pdl": True} if pdl_capable(xt.device) and pdl is not False else {}
     # Triton's interpreter (a CPU's tests) runs no PTX: the lookup by tl.gather there, whatever SHUFFLE_ON_GPU says.
     shuffle = (SHUFFLE_ON_GPU if shuffle is None else shuffle) and xt.device.type == "cuda"
+    ahead = SCALES_AHEAD if scales_ahead is None else scales_ahead
     if tiling is None:
         MATVEC[lambda meta: (programs(n, meta["BLOCK_N"], meta["PER_SM"], xt.device),)](
-            *args, NESTED=nested, SHUFFLE=shuffle, enable_fp_fusion=False, **pdl)
+            *args, NESTED=nested, SHUFFLE=shuffle, SCALES_AHEAD=ahead, enable_fp_fusion=False, **pdl)
     else:
         grid = min(triton.cdiv(n, tiling[0]), tiling[2]) if tiling[2:] else triton.cdiv(n, tiling[0])
         matvec[(grid,)](*args, NESTED=nested, BLOCK_N=tiling[0], WORDS=8 * tiling[1], SHUFFLE=shuffle,
-                        enable_fp_fusion=False, **pdl)
+                        SCALES_AHEAD=ahead, enable_fp_fusion=False, **pdl)
     return out
 
 @matvec_4bit.register_fake
 def _(xt, packed, absmax, absmax2, code2, code, offset, out_features, nested, out_dtype, tiling=None, pdl=None,
-      shuffle=None):
+      shuffle=None, scales_ahead=None):
     return xt.new_empty(1, out_features, dtype=out_dtype)
 
 @torch.library.custom_op("ds_bnb_infer::matmul_rows_4bit", mutates_args=())

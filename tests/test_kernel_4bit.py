@@ -201,6 +201,16 @@ for shape in SHAPES:
                                                              offset, shape[0], nested, state.dtype, [4, 4, 5])
                                      for row in x])
                     out[key]["matvec columns equal"] = bool(torch.equal(got, want[:, columns].t()))
+                if dtype == torch.float16:
+                    # the matvec with its absmax loaded a step ahead: the same products, bit for bit (a program
+                    # taking every fifth block of 4 rows: its next block's first absmax loaded at a block's end)
+                    (absmax, absmax2, code2, code, offset), nested = kernel_4bit.state_args(state)
+                    xt = kernel_4bit.code_major(torch.randn(1, shape[1], generator=torch.Generator().manual_seed(4))
+                                                .half())
+                    ahead = [kernel_4bit.matvec_4bit(xt, packed, absmax, absmax2, code2, code, offset, shape[0],
+                                                     nested, dtype, tiling, scales_ahead=a)
+                             for tiling in ([4, 4, 5], [8, 2]) for a in (False, True)]
+                    out[key]["scales ahead equal"] = torch.equal(ahead[0], ahead[1]) and torch.equal(ahead[2], ahead[3])
 # One row whose K / 8 is a multiple of X_WORDS (code_major() pads nothing: x must still come out contiguous).
 packed, state = quantized((24, 8 * kernel_4bit.X_WORDS), "nf4", True, torch.float16)
 (absmax, absmax2, code2, code, offset), nested = kernel_4bit.state_args(state)
@@ -260,7 +270,8 @@ def test_a_matvec_tiling_without_programs_is_refused():
 def test_triton_kernel_dequantizes_bit_for_bit_and_multiplies_under_the_interpreter():
     """The very kernel a GPU runs (its `tile`), interpreted on the CPU: the dequantized weight equals bitsandbytes'
     (nf4, fp4; double quant on and off; fp16 and fp32 weights; odd shapes), and its matvec (1 row of x) and tensor-core
-    path (3 rows, padded to 16; x or W the dot's first operand) equal x @ W^T within fp32 summation's rounding. Two
+    path (3 rows, padded to 16; x or W the dot's first operand) equal x @ W^T within fp32 summation's rounding; the
+    matvec with its absmax loaded a step ahead (kernel_4bit.SCALES_AHEAD) gives the same products, bit for bit. Two
     layers concatenated, each with its own offset: the dequantization, the matvec's and the tensor-core path's (one-hot
     rows of x: a product with 1 and sums of zeros, exact) equal each layer's bitsandbytes dequantize_4bit bit for
     bit."""
@@ -270,6 +281,7 @@ def test_triton_kernel_dequantizes_bit_for_bit_and_multiplies_under_the_interpre
     assert len(results) == 24 + 1 + 1 + 3
     for key, row in results.items():
         assert row["equal"] and row.get("matvec columns equal", True), (key, row)
+        assert row.get("scales ahead equal", "float16" not in key), (key, row)     # every fp16 weight has it
         assert row.get("tensor-core columns equal", True), (key, row)
         assert row.get("tensor-core W first columns equal", True), (key, row)
         assert row.get("tensor-core split columns equal", True), (key, row)
@@ -301,8 +313,9 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     gather = [row for row in rows if row["kernel"].startswith("matvec (kernel_4bit.py), lookup by tl.gather")]
     shuffle = [row for row in rows if row["kernel"].startswith("matvec (kernel_4bit.py), lookup by warp shuffle")]
-    now = gather + shuffle
-    assert len(gather) == len(shuffle) == len(kernel_4bit.MATVEC.configs) and all(
+    ahead = [row for row in rows if row["kernel"].startswith("matvec (kernel_4bit.py), absmax a step ahead")]
+    now = gather + shuffle + ahead
+    assert len(gather) == len(shuffle) == len(ahead) // 2 == len(kernel_4bit.MATVEC.configs) and all(
         row["registers"] <= 128 and row["barriers"] <= 4 and row["spills"] == 0 for row in now), now
     assert sum("(the GPU's)" in row["kernel"] for row in now) == len(kernel_4bit.MATVEC.configs), now
     assert any("maxnreg" in row["tiling"] for row in now), now
@@ -365,8 +378,8 @@ def test_4bit_runs_weight_only_by_default_verified(tmp_path):
 def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_path):
     """On a GPU: the kernel's dequantization equals bitsandbytes' for bf16 too (one layer, and layers concatenated),
     its matmul (1 and 16 rows) is near x @ W^T, the matvec's products with one-hot rows of x are the dequantized
-    weight's columns bit for bit with each table lookup (tl.gather, and the warp shuffle that only a GPU runs), the two
-    lookups' products with any x equal, and the compiled fast loop over
+    weight's columns bit for bit with each table lookup (tl.gather, and the warp shuffle that only a GPU runs), with
+    the absmax loaded a step ahead or not, the four forms' products with any x equal, and the compiled fast loop over
     Int4WeightOnly layers (the default of --quant 4bit, q/k/v and gate/up fused) is verified, its kernels checked
     against their weights first."""
     from extensions import kernel_4bit
@@ -392,14 +405,15 @@ def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_
                     x[range(len(columns)), columns] = 1
                     x[-1] = torch.randn(shape[1], device="cuda")
                     # (at one tiling: the autotuner would compile and time each of its tilings at each shape)
-                    got = {shuffle: torch.cat([kernel_4bit.matvec_4bit(kernel_4bit.code_major(row[None]), packed,
-                                                                       absmax, absmax2, code2, code, offset, shape[0],
-                                                                       nested, dtype, [8, 16], shuffle=shuffle)
-                                               for row in x])
-                           for shuffle in (False, True)}
+                    # (and each with the absmax loaded a step ahead or not; 2 programs, each taking several blocks)
+                    got = [torch.cat([kernel_4bit.matvec_4bit(kernel_4bit.code_major(row[None]), packed, absmax,
+                                                              absmax2, code2, code, offset, shape[0], nested, dtype,
+                                                              [8, 16, 2], shuffle=shuffle, scales_ahead=ahead)
+                                      for row in x])
+                           for shuffle in (False, True) for ahead in (False, True)]
                     case = (dtype, quant_type, double_quant, shape)
-                    assert all(torch.equal(y[:-1], want[:, columns].t()) for y in got.values()), case
-                    assert torch.equal(got[False][-1], got[True][-1]), case
+                    assert all(torch.equal(y[:-1], want[:, columns].t()) for y in got), case
+                    assert all(torch.equal(got[0][-1], y[-1]) for y in got), case
                 layers = parts(quant_type, True, dtype, device="cuda")
                 fused = type(module(*layers[0])).concatenate([module(*layer) for layer in layers])
                 want = torch.cat([F.dequantize_4bit(*layer) for layer in layers])
