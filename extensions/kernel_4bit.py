@@ -47,7 +47,9 @@ code_major() lays it out (fp32, code position j of every word in row j) and load
 Compiled for sm_90 that is about 5 instructions a code with tl.gather, about 4 with the shuffle, 128 registers a
 thread at most (benchmarks/inspect_kernel_4bit.py counts them; the first form took 33-39, the form before this one 20
 barriers a step; benchmarks/README.md has their times). Each step issues the next step's loads before it computes
-(Triton pipelines loads that feed tl.dot, not those of a matvec); a program may take several blocks of rows in one
+(Triton pipelines loads that feed tl.dot, not those of a matvec): the words, and with SCALES_AHEAD their blocks'
+absmax (else a step's scales wait for its absmax from memory, then for the second level's code at the address it
+gives; off until a GPU times it); a program may take several blocks of rows in one
 such pipeline (fewer programs than blocks: the first load of a block, a whole memory latency, overlaps the block
 before; Triton's own pipeline of asynchronous copies, with half the registers, was 1.9-3.1x slower at every 7B
 shape, benchmarks/README.md), and on Hopper the matvec is a programmatic
