@@ -8,10 +8,10 @@ shared memory, and the instructions of the loop over K with the codes a thread h
 and the most frequent ones (LDS: a shared-memory load, the table lookup by tl.gather; LDG: a global load; BAR: a
 barrier; SHFL: a shuffle between threads, the table lookup by warp shuffle). The kernels: extensions/kernel_4bit.py's
 matvec with each of its two table lookups (its SHUFFLE_ON_GPU picks the GPU's; Triton's interpreter runs tl.gather's),
-each with its absmax loaded in the step that uses it and a step ahead (SCALES_AHEAD), and its tensor-core matmul (the
-tilings their autotuners try), and two former forms of the matvec (probe_kernel_4bit_variants.py's `prefetch`, the
-table in global memory and each weight rounded; its `smem`, x a vector broadcast over the rows: through shared memory,
-with barriers). Integer arguments are taken divisible by 16
+each with its absmax loaded in the step that uses it and a step ahead (SCALES_AHEAD), in programs of 2-8 warps and of
+one (ONE_WARP), and its tensor-core matmul (the tilings their autotuners try), and two former forms of the matvec
+(probe_kernel_4bit_variants.py's `prefetch`, the table in global memory and each weight rounded; its `smem`, x a
+vector broadcast over the rows: through shared memory, with barriers). Integer arguments are taken divisible by 16
 and pointers 16-byte aligned, as Triton specializes them at the 7B shapes.
 
 It also counts the loop's instructions that run on the integer pipe (ALU: shifts, logic, LEA, IADD3, PRMT,
@@ -106,11 +106,11 @@ def main() -> int:
     for ahead, shuffle, lookup in [(a, s, name) for a in (False, True)
                                    for s, name in ((False, "tl.gather"), (True, "warp shuffle"))]:
         for n, words, warps, regs, per_sm in [(c.kwargs["BLOCK_N"], c.kwargs["WORDS"], c.num_warps, c.maxnreg,
-                                               c.kwargs["PER_SM"])
-                                              for c in kernel_4bit.MATVEC.configs]:  # what its autotuner tries
+                                               c.kwargs["PER_SM"])    # what its autotuners try (ONE_WARP: all)
+                                              for c in kernel_4bit.MATVEC_ONE_WARP.configs]:
             cases.append((f"matvec (kernel_4bit.py){', absmax a step ahead' if ahead else ''}, lookup by {lookup}"
-                          + (" (the GPU's)" if (shuffle, ahead) == (kernel_4bit.SHUFFLE_ON_GPU,
-                                                                      kernel_4bit.SCALES_AHEAD) else ""),
+                          + (" (the GPU's)" if (shuffle, ahead, warps > 1 or kernel_4bit.ONE_WARP)
+                             == (kernel_4bit.SHUFFLE_ON_GPU, kernel_4bit.SCALES_AHEAD, True) else ""),
                           f"BLOCK_N={n} WORDS={words} warps={warps}" + (f" maxnreg={regs}" if regs else "")
                           + (f" per_sm={per_sm}" if per_sm else ""),
                           kernel_4bit.matvec,

@@ -46,7 +46,9 @@ is moved through shared memory with two barriers at each of the 8 code positions
 code_major() lays it out (fp32, code position j of every word in row j) and loads it as a tile of the words' shape.
 Compiled for sm_90 that is about 5 instructions a code with tl.gather, about 4 with the shuffle, 128 registers a
 thread at most (benchmarks/inspect_kernel_4bit.py counts them; the first form took 33-39, the form before this one 20
-barriers a step; benchmarks/README.md has their times). Each step issues the next step's loads before it computes
+barriers a step; benchmarks/README.md has their times). Still 2-6 barriers a step with 2-8 warps a program: the
+scales, computed a block at a time, are moved into the words' layout through shared memory, and tl.gather writes its
+table there each step; in a program of one warp Triton makes both with warp shuffles, no barrier (ONE_WARP). Each step issues the next step's loads before it computes
 (Triton pipelines loads that feed tl.dot, not those of a matvec): the words, and with SCALES_AHEAD their blocks'
 absmax (else a step's scales wait for its absmax from memory, then for the second level's code at the address it
 gives; off until a GPU times it); a program may take several blocks of rows in one
@@ -337,14 +339,25 @@ def dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_p
 # probe's explicit tilings ran so, faster at 16 rows than the same tilings autotuned with 1 stage, benchmarks/README.md;
 # not 32 x 64 words, which spills with it).
 AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-MATVEC = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, PER_SM=per_sm), num_warps=warps, num_stages=1,
-                                        maxnreg=regs)
-                          for n, w, warps, regs, per_sm in [
-                              (16, 128, 4, None, 0), (8, 128, 4, None, 0), (4, 128, 2, None, 0), (32, 64, 4, None, 0),
-                              (8, 128, 4, 80, 0), (16, 128, 8, None, 0), (32, 128, 8, None, 0), (8, 64, 4, None, 0),
-                              (16, 32, 4, None, 0), (8, 128, 4, 80, 6), (8, 128, 4, 80, 3), (16, 128, 4, None, 4),
-                              (16, 128, 8, 80, 3)]],
-                         key=["N", "KW", "SHUFFLE", "SCALES_AHEAD"], **AUTOTUNE_CACHE)(matvec)
+MATVEC_TILINGS = [(16, 128, 4, None, 0), (8, 128, 4, None, 0), (4, 128, 2, None, 0), (32, 64, 4, None, 0),
+                  (8, 128, 4, 80, 0), (16, 128, 8, None, 0), (32, 128, 8, None, 0), (8, 64, 4, None, 0),
+                  (16, 32, 4, None, 0), (8, 128, 4, 80, 6), (8, 128, 4, 80, 3), (16, 128, 4, None, 4),
+                  (16, 128, 8, 80, 3)]            # (BLOCK_N, WORDS, warps, maxnreg, PER_SM)
+# Programs of one warp (ONE_WARP below): Triton moves a tensor between layouts of one warp with shuffles, so the
+# loop has no barrier and no shared memory at all (with 4 warps, a step's layout conversions of the scales and
+# tl.gather's table took 4-6 barriers: benchmarks/inspect_kernel_4bit.py), and with 72 registers an SM holds 28 such
+# programs (7 warps a scheduler, none waiting for another; the GPU's counters showed 3-5.5 at the picked tilings,
+# waiting on memory and at those barriers: benchmarks/README.md).
+ONE_WARP_TILINGS = [(2, 128, 1, 72, 0), (4, 64, 1, 72, 0), (2, 128, 1, 72, 32), (2, 128, 1, 72, 16),
+                    (1, 128, 1, None, 0)]
+
+def matvec_autotuner(tilings):
+    return triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, PER_SM=per_sm), num_warps=warps, num_stages=1,
+                                          maxnreg=regs) for n, w, warps, regs, per_sm in tilings],
+                           key=["N", "KW", "SHUFFLE", "SCALES_AHEAD"], **AUTOTUNE_CACHE)(matvec)
+
+MATVEC = matvec_autotuner(MATVEC_TILINGS)
+MATVEC_ONE_WARP = matvec_autotuner(MATVEC_TILINGS + ONE_WARP_TILINGS)      # the one-warp programs as candidates too
 MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first, SPLIT=split), num_warps=warps,
                                         num_stages=stages)
                           for n, w, first, warps, split, stages in [
@@ -362,10 +375,15 @@ SHUFFLE_ON_GPU = False
 # The matvec's absmax loaded a step ahead, with the words (True), or in the step that uses them (False, as measured so
 # far). The same values in the same operations either way; benchmarks/probe_matvec_shuffle.py times both.
 SCALES_AHEAD = False
+# The matvec's autotuner also times the one-warp programs (ONE_WARP_TILINGS: True) or only those of 2-8 warps (False,
+# as measured so far; the one-warp programs are not yet timed on a GPU). Every tiling computes the same products
+# (one-hot rows of x give the dequantized weight at any tiling); only a row's order of summing follows the tiling.
+# benchmarks/probe_matvec_shuffle.py times both sets.
+ONE_WARP = False
 # code_major() pads x's rows with zeros to a multiple of this many words, a multiple of every matvec step's words (its
 # last step reads x unmasked: a masked word is code 0, whose value is not 0).
 X_WORDS = 256
-assert all(X_WORDS % c.kwargs["WORDS"] == 0 for c in MATVEC.configs)
+assert all(X_WORDS % c.kwargs["WORDS"] == 0 for c in MATVEC_ONE_WARP.configs)
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -418,21 +436,25 @@ def programs(n: int, block_n: int, per_sm: int, device) -> int:
 def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor,
                 code2: torch.Tensor, code: torch.Tensor, offset: torch.Tensor, out_features: int, nested: bool,
                 out_dtype: torch.dtype, tiling: list[int] | None = None, pdl: bool | None = None,
-                shuffle: bool | None = None, scales_ahead: bool | None = None) -> torch.Tensor:
+                shuffle: bool | None = None, scales_ahead: bool | None = None,
+                one_warp: bool | None = None) -> torch.Tensor:
     """The matvec [1, N] in out_dtype, x given as code_major(x). A custom op: torch.compile keeps it whole in the
     compiled step (and a CUDA graph captures its launch). Its tiling is autotuned; tiling (BLOCK_N, BLOCKS[,
-    PROGRAMS]): rows of W and blocks of 64 codes a step (and at most that many programs; Triton's interpreter, the
-    tests, the probes). pdl: launched as a programmatic dependent launch where the GPU can (None) or not (False).
+    PROGRAMS[, WARPS]]): rows of W and blocks of 64 codes a step (and at most that many programs, of that many warps
+    a program; Triton's interpreter, the tests, the probes). pdl: launched as a programmatic dependent launch where
+    the GPU can (None) or not (False).
     shuffle: the table lookup on a GPU by warp shuffle or not (None: SHUFFLE_ON_GPU; the tests, the probes).
-    scales_ahead: the absmax loaded a step ahead or not (None: SCALES_AHEAD; the tests, the probes)."""
+    scales_ahead: the absmax loaded a step ahead or not (None: SCALES_AHEAD; the tests, the probes).
+    one_warp: the autotuner times the one-warp programs too or not (None: ONE_WARP; the probes)."""
     n = out_features
     kw = packed.numel() // 4 // n
     if not xt.is_contiguous() or xt.shape[0] != 8 or xt.shape[1] < kw or xt.shape[1] % X_WORDS:
         raise ValueError(f"matvec_4bit takes x as code_major() lays it out, not {tuple(xt.shape)} {xt.stride()}")
     if tiling is not None and 8 * tiling[1] > X_WORDS:
         raise ValueError(f"a matvec step takes at most {X_WORDS // 8} blocks of 64 codes, not {tiling[1]}")
-    if tiling is not None and (tiling[3:] or tiling[2:] and tiling[2] < 1):   # (a tensor-core tiling's 3rd: W_FIRST)
-        raise ValueError(f"a matvec's tiling is (rows, blocks[, programs >= 1]), not {tiling}")
+    if tiling is not None and (tiling[4:] or tiling[2:] and tiling[2] < 1       # (a tensor-core tiling's 3rd: W_FIRST)
+                               or tiling[3:] and tiling[3] not in (1, 2, 4, 8)):
+        raise ValueError(f"a matvec's tiling is (rows, blocks[, programs >= 1[, warps 1/2/4/8]]), not {tiling}")
     out = torch.empty(1, n, dtype=out_dtype, device=xt.device)
     args = (xt, words(packed), absmax, absmax2, code2, code, out, offset, n, kw, kw // 8, xt.shape[1])
     # enable_fp_fusion=False: a scale's product and its sum with the offset are rounded apart, as in bitsandbytes (a
@@ -442,17 +464,18 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
     shuffle = (SHUFFLE_ON_GPU if shuffle is None else shuffle) and xt.device.type == "cuda"
     ahead = SCALES_AHEAD if scales_ahead is None else scales_ahead
     if tiling is None:
-        MATVEC[lambda meta: (programs(n, meta["BLOCK_N"], meta["PER_SM"], xt.device),)](
+        tuner = MATVEC_ONE_WARP if (ONE_WARP if one_warp is None else one_warp) else MATVEC
+        tuner[lambda meta: (programs(n, meta["BLOCK_N"], meta["PER_SM"], xt.device),)](
             *args, NESTED=nested, SHUFFLE=shuffle, SCALES_AHEAD=ahead, enable_fp_fusion=False, **pdl)
     else:
         grid = min(triton.cdiv(n, tiling[0]), tiling[2]) if tiling[2:] else triton.cdiv(n, tiling[0])
         matvec[(grid,)](*args, NESTED=nested, BLOCK_N=tiling[0], WORDS=8 * tiling[1], SHUFFLE=shuffle,
-                        SCALES_AHEAD=ahead, enable_fp_fusion=False, **pdl)
+                        SCALES_AHEAD=ahead, enable_fp_fusion=False, num_warps=tiling[3] if tiling[3:] else 4, **pdl)
     return out
 
 @matvec_4bit.register_fake
 def _(xt, packed, absmax, absmax2, code2, code, offset, out_features, nested, out_dtype, tiling=None, pdl=None,
-      shuffle=None, scales_ahead=None):
+      shuffle=None, scales_ahead=None, one_warp=None):
     return xt.new_empty(1, out_features, dtype=out_dtype)
 
 @torch.library.custom_op("ds_bnb_infer::matmul_rows_4bit", mutates_args=())

@@ -257,14 +257,16 @@ print(json.dumps(out))
 
 
 def test_a_matvec_tiling_without_programs_is_refused():
-    """matmul_4bit's tiling means (rows, blocks, programs) for one row of x and (rows, blocks, W first, split) for
-    more: a tensor-core tiling given for one row (its third 0: x first) would launch no program at all."""
+    """matmul_4bit's tiling means (rows, blocks, programs, warps) for one row of x and (rows, blocks, W first, split)
+    for more: a tensor-core tiling given for one row (its third 0: x first) would launch no program at all, and its
+    fourth (split) is no number of warps a program."""
     from extensions import kernel_4bit
     packed, state = quantized((48, 576), "nf4", True, torch.float16)
     (absmax, absmax2, code2, code, offset), nested = kernel_4bit.state_args(state)
-    with pytest.raises(ValueError, match="programs >= 1"):
-        kernel_4bit.matmul_4bit(torch.zeros(1, 576, dtype=torch.float16), packed, absmax, absmax2, code2, code, offset,
-                                48, nested, state.dtype, [16, 2, 0, 3])
+    for tiling in ([16, 2, 0, 3], [16, 2, 3, 3]):           # (and a 4th, warps a program, of 1, 2, 4 or 8)
+        with pytest.raises(ValueError, match=r"programs >= 1\[, warps 1/2/4/8\]"):
+            kernel_4bit.matmul_4bit(torch.zeros(1, 576, dtype=torch.float16), packed, absmax, absmax2, code2, code,
+                                    offset, 48, nested, state.dtype, tiling)
 
 
 def test_triton_kernel_dequantizes_bit_for_bit_and_multiplies_under_the_interpreter():
@@ -295,7 +297,8 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
     its words' sums, x loaded in the tile's own layout (code_major()), at most 128 registers a thread, at most 4
     barriers a step, nothing spilled (one tiling's registers are capped), at every tiling its autotuner tries. Its
     table lookup by tl.gather (from shared memory): under 7 instructions a code (under 5.5 at 16 rows x 128 words),
-    2-3.5 of them on the integer pipe (a shift and a mask a code) and a shared-memory load a code. By warp shuffle
+    2-3.5 of them on the integer pipe (a shift and a mask a code) and a shared-memory load a code (in a program of
+    one warp, kernel_4bit.ONE_WARP_TILINGS, a shuffle: there no barrier and no shared memory at all). By warp shuffle
     (kernel_4bit.SHUFFLE_ON_GPU): a shuffle a code and no table in shared memory, under 2 integer instructions a code
     (one shift), under 5 instructions a code at every long-row tiling (under 4 at 16 x 128), each shuffle reading its
     lane's table entry from a per-thread scalar (kernel_4bit.lane_table()). The former forms: over
@@ -315,14 +318,21 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
     shuffle = [row for row in rows if row["kernel"].startswith("matvec (kernel_4bit.py), lookup by warp shuffle")]
     ahead = [row for row in rows if row["kernel"].startswith("matvec (kernel_4bit.py), absmax a step ahead")]
     now = gather + shuffle + ahead
-    assert len(gather) == len(shuffle) == len(ahead) // 2 == len(kernel_4bit.MATVEC.configs) and all(
+    tuner = kernel_4bit.MATVEC_ONE_WARP if kernel_4bit.ONE_WARP else kernel_4bit.MATVEC
+    assert len(gather) == len(shuffle) == len(ahead) // 2 == len(kernel_4bit.MATVEC_ONE_WARP.configs) and all(
         row["registers"] <= 128 and row["barriers"] <= 4 and row["spills"] == 0 for row in now), now
-    assert sum("(the GPU's)" in row["kernel"] for row in now) == len(kernel_4bit.MATVEC.configs), now
+    assert sum("(the GPU's)" in row["kernel"] for row in now) == len(tuner.configs), now
     assert any("maxnreg" in row["tiling"] for row in now), now
+    # programs of one warp: no barrier and no shared memory in the loop (layouts converted by warp shuffles)
+    one_warp = [row for row in now if "warps=1" in row["tiling"]]
+    assert len(one_warp) == 4 * len(kernel_4bit.ONE_WARP_TILINGS) and all(
+        row["barriers"] == 0 and row["shared_loads_per_code"] == 0 for row in one_warp), one_warp
     at_16x128 = "BLOCK_N=16 WORDS=128 warps=4"
-    # tl.gather: a shift and a mask a code on the integer pipe (half a warp a cycle), and a shared-memory load
+    # tl.gather: a shift and a mask a code on the integer pipe (half a warp a cycle), and a shared-memory load (in a
+    # program of one warp, a shuffle)
     assert all(row["instructions_per_code"] < 7 and 2 <= row["alu_per_code"] < 3.5
-               and row["shared_loads_per_code"] >= 1 for row in gather), gather
+               and (row["shuffles_per_code"] if "warps=1" in row["tiling"] else row["shared_loads_per_code"]) >= 1
+               for row in gather), gather
     assert next(row for row in gather if row["tiling"] == at_16x128)["instructions_per_code"] < 5.5
     # the shuffle: one a code, no shared-memory load a code (a few a step: the sums across a row's threads), a shift
     assert all(row["shuffles_per_code"] >= 1 and row["shared_loads_per_code"] < 0.1 and row["alu_per_code"] < 2
@@ -379,7 +389,8 @@ def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_
     """On a GPU: the kernel's dequantization equals bitsandbytes' for bf16 too (one layer, and layers concatenated),
     its matmul (1 and 16 rows) is near x @ W^T, the matvec's products with one-hot rows of x are the dequantized
     weight's columns bit for bit with each table lookup (tl.gather, and the warp shuffle that only a GPU runs), with
-    the absmax loaded a step ahead or not, the four forms' products with any x equal, and the compiled fast loop over
+    the absmax loaded a step ahead or not, in programs of 4 warps and of one, the four forms' products with any x
+    equal at a tiling, and the compiled fast loop over
     Int4WeightOnly layers (the default of --quant 4bit, q/k/v and gate/up fused) is verified, its kernels checked
     against their weights first."""
     from extensions import kernel_4bit
@@ -406,14 +417,16 @@ def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_
                     x[-1] = torch.randn(shape[1], device="cuda")
                     # (at one tiling: the autotuner would compile and time each of its tilings at each shape)
                     # (and each with the absmax loaded a step ahead or not; 2 programs, each taking several blocks)
-                    got = [torch.cat([kernel_4bit.matvec_4bit(kernel_4bit.code_major(row[None]), packed, absmax,
-                                                              absmax2, code2, code, offset, shape[0], nested, dtype,
-                                                              [8, 16, 2], shuffle=shuffle, scales_ahead=ahead)
-                                      for row in x])
-                           for shuffle in (False, True) for ahead in (False, True)]
+                    # (and in programs of one warp, whose layout conversions Triton makes with warp shuffles)
+                    got = {(tiling[3:], shuffle, ahead): torch.cat([
+                        kernel_4bit.matvec_4bit(kernel_4bit.code_major(row[None]), packed, absmax, absmax2, code2,
+                                                code, offset, shape[0], nested, dtype, tiling, shuffle=shuffle,
+                                                scales_ahead=ahead) for row in x])
+                        for tiling in ([8, 16, 2], [2, 16, 7, 1]) for shuffle in (False, True)
+                        for ahead in (False, True)}
                     case = (dtype, quant_type, double_quant, shape)
-                    assert all(torch.equal(y[:-1], want[:, columns].t()) for y in got), case
-                    assert all(torch.equal(got[0][-1], y[-1]) for y in got), case
+                    assert all(torch.equal(y[:-1], want[:, columns].t()) for y in got.values()), case
+                    assert all(torch.equal(got[key[0], False, False][-1], y[-1]) for key, y in got.items()), case
                 layers = parts(quant_type, True, dtype, device="cuda")
                 fused = type(module(*layers[0])).concatenate([module(*layer) for layer in layers])
                 want = torch.cat([F.dequantize_4bit(*layer) for layer in layers])
