@@ -283,7 +283,9 @@ def test_tp1_4bit_shards_multiply_weight_only_unless_bitsandbytes_is_asked_for(m
     assert kinds == {layer} and info.verify["passed"]
     assert any(isinstance(x, bnb.nn.Linear4bit) for x in engine.module.modules()) == (layer == "Linear4bit")
     if layer == "Int4WeightOnly":               # exact at tp 1: the same weights, the same matmul
-        assert info.verify["prefill_rel_error"] == 0 and info.verify["decode_rel_error"] == 0
+        # (the decode steps within fp32's rounding: 0 on CPUs with AVX-512, 1.5e-7 on one with AVX2 alone, where
+        # torch's CPU kernels for the engine's steps may sum in another order; a wrong weight is orders above)
+        assert info.verify["prefill_rel_error"] == 0 and info.verify["decode_rel_error"] < 1e-6
     assert info.notes[-1] == f"{'weight-only' if matmul == 'auto' else matmul} matmul: 14 {layer}"
 
 
