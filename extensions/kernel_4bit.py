@@ -48,8 +48,8 @@ Compiled for sm_90 that is about 5 instructions a code with tl.gather, about 4 w
 thread at most (benchmarks/inspect_kernel_4bit.py counts them; the first form took 33-39, the form before this one 20
 barriers a step; benchmarks/README.md has their times). Still 2-6 barriers a step with 2-8 warps a program: the
 scales, computed a block at a time, are moved into the words' layout through shared memory, and tl.gather writes its
-table there each step; in a program of one warp Triton makes both with warp shuffles, no barrier (ONE_WARP). Each step issues the next step's loads before it computes
-(Triton pipelines loads that feed tl.dot, not those of a matvec): the words, and with SCALES_AHEAD their blocks'
+table there each step; in a program of one warp Triton makes both with warp shuffles, no barrier (ONE_WARP). Each
+step issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a matvec): the words, and with SCALES_AHEAD their blocks'
 absmax (else a step's scales wait for its absmax from memory, then for the second level's code at the address it
 gives; off until a GPU times it); a program may take several blocks of rows in one
 such pipeline (fewer programs than blocks: the first load of a block, a whole memory latency, overlaps the block
@@ -344,14 +344,15 @@ MATVEC_TILINGS = [(16, 128, 4, None, 0), (8, 128, 4, None, 0), (4, 128, 2, None,
                   (16, 32, 4, None, 0), (8, 128, 4, 80, 6), (8, 128, 4, 80, 3), (16, 128, 4, None, 4),
                   (16, 128, 8, 80, 3)]            # (BLOCK_N, WORDS, warps, maxnreg, PER_SM)
 # Programs of one warp (ONE_WARP below): Triton moves a tensor between layouts of one warp with shuffles, so the
-# loop has no barrier and no shared memory at all (with 4 warps, a step's layout conversions of the scales and
-# tl.gather's table took 4-6 barriers: benchmarks/inspect_kernel_4bit.py), and with 72 registers an SM holds 28 such
+# loop has no barrier and no shared memory at all (with 2-8 warps, a step's layout conversions of the scales and
+# tl.gather's table take 2-6 barriers: benchmarks/inspect_kernel_4bit.py), and with 72 registers an SM holds 28 such
 # programs (7 warps a scheduler, none waiting for another; the GPU's counters showed 3-5.5 at the picked tilings,
 # waiting on memory and at those barriers: benchmarks/README.md).
 ONE_WARP_TILINGS = [(2, 128, 1, 72, 0), (4, 64, 1, 72, 0), (2, 128, 1, 72, 32), (2, 128, 1, 72, 16),
                     (1, 128, 1, None, 0)]
 
 def matvec_autotuner(tilings):
+    """The matvec autotuned over `tilings` per matrix shape and form (the first call of each times them all)."""
     return triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, PER_SM=per_sm), num_warps=warps, num_stages=1,
                                           maxnreg=regs) for n, w, warps, regs, per_sm in tilings],
                            key=["N", "KW", "SHUFFLE", "SCALES_AHEAD"], **AUTOTUNE_CACHE)(matvec)
