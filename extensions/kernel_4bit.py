@@ -49,12 +49,12 @@ thread at most (benchmarks/inspect_kernel_4bit.py counts them; the first form to
 barriers a step; benchmarks/README.md has their times). Still 2-6 barriers a step with 2-8 warps a program: the
 scales, computed a block at a time, are moved into the words' layout through shared memory, and tl.gather writes its
 table there each step; in a program of one warp Triton makes both with warp shuffles, no barrier (ONE_WARP). Each
-step issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a
-matvec): the words, and with SCALES_AHEAD their blocks' absmax (else a step's scales wait for its absmax from memory,
-then for the second level's code at the address it gives; off until a GPU times it); a program may take several
-blocks of rows in one such pipeline (fewer programs than blocks: the first load of a block, a whole memory latency, overlaps the block
-before; Triton's own pipeline of asynchronous copies, with half the registers, was 1.9-3.1x slower at every 7B
-shape, benchmarks/README.md), and on Hopper the matvec is a programmatic
+step issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a matvec):
+the words, and with SCALES_AHEAD their blocks' absmax (else a step's scales wait for its absmax from memory, then for
+the second level's code at the address it gives; off until a GPU times it); a program may take several blocks of rows in
+one such pipeline (fewer programs than blocks: the first load of a block, a whole memory latency, overlaps the block
+before; Triton's own pipeline of asynchronous copies, with half the registers, was 1.9-3.1x slower at every 7B shape,
+benchmarks/README.md), and on Hopper the matvec is a programmatic
 dependent launch: its first words load while the kernel that writes x finishes, and gdc_wait() holds the reads of x
 until it has. The tiling is autotuned per matrix shape on its first call. For 2-16 rows the tensor-core form
 dequantizes a tile of W through tl.gather's lookup, rounded as bitsandbytes rounds it, then one tl.dot with 16 rows of x
