@@ -51,7 +51,7 @@ scales, computed a block at a time, are moved into the words' layout through sha
 table there each step; in a program of one warp Triton makes both with warp shuffles, no barrier (ONE_WARP). Each
 step issues the next step's loads before it computes (Triton pipelines loads that feed tl.dot, not those of a matvec):
 the words, and with SCALES_AHEAD their blocks' absmax (else a step's scales wait for its absmax from memory, then for
-the second level's code at the address it gives; off until a GPU times it); a program may take several blocks of rows in
+the second level's code at the address it gives; the faster form on a GPU); a program may take several blocks of rows in
 one such pipeline (fewer programs than blocks: the first load of a block, a whole memory latency, overlaps the block
 before; Triton's own pipeline of asynchronous copies, with half the registers, was 1.9-3.1x slower at every 7B shape,
 benchmarks/README.md), and on Hopper the matvec is a programmatic
@@ -369,18 +369,19 @@ MATMUL = triton.autotune([triton.Config(dict(BLOCK_N=n, WORDS=w, W_FIRST=first, 
 MAX_SPLIT = max(c.kwargs["SPLIT"] for c in MATMUL.configs)
 # The matvec's table lookup on a GPU: by warp shuffle (True) or by tl.gather from shared memory (False). Both give the
 # same values to the same multiply-adds (the same outputs, bit for bit: benchmarks/probe_matvec_shuffle.py checks it on
-# a GPU, and times both); the shuffle issues fewer instructions a code (benchmarks/inspect_kernel_4bit.py), but its
-# kernel times are mixed so far (faster at three of the 7B shapes, slower at down_proj's; benchmarks/README.md) and
-# it has not been timed end to end, so the measured form stays the default.
+# a GPU, and times both); the shuffle issues fewer instructions a code (benchmarks/inspect_kernel_4bit.py), but with
+# the absmax a step ahead and the one-warp programs (the defaults below) tl.gather was the faster at a 7B layer's four
+# shapes together (benchmarks/README.md), so it stays the default.
 SHUFFLE_ON_GPU = False
-# The matvec's absmax loaded a step ahead, with the words (True), or in the step that uses them (False, as measured so
-# far). The same values in the same operations either way; benchmarks/probe_matvec_shuffle.py times both.
-SCALES_AHEAD = False
-# The matvec's autotuner also times the one-warp programs (ONE_WARP_TILINGS: True) or only those of 2-8 warps (False,
-# as measured so far; the one-warp programs are not yet timed on a GPU). Every tiling computes the same products
-# (one-hot rows of x give the dequantized weight at any tiling); only a row's order of summing follows the tiling.
-# benchmarks/probe_matvec_shuffle.py times both sets.
-ONE_WARP = False
+# The matvec's absmax loaded a step ahead, with the words (True), or in the step that uses them (False). The same
+# values in the same operations either way; benchmarks/probe_matvec_shuffle.py times both (with the one-warp programs,
+# a step ahead was the faster form at the 7B shapes: benchmarks/README.md).
+SCALES_AHEAD = True
+# The matvec's autotuner also times the one-warp programs (ONE_WARP_TILINGS: True) or only those of 2-8 warps (False).
+# A one-warp program's layout conversions and table lookup are warp shuffles, with no barrier; more of them fit an SM.
+# Every tiling computes the same products (one-hot rows of x give the dequantized weight at any tiling); only a row's
+# order of summing follows the tiling. benchmarks/probe_matvec_shuffle.py times both sets.
+ONE_WARP = True
 # code_major() pads x's rows with zeros to a multiple of this many words, a multiple of every matvec step's words (its
 # last step reads x unmasked: a masked word is code 0, whose value is not 0).
 X_WORDS = 256

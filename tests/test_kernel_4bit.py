@@ -418,7 +418,7 @@ def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_
                     # (at one tiling: the autotuner would compile and time each of its tilings at each shape)
                     # (and each with the absmax loaded a step ahead or not; 2 programs, each taking several blocks)
                     # (and in programs of one warp, whose layout conversions Triton makes with warp shuffles)
-                    got = {(tiling[3:], shuffle, ahead): torch.cat([
+                    got = {(tuple(tiling[3:]), shuffle, ahead): torch.cat([
                         kernel_4bit.matvec_4bit(kernel_4bit.code_major(row[None]), packed, absmax, absmax2, code2,
                                                 code, offset, shape[0], nested, dtype, tiling, shuffle=shuffle,
                                                 scales_ahead=ahead) for row in x])
