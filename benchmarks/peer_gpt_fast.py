@@ -42,6 +42,22 @@ def stub_tokenizer_modules():
             sys.modules[name] = module
 
 
+def kernels_per_token(trace: str, new_tokens: int, top: int = 25) -> dict:
+    """The profiled sample's GPU kernels from its chrome trace: each name's total time and launches over the sample's
+    new tokens (its prefill is one of them: a step's figure is within 1/new_tokens of the sum's share)."""
+    import collections
+    events = json.load(open(trace))["traceEvents"]
+    us, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "kernel":
+            us[e["name"]] += e.get("dur", 0.0)
+            count[e["name"]] += 1
+    return {"trace": trace, "new_tokens": new_tokens, "kernels_us_per_token": sum(us.values()) / new_tokens,
+            "launches_per_token": sum(count.values()) / new_tokens,
+            "top": [{"kernel": k[:160], "us_per_token": v / new_tokens, "launches_per_token": count[k] / new_tokens}
+                    for k, v in us.most_common(top)]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--gpt-fast", default=".peer/gpt-fast")
@@ -53,6 +69,9 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=3, help="timed samples, after its one compiling sample")
     p.add_argument("--top-k", type=int, default=1, help="1: greedy, as this script's rows")
     p.add_argument("--json", required=True)
+    p.add_argument("--profile", type=Path, help="also profile its last sample with its own --profile (torch profiler, "
+                   "the CUDA graph's kernels included): the trace goes to PROFILE.json, each kernel's time a new token "
+                   "into the report (that sample is then left out of the timed ones)")
     args = p.parse_args()
 
     import torch
@@ -117,11 +136,12 @@ def main() -> int:
     for name in ("model.pth", "tokenizer.model"):
         (folder / name).touch()
     G.main(prompt=args.prompt_tokens, num_samples=args.samples, max_new_tokens=args.max_new_tokens,
-           batch_size=args.batch_size, top_k=args.top_k, temperature=1.0, checkpoint_path=folder / "model.pth")
+           batch_size=args.batch_size, top_k=args.top_k, temperature=1.0, checkpoint_path=folder / "model.pth",
+           profile=args.profile)
 
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    timed = decode_s[1:]                                              # the first sample compiles
+    timed = decode_s[1:-1] if args.profile else decode_s[1:]        # the first sample compiles; the last, profiled
     rates = [args.batch_size * (args.max_new_tokens - 1) / s for s in timed]
     if rank == 0:
         stamp = os.path.join(args.gpt_fast, "COMMIT")           # written when the folder was filled
@@ -135,6 +155,8 @@ def main() -> int:
                   "gpu_peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
                   "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   "versions": {"torch": torch.__version__, "cuda": torch.version.cuda}}
+        if args.profile:
+            report["profile"] = kernels_per_token(f"{args.profile}.json", args.max_new_tokens)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         print(f"peer decode tok/s (median of {len(rates)}): {report['decode_tokens_per_s_median']:.1f}")
