@@ -56,10 +56,12 @@ class FastDecodeConfig(lesson.DeployConfig):
                    "tensor parallel (not measured); on: --step compiled or auto only"] = "auto"
     all_reduce: Annotated[Literal["push", "one-shot", "nccl"], "tensor parallel, compiled step: push (no barrier), "
                           "one-shot (symmetric memory) or NCCL's (extensions/tp_all_reduce.py)"] = "push"
+    attention: Annotated[Literal["sdpa", "triton"], "a decode step's attention: sdpa (transformers' path: PyTorch's "
+                         "SDPA) or triton (extensions/decode_attention.py's split-KV kernel; GPU only)"] = "sdpa"
 
 def validate(config: FastDecodeConfig) -> None:
     """The loop's own refusals (the lesson's validate() runs first)."""
-    loop_flags = [f for f in ("step", "fuse", "tune", "pdl", "all_reduce")
+    loop_flags = [f for f in ("step", "fuse", "tune", "pdl", "all_reduce", "attention")
                   if getattr(config, f) != getattr(FastDecodeConfig, f)]
     if config.pdl == "on" and config.step in ("cuda-graph", "eager"):
         raise lesson.UsageError(f"--pdl on sets how torch.compile launches a compiled step's kernels; --step "
@@ -67,6 +69,10 @@ def validate(config: FastDecodeConfig) -> None:
     if config.loop == "transformers" and loop_flags:
         raise lesson.UsageError(f"--{loop_flags[0].replace('_', '-')} sets how this file's loop runs; drop it, or "
                                 "drop --loop transformers.")
+    import torch
+    if config.attention == "triton" and (config.device == "cpu" or not torch.cuda.is_available()):
+        raise lesson.UsageError("--attention triton runs a GPU kernel and no CUDA GPU is used here; drop it, or run "
+                                "on a GPU.")
 
 def forward_last(model, ids, pos, slots, mask, cache):
     """One forward on the static KV cache (prefill: the prompt; decode: one token a row): the last logits."""
@@ -239,6 +245,15 @@ def decode_step(model, device, config: FastDecodeConfig) -> tuple:
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False), mode, None
     return step, mode, None
 
+def use_attention(model, attention: str) -> None:
+    """--attention triton: a decode step's attention as extensions/decode_attention.py's kernel (set after the lesson
+    took its reference, so the engine is checked against the model's own attention)."""
+    if attention == "triton":
+        from extensions import decode_attention
+        if not decode_attention.use(model):
+            raise lesson.UsageError("--attention triton replaces transformers' sdpa attention, which this model does "
+                                    "not use; drop --attention.")
+
 def layer_options(model) -> dict:
     """The torch.compile options that the model's layers carry as `inductor_options` (kernel_4bit.INDUCTOR_OPTIONS:
     the 4-bit matvec's layout of x written by the kernel that makes x)."""
@@ -310,6 +325,7 @@ class FastGreedy(lesson.Decoder):
         import torch
         super().__init__(engine, config)
         self.fused = fuse_projections(self.module) if config.fuse else 0
+        use_attention(self.module, config.attention)
         self.step, self.mode, self.all_reduce = decode_step(self.module, next(self.module.parameters()).device, config)
         self.caches = {}
         # Tensor parallel: the ranks, which must all run the same number of steps (each step all-reduces).

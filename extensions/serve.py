@@ -43,8 +43,8 @@ from typing import Annotated, Literal
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
 from extensions.quantized_matmul import QuantizedMatmulConfig, check_matmuls, swap_matmuls  # noqa: E402
-from extensions.fast_decode import (decode_step, eos_tensor, forward_last,  # noqa: E402
-                                    fuse_projections, generate_output, greedy_loop, release_step)
+from extensions.fast_decode import (decode_step, eos_tensor, forward_last, fuse_projections,  # noqa: E402
+                                    generate_output, greedy_loop, release_step, use_attention)
 
 @dataclasses.dataclass
 class ServeConfig(QuantizedMatmulConfig):
@@ -114,6 +114,7 @@ class SlotBatch(lesson.Decoder):
         super().__init__(engine, config)
         if config.fuse:
             fuse_projections(self.module)                             # as fast_decode.py's loop (verified the same)
+        use_attention(self.module, config.attention)                  # --attention triton: each row's own mask
         check_matmuls(self.module)                                    # 4-bit kernels against their weights
         self.device = next(self.module.parameters()).device
         self.rows, self.max_len = config.max_num_seqs, config.max_model_len + 1
@@ -1017,6 +1018,9 @@ def serve(config: ServeConfig) -> int:
     if config.step in ("compiled", "cuda-graph") and not on_gpu:
         raise lesson.UsageError(f"--step {config.step} captures CUDA graphs and needs a GPU; on a CPU use "
                                 "--step eager (or auto).")
+    if config.attention == "triton" and not on_gpu:
+        raise lesson.UsageError("--attention triton runs a GPU kernel and no CUDA GPU is used here; drop it, or "
+                                "serve on a GPU.")
     if rank == 0:
         missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
         if missing:

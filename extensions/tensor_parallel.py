@@ -508,7 +508,8 @@ def validate(config, world_size: int, cuda_available: bool) -> None:
     """Refuse what this file does not do, before anything is loaded; the rest is the lesson's validate() (less its
     refusal of --quant with --tp-size > 1, which this file lifts)."""
     c, default = config, TensorParallelConfig
-    loop_flags = [f for f in ("loop", "step", "fuse", "tune", "all_reduce") if getattr(c, f) != getattr(default, f)]
+    loop_flags = [f for f in ("loop", "step", "fuse", "tune", "all_reduce", "attention")
+                  if getattr(c, f) != getattr(default, f)]
     for refused, message in [
         (c.backend != "deepspeed" or c.kernel_inject, "tensor_parallel.py shards with DeepSpeed AutoTP, without "
                                                       "kernel injection; drop --backend hf and --kernel-inject."),

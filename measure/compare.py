@@ -70,6 +70,11 @@ MODES = {
     "hf-nopdl-compile": (FAST, ["--backend", "hf", "--pdl", "off"]),
     "hf-4bit-wo-nopdl-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "weight-only", "--pdl",
                                        "off"]),
+    # a decode step's attention as extensions/decode_attention.py's split-KV kernel (fast_decode.py --attention
+    # triton), fp16 and 4-bit
+    "hf-attn-compile": (FAST, ["--backend", "hf", "--attention", "triton"]),
+    "hf-4bit-wo-attn-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "weight-only",
+                                      "--attention", "triton"]),
     # DeepSpeed-FastGen (extensions/fastgen.py): another engine on the same weights; GPU only (refused on a CPU)
     "fastgen": (FASTGEN, ["--backend", "hf"]),
 }

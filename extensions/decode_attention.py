@@ -1,0 +1,137 @@
+"""extensions/decode_attention.py — 第十节 KV Cache: one decode step's attention as a split-KV Triton kernel.
+
+At batch 1 a decode step's attention reads one query token against the static KV cache (fast_decode.py): a few MB a
+layer, which the GPU reads in about a microsecond. transformers' sdpa path runs it as PyTorch's SDPA (cuDNN's kernel
+on an H100, tiled for long queries) after a kernel that turns the boolean mask into the additive bias SDPA takes,
+once a layer. Here each program takes one query head over one range of cache slots (its running max, sum of
+exponentials and weighted sum of values: the online softmax), and a second kernel joins the ranges of each head; the
+mask is read as transformers builds it (boolean, once a step). Grouped-query attention reads a key/value head for
+each group of query heads. Prefill (more than one query token) stays transformers' sdpa path.
+
+  python extensions/fast_decode.py --model random:llama-2-7b --backend hf --attention triton    # one GPU
+
+fast_decode.py's --attention triton registers it with transformers (AttentionInterface, and sdpa's mask builder
+under the same name) and sets it on the model after the reference is taken, so the engine is checked against the
+model's own attention like any other change. Measured: benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+NAME = "ds_bnb_decode"              # the name it is registered under with transformers
+SLOTS_PER_PROGRAM = 64              # cache slots a program of split_kv() takes (and reads in one step)
+
+
+@triton.jit
+def split_kv(q_ptr, k_ptr, v_ptr, keep_ptr, part_ptr, stat_ptr, L, scale, q_sb, q_sh, keep_sb, keep_sl,
+             HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, SLOTS: tl.constexpr, RANGES: tl.constexpr,
+             MASKED: tl.constexpr):
+    """One query head's attention over one range of SLOTS cache slots (grid: batch x heads, ranges): the range's
+    unnormalised sum of values and its softmax statistics (max score, sum of exponentials) at [bh, r]. k and v:
+    [B, HEADS // GROUP, L, D], contiguous; keep: nonzero where a slot is attended (MASKED), else every slot is."""
+    bh, r = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HEADS, bh % HEADS
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * q_sb + h * q_sh + d).to(tl.float32) * scale
+    pos = r * SLOTS + tl.arange(0, SLOTS)
+    ok = pos < L
+    if MASKED:
+        ok &= tl.load(keep_ptr + b * keep_sb + pos * keep_sl, mask=pos < L, other=0) != 0
+    kv = (bh // GROUP) * L * D + pos[:, None] * D + d[None, :]       # (b, h // GROUP): the head's key/value head
+    k = tl.load(k_ptr + kv, mask=(pos < L)[:, None], other=0.0).to(tl.float32)
+    score = tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf"))
+    m = tl.max(score, 0)
+    p = tl.exp(score - tl.where(m == float("-inf"), 0.0, m))        # a range with nothing attended: all 0
+    v = tl.load(v_ptr + kv, mask=(pos < L)[:, None], other=0.0).to(tl.float32)
+    tl.store(part_ptr + (bh * RANGES + r) * D + d, tl.sum(p[:, None] * v, 0))
+    tl.store(stat_ptr + (bh * RANGES + r) * 2, m)
+    tl.store(stat_ptr + (bh * RANGES + r) * 2 + 1, tl.sum(p, 0))
+
+
+@triton.jit
+def combine(part_ptr, stat_ptr, o_ptr, RANGES: tl.constexpr, RANGES_P2: tl.constexpr, D: tl.constexpr):
+    """One head's ranges joined: each range's sums rescaled to the largest max, the values' sum over the
+    exponentials' (grid: batch x heads); the output [B, 1, HEADS, D] in the query's dtype."""
+    bh = tl.program_id(0)
+    r = tl.arange(0, RANGES_P2)
+    d = tl.arange(0, D)
+    m = tl.load(stat_ptr + (bh * RANGES + r) * 2, mask=r < RANGES, other=float("-inf"))
+    s = tl.load(stat_ptr + (bh * RANGES + r) * 2 + 1, mask=r < RANGES, other=0.0)
+    big = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - big))
+    acc = tl.load(part_ptr + (bh * RANGES + r)[:, None] * D + d[None, :], mask=(r < RANGES)[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(s * w, 0)
+    tl.store(o_ptr + bh * D + d, out.to(o_ptr.dtype.element_ty))
+
+
+@torch.library.custom_op("ds_bnb_infer::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, over the kept slots) v for one query token: q [B, H, 1, D] (any strides), k and v
+    [B, KV, L, D] contiguous (H a multiple of KV), keep [B, 1, 1, L] boolean or None (every slot) -> [B, 1, H, D],
+    contiguous: the layout transformers' attention functions return. A custom op: torch.compile keeps it whole in
+    the compiled step (the cache's update before it, in order), and a CUDA graph captures its two launches."""
+    B, H, _, D = q.shape
+    KV, L = k.shape[1], k.shape[2]
+    ranges = triton.cdiv(L, SLOTS_PER_PROGRAM)
+    part = torch.empty(B * H, ranges, D, device=q.device, dtype=torch.float32)
+    stat = torch.empty(B * H, ranges, 2, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, 1, H, D, device=q.device, dtype=q.dtype)
+    keep_ = keep if keep is not None else q
+    keep_strides = (keep.stride(0), keep.stride(3)) if keep is not None else (0, 0)
+    split_kv[(B * H, ranges)](q, k, v, keep_, part, stat, L, scale, q.stride(0), q.stride(1), *keep_strides,
+                              HEADS=H, GROUP=H // KV, D=D, SLOTS=SLOTS_PER_PROGRAM, RANGES=ranges,
+                              MASKED=keep is not None)
+    combine[(B * H,)](part, stat, out, RANGES=ranges, RANGES_P2=triton.next_power_of_2(ranges), D=D)
+    return out
+
+
+@decode_attention.register_fake
+def _(q, k, v, keep, scale):
+    return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
+
+
+def fits(query, key, value, mask) -> bool:
+    """Can decode_attention() take this call: one query token on a GPU (or on a CPU under Triton's interpreter, the
+    tests), a contiguous cache, a power-of-two head size, a boolean mask of one row a batch row (or none)?"""
+    d = query.shape[-1]
+    on_device = query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (query.shape[2] == 1 and on_device and key.is_contiguous() and value.is_contiguous()
+            and d == triton.next_power_of_2(d) and query.shape[1] % key.shape[1] == 0
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[2] == 1
+                                  and mask.shape[1] == 1 and mask.shape[3] == key.shape[2])))
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention function signature: decode_attention() for a decode step that fits(), transformers'
+    sdpa_attention_forward otherwise (prefill, and anything else)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if dropout == 0.0 and not kwargs.get("output_attentions") and fits(query, key, value, attention_mask):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return decode_attention(query, key, value, attention_mask, scale), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+@functools.cache
+def register() -> str:
+    """Register attention_forward with transformers under NAME, with the mask that its sdpa path builds; the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+def use(model) -> bool:
+    """Set the model's attention to this file's (a model on transformers' sdpa path only); did it?"""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    config._attn_implementation = register()
+    return True
