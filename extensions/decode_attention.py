@@ -54,19 +54,27 @@ def split_kv(q_ptr, k_ptr, v_ptr, keep_ptr, part_ptr, stat_ptr, L, scale, q_sb, 
 
 
 @triton.jit
-def combine(part_ptr, stat_ptr, o_ptr, RANGES: tl.constexpr, RANGES_P2: tl.constexpr, D: tl.constexpr):
-    """One head's ranges joined: each range's sums rescaled to the largest max, the values' sum over the
-    exponentials' (grid: batch x heads); the output [B, 1, HEADS, D] in the query's dtype."""
+def combine(part_ptr, stat_ptr, o_ptr, RANGES: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
+    """One head's ranges joined, CHUNK ranges at a time: each range's sums rescaled to the largest max, the values'
+    sum over the exponentials' (grid: batch x heads); the output [B, 1, HEADS, D] in the query's dtype."""
     bh = tl.program_id(0)
-    r = tl.arange(0, RANGES_P2)
     d = tl.arange(0, D)
-    m = tl.load(stat_ptr + (bh * RANGES + r) * 2, mask=r < RANGES, other=float("-inf"))
-    s = tl.load(stat_ptr + (bh * RANGES + r) * 2 + 1, mask=r < RANGES, other=0.0)
-    big = tl.max(m, 0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - big))
-    acc = tl.load(part_ptr + (bh * RANGES + r)[:, None] * D + d[None, :], mask=(r < RANGES)[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(s * w, 0)
-    tl.store(o_ptr + bh * D + d, out.to(o_ptr.dtype.element_ty))
+    big = tl.full((), float("-inf"), tl.float32)
+    for start in tl.static_range(0, RANGES, CHUNK):                  # the largest max over every range
+        r = start + tl.arange(0, CHUNK)
+        big = tl.maximum(big, tl.max(tl.load(stat_ptr + (bh * RANGES + r) * 2, mask=r < RANGES,
+                                             other=float("-inf")), 0))
+    acc = tl.zeros((D,), tl.float32)
+    total = tl.zeros((), tl.float32)
+    for start in tl.static_range(0, RANGES, CHUNK):
+        r = start + tl.arange(0, CHUNK)
+        m = tl.load(stat_ptr + (bh * RANGES + r) * 2, mask=r < RANGES, other=float("-inf"))
+        s = tl.load(stat_ptr + (bh * RANGES + r) * 2 + 1, mask=r < RANGES, other=0.0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - big))        # a range with nothing attended weighs 0
+        part = tl.load(part_ptr + (bh * RANGES + r)[:, None] * D + d[None, :], mask=(r < RANGES)[:, None], other=0.0)
+        acc += tl.sum(part * w[:, None], 0)
+        total += tl.sum(s * w, 0)
+    tl.store(o_ptr + bh * D + d, (acc / total).to(o_ptr.dtype.element_ty))
 
 
 @torch.library.custom_op("ds_bnb_infer::decode_attention", mutates_args=())
@@ -83,11 +91,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
     stat = torch.empty(B * H, ranges, 2, device=q.device, dtype=torch.float32)
     out = torch.empty(B, 1, H, D, device=q.device, dtype=q.dtype)
     keep_ = keep if keep is not None else q
-    keep_strides = (keep.stride(0), keep.stride(3)) if keep is not None else (0, 0)
+    # (a mask of one batch row is every row's)
+    keep_strides = (keep.stride(0) if keep.shape[0] > 1 else 0, keep.stride(3)) if keep is not None else (0, 0)
     split_kv[(B * H, ranges)](q, k, v, keep_, part, stat, L, scale, q.stride(0), q.stride(1), *keep_strides,
                               HEADS=H, GROUP=H // KV, D=D, SLOTS=SLOTS_PER_PROGRAM, RANGES=ranges,
                               MASKED=keep is not None)
-    combine[(B * H,)](part, stat, out, RANGES=ranges, RANGES_P2=triton.next_power_of_2(ranges), D=D)
+    combine[(B * H,)](part, stat, out, RANGES=ranges, CHUNK=min(32, triton.next_power_of_2(ranges)), D=D)
     return out
 
 
@@ -103,8 +112,8 @@ def fits(query, key, value, mask) -> bool:
     on_device = query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return (query.shape[2] == 1 and on_device and key.is_contiguous() and value.is_contiguous()
             and d == triton.next_power_of_2(d) and query.shape[1] % key.shape[1] == 0
-            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[2] == 1
-                                  and mask.shape[1] == 1 and mask.shape[3] == key.shape[2])))
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] in (1, query.shape[0])
+                                  and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[3] == key.shape[2])))
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -128,10 +137,14 @@ def register() -> str:
     return NAME
 
 
-def use(model) -> bool:
-    """Set the model's attention to this file's (a model on transformers' sdpa path only); did it?"""
+def use(model) -> str | None:
+    """Set the model's attention to this file's; None, or why it cannot (a model off transformers' sdpa path, or
+    whose head size is not a power of two: fits() would send every step back to sdpa)."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
-        return False
+        return "it replaces transformers' sdpa attention, which this model does not use"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim != triton.next_power_of_2(head_dim):
+        return f"its kernel takes heads of a power-of-two size, and this model's are {head_dim}"
     config._attn_implementation = register()
-    return True
+    return None

@@ -250,9 +250,9 @@ def use_attention(model, attention: str) -> None:
     took its reference, so the engine is checked against the model's own attention)."""
     if attention == "triton":
         from extensions import decode_attention
-        if not decode_attention.use(model):
-            raise lesson.UsageError("--attention triton replaces transformers' sdpa attention, which this model does "
-                                    "not use; drop --attention.")
+        why_not = decode_attention.use(model)
+        if why_not:
+            raise lesson.UsageError(f"--attention triton: {why_not}; drop --attention.")
 
 def layer_options(model) -> dict:
     """The torch.compile options that the model's layers carry as `inductor_options` (kernel_4bit.INDUCTOR_OPTIONS:

@@ -27,11 +27,17 @@ k, v = torch.randn(B, KV, L, D), torch.randn(B, KV, L, D)
 keep = torch.ones(B, 1, 1, L, dtype=torch.bool)
 keep[..., 97:] = False
 keep[0, ..., :5] = False
-for name, mask in (("masked", keep), ("unmasked", None), ("mask expanded", keep[:1].expand(B, 1, 1, L))):
-    got = A.decode_attention(q, k, v, mask, D ** -0.5)
-    kk, vv = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+def check(name, q, k, v, mask):
+    got = A.decode_attention(q, k, v, mask, q.shape[-1] ** -0.5)
+    kk, vv = (x.repeat_interleave(q.shape[1] // k.shape[1], 1) for x in (k, v))
     want = F.scaled_dot_product_attention(q.double(), kk.double(), vv.double(), attn_mask=mask).transpose(1, 2)
     out[name] = [list(got.shape), float((got.double() - want).abs().max())]
+for name, mask in (("masked", keep), ("unmasked", None), ("mask expanded", keep[:1].expand(B, 1, 1, L)),
+                   ("one mask row for both", keep[1:])):
+    check(name, q, k, v, mask)
+# 2100 slots: 33 ranges, joined in two chunks
+long_keep = torch.rand(1, 1, 1, 2100) < 0.7
+check("33 ranges", q, torch.randn(B, KV, 2100, D), torch.randn(B, KV, 2100, D), long_keep)
 # a whole model: a tiny grouped-query Llama, greedy on a static cache with transformers' sdpa and with this file's
 from transformers import LlamaConfig, LlamaForCausalLM
 config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -43,7 +49,7 @@ mask[0, :2] = 0
 runs = {}
 for name in ("sdpa", "triton"):
     if name == "triton":
-        out["used"] = A.use(model)
+        out["used"] = A.use(model) is None
     with torch.no_grad():
         g = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                            cache_implementation="static", output_logits=True, return_dict_in_generate=True)
@@ -51,22 +57,28 @@ for name in ("sdpa", "triton"):
 out["model tokens equal"] = bool(torch.equal(runs["sdpa"].sequences, runs["triton"].sequences))
 out["model logits error"] = max(float((a - b).abs().max()) for a, b in zip(runs["sdpa"].logits, runs["triton"].logits))
 out["implementation"] = model.config._attn_implementation
+small = dict(vocab_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+out["heads of 24"] = A.use(LlamaForCausalLM(LlamaConfig(hidden_size=96, attn_implementation="sdpa", **small)))
+out["eager"] = A.use(LlamaForCausalLM(LlamaConfig(hidden_size=64, attn_implementation="eager", **small)))
 print(json.dumps(out))
 '''
 
 
 def test_split_kv_attention_is_sdpa_under_the_interpreter():
     """The very kernels a GPU runs, interpreted: one query token's attention over a static cache (grouped-query
-    heads, padded and unfilled slots masked, no mask, an expanded mask, a strided query) equals SDPA's in fp64 within
-    fp32 rounding; and a tiny grouped-query Llama given it (decode_attention.use) decodes the same greedy tokens as
-    with transformers' sdpa, left padding included, its logits within fp32 rounding."""
+    heads, padded and unfilled slots masked, no mask, a mask of one row for every row, expanded or not, a strided
+    query, 33 ranges of slots joined in two chunks) equals SDPA's in fp64 within fp32 rounding; and a tiny
+    grouped-query Llama given it (decode_attention.use) decodes the same greedy tokens as with transformers' sdpa,
+    left padding included, its logits within fp32 rounding; a model it cannot take is refused with the reason."""
     r = run_group([sys.executable, "-c", INTERPRETED, str(ROOT)], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    for name in ("masked", "unmasked", "mask expanded"):
+    for name in ("masked", "unmasked", "mask expanded", "one mask row for both", "33 ranges"):
         assert out[name][0] == [2, 1, 4, 16] and out[name][1] < 1e-5, (name, out[name])
     assert out["used"] and out["implementation"] == "ds_bnb_decode", out
     assert out["model tokens equal"] and out["model logits error"] < 1e-4, out
+    # models it cannot serve are named, not silently left on sdpa
+    assert "power-of-two" in out["heads of 24"] and "does not use" in out["eager"], out
 
 
 def test_triton_attention_needs_a_gpu_and_this_files_loop():
@@ -87,8 +99,22 @@ def test_triton_attention_needs_a_gpu_and_this_files_loop():
 
 @pytest.mark.gpu
 def test_triton_attention_decodes_verified_on_the_gpu(tmp_path):
-    """On a GPU: the compiled fast loop with the split-KV attention (fp16, and 4-bit weight-only) is verified against
-    the model's own sdpa attention, and the kernel ran in the step (its registration names the implementation)."""
+    """On a GPU: the kernel compiled for it equals SDPA in fp64 within fp16 rounding at the 7B's decode shapes and with
+    grouped-query heads; the compiled fast loop with it (fp16, and 4-bit weight-only) is verified against the model's
+    own sdpa attention."""
+    import torch
+    import torch.nn.functional as F
+    from extensions import decode_attention
+    torch.manual_seed(0)
+    for b, heads, kv_heads, slots, filled in ((1, 32, 32, 160, 96), (2, 8, 2, 700, 650)):
+        q = torch.randn(b, heads, 1, 128, device="cuda", dtype=torch.float16)
+        k, v = (torch.randn(b, kv_heads, slots, 128, device="cuda", dtype=torch.float16) for _ in range(2))
+        keep = (torch.arange(slots, device="cuda") < filled).expand(b, 1, 1, slots).clone()
+        keep[0, ..., :3] = False
+        got = decode_attention.decode_attention(q, k, v, keep, 128 ** -0.5)
+        kk, vv = (x.repeat_interleave(heads // kv_heads, 1).double() for x in (k, v))
+        want = F.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=keep).transpose(1, 2)
+        assert float((got.double() - want).abs().max()) < 2e-3, (b, heads, kv_heads, slots)
     for extra in ([], ["--quant", "4bit"]):
         path = tmp_path / "a.json"
         script = FAST if not extra else ROOT / "extensions" / "quantized_matmul.py"
