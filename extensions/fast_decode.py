@@ -145,6 +145,52 @@ def part_class():
             return out
     return Part
 
+@functools.cache
+def one_counter_cache():
+    """OneCounterCache (defined on first use): transformers' StaticCache whose layers share one write position.
+
+    transformers' StaticLayer keeps a position counter of its own and advances it in place as it writes its keys and
+    values: in a compiled step that is a one-element kernel a layer (32 a 7B step) on the step's critical path. Here
+    every layer writes at the one counter, and the last layer advances it once a step; the positions written, the
+    mask (built from layer 0's count before the first layer) and the cache's length between steps are the same."""
+    import torch
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    class OneCounterLayer(StaticLayer):
+        def __init__(self, max_cache_len: int, shared: dict, advances: bool):
+            super().__init__(max_cache_len)
+            self.shared, self.advances = shared, advances
+            self.cumulative_length = shared["counter"]
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            # StaticLayer moves its counter to the keys' device: the first layer moves the shared one, and the others
+            # take that (its .to() is then the same tensor)
+            if self.shared["counter"].device != key_states.device:
+                self.shared["counter"] = self.shared["counter"].to(key_states.device)
+            self.cumulative_length = self.shared["counter"]
+            super().lazy_initialization(key_states, value_states)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            kv_length = key_states.shape[-2]
+            positions = torch.arange(kv_length, device=self.device) + self.cumulative_length
+            self.keys.index_copy_(2, positions, key_states)
+            self.values.index_copy_(2, positions, value_states)
+            if self.advances:
+                self.cumulative_length.add_(kv_length)
+            return self.keys, self.values
+
+    class OneCounterCache(StaticCache):
+        def __init__(self, config, max_cache_len: int):
+            super().__init__(config, max_cache_len=max_cache_len)
+            if all(type(layer) is StaticLayer for layer in self.layers):     # (sliding-window models: as they are)
+                shared = {"counter": torch.tensor(0, dtype=int)}
+                n = len(self.layers)
+                self.layers = [OneCounterLayer(max_cache_len, shared, i == n - 1) for i in range(n)]
+    return OneCounterCache
+
 def plain_matmul(layer) -> bool:
     """Is `layer` x @ W.T + b and nothing else: an nn.Linear, or AutoTP's column-parallel LinearLayer (its forward
     is that matmul on this rank's rows, with no collective, when it neither gathers its output nor overlaps)?"""
@@ -356,13 +402,13 @@ class FastGreedy(lesson.Decoder):
     def generate(self, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int = 0, do_sample=False,
                  min_new_tokens: int = 0, output_logits=False, return_dict_in_generate=False):
         import torch
-        from transformers import StaticCache
         assert not do_sample, "greedy only: FastGreedy.validate() refuses --do-sample"
         (b, t), dev, mask = input_ids.shape, input_ids.device, attention_mask
-        # 1) The static KV cache of this shape, emptied.
-        if (b, t + max_new_tokens) not in self.caches:
-            self.caches[b, t + max_new_tokens] = StaticCache(self.module.config, max_cache_len=t + max_new_tokens)
-        cache = self.caches[b, t + max_new_tokens]
+        # 1) The static KV cache of this shape (its layers writing at one counter: one_counter_cache), emptied.
+        size = t + max_new_tokens
+        if (b, size) not in self.caches:
+            self.caches[b, size] = one_counter_cache()(self.module.config, max_cache_len=size)
+        cache = self.caches[b, size]
         cache.reset()
         # 2) Left padding: a row's positions count its real tokens; the mask spans the whole cache (one shape for
         #    every step) and is left out when nothing is padded.

@@ -7,8 +7,8 @@ import torch
 
 import ds_bnb_infer as m
 from conftest import ROOT, launch, run_cli
-from extensions.fast_decode import FastDecodeConfig, FastGreedy, StaticGenerate, decode_step, fuse_projections, \
-    inductor_tuning
+from extensions.fast_decode import FastDecodeConfig, FastGreedy, StaticGenerate, decode_step, forward_last, \
+    fuse_projections, inductor_tuning, one_counter_cache
 
 FAST = ROOT / "extensions" / "fast_decode.py"
 
@@ -32,6 +32,54 @@ def test_decode_loop_equals_generate_with_padding_and_eos():
     plain, ours = m.generate(model, tok, prompts, config), m.generate(fast, tok, prompts, config)
     assert plain["new_tokens"] == [1, 1, 1] and ours["steps"] == 16
     assert ours["texts"] == plain["texts"] and ours["new_tokens"] == plain["new_tokens"]
+
+
+def test_the_loops_cache_layers_share_one_counter_and_hold_what_transformers_cache_holds():
+    """one_counter_cache(): every layer writes at one shared counter, which only the last layer advances (one
+    increment a step, not one a layer); after a prefill and 3 steps its keys, values, count and logits are those of
+    transformers' StaticCache, and the loop uses it."""
+    from transformers import StaticCache
+    config = m.DeployConfig(model_name="random:tiny", backend="hf", max_new_tokens=4, device="cpu")
+    model, tok, _ = m.init_engine(config)
+    ids = tok(["DeepSpeed is"], return_tensors="pt").input_ids
+    t = ids.shape[1]
+    caches = {"ours": one_counter_cache()(model.config, max_cache_len=t + 4),
+              "transformers": StaticCache(model.config, max_cache_len=t + 4)}
+    logits = {}
+    with torch.no_grad():
+        for name, cache in caches.items():
+            out = [forward_last(model, ids, torch.arange(t)[None], torch.arange(t), None, cache)]
+            for i in range(3):
+                token = out[-1].argmax(-1, keepdim=True)
+                out.append(forward_last(model, token, torch.tensor([[t + i]]), torch.tensor([t + i]), None, cache))
+            logits[name] = torch.stack(out)
+    ours, theirs = caches["ours"].layers, caches["transformers"].layers
+    assert len({id(layer.cumulative_length) for layer in ours}) == 1 and len(ours) == len(theirs) == 2
+    assert [layer.advances for layer in ours] == [False, True]
+    assert int(ours[0].cumulative_length) == int(theirs[0].cumulative_length) == t + 3
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(ours, theirs))
+    assert torch.equal(logits["ours"], logits["transformers"])
+    fast = FastGreedy(model, FastDecodeConfig())
+    m.generate(fast, tok, ["DeepSpeed is"], config)
+    assert all(type(c) is one_counter_cache() for c in fast.caches.values()) and fast.caches
+    # compiled, a step mutates one counter (transformers' cache: one a layer); the graph's mutated inputs, counted
+    # by the 0-d outputs of aot_autograd's functional graph
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    counters = {}
+    for name, cache in caches.items():
+        graphs = []
+
+        def backend(gm, inputs):
+            return aot_module_simplified(gm, inputs, fw_compiler=lambda g, _: graphs.append(g) or make_boxed_func(g))
+        torch._dynamo.reset()
+        step = torch.compile(lambda *a: forward_last(model, *a), backend=backend, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            step(ids[:, :1], torch.tensor([[t + 3]]), torch.tensor([t + 3]), None, cache)
+        outputs = next(n for n in graphs[-1].graph.nodes if n.op == "output").args[0]
+        counters[name] = sum(tuple(x.meta["val"].shape) == () for x in outputs if "val" in getattr(x, "meta", {}))
+    torch._dynamo.reset()
+    assert counters == {"ours": 1, "transformers": 2}, counters
 
 
 def test_fused_projections_give_the_models_logits_and_leave_bitsandbytes_layers():
