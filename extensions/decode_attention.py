@@ -17,7 +17,6 @@ model's own attention like any other change. Measured: benchmarks/README.md.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -109,7 +108,7 @@ def fits(query, key, value, mask) -> bool:
     """Can decode_attention() take this call: one query token on a GPU (or on a CPU under Triton's interpreter, the
     tests), a contiguous cache, a power-of-two head size, a boolean mask of one row a batch row (or none)?"""
     d = query.shape[-1]
-    on_device = query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    on_device = query.is_cuda or triton.knobs.runtime.interpret        # (Triton's own setting)
     return (query.shape[2] == 1 and on_device and key.is_contiguous() and value.is_contiguous()
             and d == triton.next_power_of_2(d) and query.shape[1] % key.shape[1] == 0
             and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] in (1, query.shape[0])

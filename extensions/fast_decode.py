@@ -70,7 +70,11 @@ def validate(config: FastDecodeConfig) -> None:
         raise lesson.UsageError(f"--{loop_flags[0].replace('_', '-')} sets how this file's loop runs; drop it, or "
                                 "drop --loop transformers.")
     import torch
-    if config.attention == "triton" and (config.device == "cpu" or not torch.cuda.is_available()):
+    check_attention(config.attention, config.device != "cpu" and torch.cuda.is_available())
+
+def check_attention(attention: str, on_gpu: bool) -> None:
+    """--attention triton runs on a GPU only (this file's loop and serve.py's)."""
+    if attention == "triton" and not on_gpu:
         raise lesson.UsageError("--attention triton runs a GPU kernel and no CUDA GPU is used here; drop it, or run "
                                 "on a GPU.")
 

@@ -43,8 +43,8 @@ from typing import Annotated, Literal
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
 from extensions.quantized_matmul import QuantizedMatmulConfig, check_matmuls, swap_matmuls  # noqa: E402
-from extensions.fast_decode import (decode_step, eos_tensor, forward_last, fuse_projections,  # noqa: E402
-                                    generate_output, greedy_loop, release_step, use_attention)
+from extensions.fast_decode import (check_attention, decode_step, eos_tensor, forward_last,  # noqa: E402
+                                    fuse_projections, generate_output, greedy_loop, release_step, use_attention)
 
 @dataclasses.dataclass
 class ServeConfig(QuantizedMatmulConfig):
@@ -1018,9 +1018,7 @@ def serve(config: ServeConfig) -> int:
     if config.step in ("compiled", "cuda-graph") and not on_gpu:
         raise lesson.UsageError(f"--step {config.step} captures CUDA graphs and needs a GPU; on a CPU use "
                                 "--step eager (or auto).")
-    if config.attention == "triton" and not on_gpu:
-        raise lesson.UsageError("--attention triton runs a GPU kernel and no CUDA GPU is used here; drop it, or "
-                                "serve on a GPU.")
+    check_attention(config.attention, on_gpu)
     if rank == 0:
         missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
         if missing:
