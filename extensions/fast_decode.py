@@ -56,8 +56,10 @@ class FastDecodeConfig(lesson.DeployConfig):
                    "tensor parallel (not measured); on: --step compiled or auto only"] = "auto"
     all_reduce: Annotated[Literal["push", "one-shot", "nccl"], "tensor parallel, compiled step: push (no barrier), "
                           "one-shot (symmetric memory) or NCCL's (extensions/tp_all_reduce.py)"] = "push"
-    attention: Annotated[Literal["sdpa", "triton"], "a decode step's attention: sdpa (transformers' path: PyTorch's "
-                         "SDPA) or triton (extensions/decode_attention.py's split-KV kernel; GPU only)"] = "sdpa"
+    attention: Annotated[Literal["auto", "sdpa", "triton"], "a decode step's attention: sdpa (transformers' path: "
+                         "PyTorch's SDPA) or triton (extensions/decode_attention.py's split-KV kernel; GPU only); "
+                         "auto: triton on a GPU at one row a step and --tp-size 1 where the model allows it (measured "
+                         "faster there with 4-bit weights, 7B and 70B), else sdpa"] = "auto"
 
 def validate(config: FastDecodeConfig) -> None:
     """The loop's own refusals (the lesson's validate() runs first)."""
@@ -295,14 +297,24 @@ def decode_step(model, device, config: FastDecodeConfig) -> tuple:
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False), mode, None
     return step, mode, None
 
-def use_attention(model, attention: str) -> None:
-    """--attention triton: a decode step's attention as extensions/decode_attention.py's kernel (set after the lesson
-    took its reference, so the engine is checked against the model's own attention)."""
-    if attention == "triton":
-        from extensions import decode_attention
-        why_not = decode_attention.use(model)
-        if why_not:
-            raise lesson.UsageError(f"--attention triton: {why_not}; drop --attention.")
+def kernel_attention_wanted(attention: str, on_gpu: bool, rows: int, tp_size: int) -> bool:
+    """--attention: is decode_attention.py's kernel wanted (triton; auto on a GPU at one row a step and tp 1)?"""
+    return attention == "triton" or (attention == "auto" and on_gpu and rows == 1 and tp_size == 1)
+
+def use_attention(model, attention: str, rows: int, tp_size: int) -> str:
+    """--attention: a decode step's attention as extensions/decode_attention.py's kernel or transformers' sdpa (set
+    after the lesson took its reference, so the engine is checked against the model's own attention); the one used.
+    auto takes the kernel where it was measured faster (a GPU, one row a step, one rank: benchmarks/README.md) and
+    the model allows it, and says so; elsewhere (more rows, tensor parallel) the kernel runs only when asked."""
+    if not kernel_attention_wanted(attention, next(model.parameters()).is_cuda, rows, tp_size):
+        return "sdpa"
+    from extensions import decode_attention
+    why_not = decode_attention.use(model)
+    if why_not and attention == "triton":
+        raise lesson.UsageError(f"--attention triton: {why_not}; drop --attention.")
+    lesson.log(f"[attention] --attention {attention}: " + (f"sdpa, as the split-KV kernel cannot take this model: "
+                                                           f"{why_not}" if why_not else "the split-KV kernel"))
+    return "sdpa" if why_not else "triton"
 
 def layer_options(model) -> dict:
     """The torch.compile options that the model's layers carry as `inductor_options` (kernel_4bit.INDUCTOR_OPTIONS:
@@ -375,7 +387,7 @@ class FastGreedy(lesson.Decoder):
         import torch
         super().__init__(engine, config)
         self.fused = fuse_projections(self.module) if config.fuse else 0
-        use_attention(self.module, config.attention)
+        self.attention = use_attention(self.module, config.attention, config.batch_size, config.tp_size)
         self.step, self.mode, self.all_reduce = decode_step(self.module, next(self.module.parameters()).device, config)
         self.caches = {}
         # Tensor parallel: the ranks, which must all run the same number of steps (each step all-reduces).

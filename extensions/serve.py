@@ -114,7 +114,7 @@ class SlotBatch(lesson.Decoder):
         super().__init__(engine, config)
         if config.fuse:
             fuse_projections(self.module)                             # as fast_decode.py's loop (verified the same)
-        use_attention(self.module, config.attention)                  # --attention triton: each row's own mask
+        self.attention = use_attention(self.module, config.attention, config.max_num_seqs, config.tp_size)
         check_matmuls(self.module)                                    # 4-bit kernels against their weights
         self.device = next(self.module.parameters()).device
         self.rows, self.max_len = config.max_num_seqs, config.max_model_len + 1

@@ -70,11 +70,11 @@ MODES = {
     "hf-nopdl-compile": (FAST, ["--backend", "hf", "--pdl", "off"]),
     "hf-4bit-wo-nopdl-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "weight-only", "--pdl",
                                        "off"]),
-    # a decode step's attention as extensions/decode_attention.py's split-KV kernel (fast_decode.py --attention
-    # triton), fp16 and 4-bit
-    "hf-attn-compile": (FAST, ["--backend", "hf", "--attention", "triton"]),
-    "hf-4bit-wo-attn-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "weight-only",
-                                      "--attention", "triton"]),
+    # a decode step's attention as transformers' sdpa instead of extensions/decode_attention.py's split-KV kernel
+    # (fast_decode.py --attention sdpa; the kernel by default at one row a step on a GPU), fp16 and 4-bit
+    "hf-sdpa-compile": (FAST, ["--backend", "hf", "--attention", "sdpa"]),
+    "hf-4bit-wo-sdpa-compile": (QMM, ["--backend", "hf", "--quant", "4bit", "--matmul", "weight-only",
+                                      "--attention", "sdpa"]),
     # DeepSpeed-FastGen (extensions/fastgen.py): another engine on the same weights; GPU only (refused on a CPU)
     "fastgen": (FASTGEN, ["--backend", "hf"]),
 }

@@ -97,6 +97,19 @@ def test_triton_attention_needs_a_gpu_and_this_files_loop():
     assert r.returncode == 2 and "add --fast-decode" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_auto_attention_takes_the_kernel_only_where_it_was_measured_faster():
+    """--attention auto (the default): the split-KV kernel on a GPU at one row a step and tp 1, sdpa with more rows, on
+    several ranks or on a CPU; triton always asks for it, sdpa never; on a CPU the default runs, on sdpa."""
+    from extensions.fast_decode import FastDecodeConfig, kernel_attention_wanted
+    assert FastDecodeConfig.attention == "auto"
+    assert kernel_attention_wanted("auto", True, 1, 1)
+    assert not any(kernel_attention_wanted("auto", *case) for case in ((False, 1, 1), (True, 16, 1), (True, 1, 2)))
+    assert kernel_attention_wanted("triton", True, 16, 2) and not kernel_attention_wanted("sdpa", True, 1, 1)
+    r = run_cli("--model", "random:tiny", "--backend", "hf", "--device", "cpu", "--max-new-tokens", "4", "--iters",
+                "1", script=FAST)
+    assert r.returncode == 0 and "[attention]" not in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.gpu
 def test_triton_attention_decodes_verified_on_the_gpu(tmp_path):
     """On a GPU: the kernel compiled for it equals SDPA in fp64 within fp16 rounding at the 7B's decode shapes and with
@@ -123,3 +136,6 @@ def test_triton_attention_decodes_verified_on_the_gpu(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         engine = json.loads(path.read_text())["engine"]
         assert engine["verify"]["passed"] and engine["decode"] == "compiled", engine
+    r = run_cli("--model", "random:tiny", "--backend", "hf", "--max-new-tokens", "8", "--iters", "1", script=FAST,
+                timeout=900)
+    assert r.returncode == 0 and "--attention auto: the split-KV kernel" in r.stderr, r.stderr[-3000:]
