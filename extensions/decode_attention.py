@@ -4,8 +4,10 @@ At batch 1 a decode step's attention reads one query token against the static KV
 layer, which the GPU reads in about a microsecond. transformers' sdpa path runs it as PyTorch's SDPA (cuDNN's kernel
 on an H100, tiled for long queries) after a kernel that turns the boolean mask into the additive bias SDPA takes,
 once a layer. Here each program takes one query head over one range of cache slots (its running max, sum of
-exponentials and weighted sum of values: the online softmax), and a second kernel joins the ranges of each head; the
-mask is read as transformers builds it (boolean, once a step). Grouped-query attention reads a key/value head for
+exponentials and weighted sum of values: the online softmax), and a second kernel joins the ranges of each head (or,
+in a compiled step with JOIN_IN_GRAPH, the same sums written in torch, for inductor to fold into the kernel that lays
+out o_proj's input: one launch a layer fewer; not yet measured, so off); the mask is read as transformers builds it
+(boolean, once a step). Grouped-query attention reads a key/value head for
 each group of query heads. Prefill (more than one query token) stays transformers' sdpa path.
 
   python extensions/fast_decode.py --model random:llama-2-7b --backend hf --attention triton    # one GPU
@@ -76,6 +78,22 @@ def combine(part_ptr, stat_ptr, o_ptr, RANGES: tl.constexpr, CHUNK: tl.constexpr
     tl.store(o_ptr + bh * D + d, (acc / total).to(o_ptr.dtype.element_ty))
 
 
+def split(q, k, v, keep, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """split_kv() over every range of the cache: (part [B * H, ranges, D], stat [B * H, ranges, 2]), fp32."""
+    B, H, _, D = q.shape
+    KV, L = k.shape[1], k.shape[2]
+    ranges = triton.cdiv(L, SLOTS_PER_PROGRAM)
+    part = torch.empty(B * H, ranges, D, device=q.device, dtype=torch.float32)
+    stat = torch.empty(B * H, ranges, 2, device=q.device, dtype=torch.float32)
+    keep_ = keep if keep is not None else q
+    # (a mask of one batch row is every row's)
+    keep_strides = (keep.stride(0) if keep.shape[0] > 1 else 0, keep.stride(3)) if keep is not None else (0, 0)
+    split_kv[(B * H, ranges)](q, k, v, keep_, part, stat, L, scale, q.stride(0), q.stride(1), *keep_strides,
+                              HEADS=H, GROUP=H // KV, D=D, SLOTS=SLOTS_PER_PROGRAM, RANGES=ranges,
+                              MASKED=keep is not None)
+    return part, stat
+
+
 @torch.library.custom_op("ds_bnb_infer::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
                      scale: float) -> torch.Tensor:
@@ -84,17 +102,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
     contiguous: the layout transformers' attention functions return. A custom op: torch.compile keeps it whole in
     the compiled step (the cache's update before it, in order), and a CUDA graph captures its two launches."""
     B, H, _, D = q.shape
-    KV, L = k.shape[1], k.shape[2]
-    ranges = triton.cdiv(L, SLOTS_PER_PROGRAM)
-    part = torch.empty(B * H, ranges, D, device=q.device, dtype=torch.float32)
-    stat = torch.empty(B * H, ranges, 2, device=q.device, dtype=torch.float32)
+    part, stat = split(q, k, v, keep, scale)
     out = torch.empty(B, 1, H, D, device=q.device, dtype=q.dtype)
-    keep_ = keep if keep is not None else q
-    # (a mask of one batch row is every row's)
-    keep_strides = (keep.stride(0) if keep.shape[0] > 1 else 0, keep.stride(3)) if keep is not None else (0, 0)
-    split_kv[(B * H, ranges)](q, k, v, keep_, part, stat, L, scale, q.stride(0), q.stride(1), *keep_strides,
-                              HEADS=H, GROUP=H // KV, D=D, SLOTS=SLOTS_PER_PROGRAM, RANGES=ranges,
-                              MASKED=keep is not None)
+    ranges = part.shape[1]
     combine[(B * H,)](part, stat, out, RANGES=ranges, CHUNK=min(32, triton.next_power_of_2(ranges)), D=D)
     return out
 
@@ -104,11 +114,47 @@ def _(q, k, v, keep, scale):
     return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
 
 
+@torch.library.custom_op("ds_bnb_infer::decode_attention_ranges", mutates_args=())
+def decode_attention_ranges(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_attention()'s first kernel alone (split()): each range's sums and statistics, for join() in torch."""
+    return split(q, k, v, keep, scale)
+
+
+@decode_attention_ranges.register_fake
+def _(q, k, v, keep, scale):
+    ranges = triton.cdiv(k.shape[2], SLOTS_PER_PROGRAM)
+    return (q.new_empty(q.shape[0] * q.shape[1], ranges, q.shape[3], dtype=torch.float32),
+            q.new_empty(q.shape[0] * q.shape[1], ranges, 2, dtype=torch.float32))
+
+
+def join(part, stat, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """combine() in torch: the ranges' sums rescaled to the largest max and divided by the exponentials' sum ->
+    [B, 1, H, D] in `dtype`. In a compiled step inductor writes it into the kernel that reads the output next (a
+    reduction of a few ranges is unrolled there: o_proj's layout of x, kernel_4bit.py), one kernel a layer fewer."""
+    m, s = stat.unbind(-1)
+    big = m.amax(1, keepdim=True)
+    w = torch.where(m == float("-inf"), 0.0, torch.exp(m - big))          # a range with nothing attended weighs 0
+    out = (part * w[..., None]).sum(1) / (s * w).sum(1)[:, None]
+    return out.view(batch, 1, -1, part.shape[-1]).to(dtype)
+
+
+# A compiled step joins the ranges in torch (JOIN_IN_GRAPH: True; join()) or with combine() (False). Both give the
+# same values within fp32 rounding (tests/test_decode_attention.py); outside a compiled step combine() always does.
+JOIN_IN_GRAPH = False
+
+
+@torch.compiler.assume_constant_result
+def interpreted() -> bool:
+    """Does Triton run kernels in its interpreter (its own setting; a constant to torch.compile's tracing)?"""
+    return triton.knobs.runtime.interpret
+
+
 def fits(query, key, value, mask) -> bool:
     """Can decode_attention() take this call: one query token on a GPU (or on a CPU under Triton's interpreter, the
     tests), a contiguous cache, a power-of-two head size, a boolean mask of one row a batch row (or none)?"""
     d = query.shape[-1]
-    on_device = query.is_cuda or triton.knobs.runtime.interpret        # (Triton's own setting)
+    on_device = query.is_cuda or interpreted()
     return (query.shape[2] == 1 and on_device and key.is_contiguous() and value.is_contiguous()
             and d == triton.next_power_of_2(d) and query.shape[1] % key.shape[1] == 0
             and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] in (1, query.shape[0])
@@ -121,6 +167,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if dropout == 0.0 and not kwargs.get("output_attentions") and fits(query, key, value, attention_mask):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if JOIN_IN_GRAPH and torch.compiler.is_compiling():
+            part, stat = decode_attention_ranges(query, key, value, attention_mask, scale)
+            return join(part, stat, query.shape[0], query.dtype), None
         return decode_attention(query, key, value, attention_mask, scale), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)

@@ -35,6 +35,21 @@ def check(name, q, k, v, mask):
 for name, mask in (("masked", keep), ("unmasked", None), ("mask expanded", keep[:1].expand(B, 1, 1, L)),
                    ("one mask row for both", keep[1:])):
     check(name, q, k, v, mask)
+# the ranges joined in torch (join(), a compiled step's form) and by combine(), eager and compiled (the branch that
+# takes join() runs only while torch.compile traces)
+scale = D ** -0.5
+want = A.decode_attention(q, k, v, keep, scale)
+out["join"] = float((A.join(*A.decode_attention_ranges(q, k, v, keep, scale), B, q.dtype) - want).abs().max())
+graphs = []
+def backend(gm, inputs):
+    graphs.append(gm.code)
+    return gm.forward
+A.JOIN_IN_GRAPH = True
+joined = torch.compile(lambda q, k, v, keep: A.attention_forward(None, q, k, v, keep)[0], fullgraph=True,
+                       backend=backend)
+out["join compiled"] = float((joined(q, k, v, keep) - want).abs().max())
+out["ranges op traced"] = "decode_attention_ranges" in graphs[0]
+A.JOIN_IN_GRAPH = False
 # 2100 slots: 33 ranges, joined in two chunks
 long_keep = torch.rand(1, 1, 1, 2100) < 0.7
 check("33 ranges", q, torch.randn(B, KV, 2100, D), torch.randn(B, KV, 2100, D), long_keep)
@@ -75,6 +90,7 @@ def test_split_kv_attention_is_sdpa_under_the_interpreter():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     for name in ("masked", "unmasked", "mask expanded", "one mask row for both", "33 ranges"):
         assert out[name][0] == [2, 1, 4, 16] and out[name][1] < 1e-5, (name, out[name])
+    assert out["join"] < 1e-6 and out["join compiled"] < 1e-6 and out["ranges op traced"], out
     assert out["used"] and out["implementation"] == "ds_bnb_decode", out
     assert out["model tokens equal"] and out["model logits error"] < 1e-4, out
     # models it cannot serve are named, not silently left on sdpa
