@@ -7,8 +7,8 @@ once a layer. Here each program takes one query head over one range of cache slo
 exponentials and weighted sum of values: the online softmax), and a second kernel joins the ranges of each head (or,
 in a compiled step with JOIN_IN_GRAPH, the same sums written in torch, for inductor to fold into the kernel that lays
 out o_proj's input: one launch a layer fewer; not yet measured, so off); the mask is read as transformers builds it
-(boolean, once a step). Grouped-query attention reads a key/value head for
-each group of query heads. Prefill (more than one query token) stays transformers' sdpa path.
+(boolean, once a step). Grouped-query attention reads a key/value head for each group of query heads. Prefill (more
+than one query token) stays transformers' sdpa path.
 
   python extensions/fast_decode.py --model random:llama-2-7b --backend hf --attention triton    # one GPU
 
