@@ -227,19 +227,35 @@ def test_profile_decode_lists_one_steps_kernels_verified(tmp_path):
     """benchmarks/profile_decode.py: the engine verified as every run, then one step's kernels (on a CPU: aten ops) and
     their groups, per step, in its JSON (the device's own times are in benchmarks/, not asserted here)."""
     out = tmp_path / "profile.json"
-    r = run_cli("--steps", "3", "--json", str(out), "--", "--model", "random:tiny", "--device", "cpu",
-                script=ROOT / "benchmarks" / "profile_decode.py")
+    r = run_cli("--steps", "3", "--json", str(out), "--inductor", "aggressive_fusion=True", "--", "--model",
+                "random:tiny", "--device", "cpu", script=ROOT / "benchmarks" / "profile_decode.py")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["verify"]["passed"] and report["steps"] == 3 and report["card"] == "cpu"
+    assert report["inductor"] == {"aggressive_fusion": True} and report["launches_per_step"] > 0, report
     assert report["top"] and all(row["us_per_step"] > 0 for row in report["top"])
     assert all(row["kernel"].startswith("aten::") for row in report["top"])    # a CPU's step: aten ops
     assert abs(sum(report["groups_us_per_step"].values()) - report["kernels_us_per_step"]) < 1e-6 * max(
         1.0, report["kernels_us_per_step"])
-    for bad, said in ((["--steps", "0"], "at least 1"), (["--json", "/proc/p.json"], "cannot write --json")):
+    for bad, said in ((["--steps", "0"], "at least 1"), (["--json", "/proc/p.json"], "cannot write --json"),
+                      (["--inductor", "triton.nope=1"], "has no option 'triton.nope'"),
+                      (["--inductor", "aggressive_fusion=yes"], "not a Python literal")):
         r = run_cli(*bad, "--", "--model", "random:tiny", "--device", "cpu",
                     script=ROOT / "benchmarks" / "profile_decode.py")
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_profile_decode_sets_inductors_options_before_the_step_compiles():
+    """profile_decode.py --inductor NAME=VALUE: torch._inductor.config's option set (dotted names into its sections)."""
+    import importlib.util
+    import torch._inductor.config as inductor
+    spec = importlib.util.spec_from_file_location("profile_decode", ROOT / "benchmarks" / "profile_decode.py")
+    profile_decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_decode)
+    with inductor.patch({"aggressive_fusion": False, "triton.max_tiles": 2}):
+        assert profile_decode.set_inductor_options(["aggressive_fusion=True", "triton.max_tiles=3"]) == {
+            "aggressive_fusion": True, "triton.max_tiles": 3}
+        assert inductor.aggressive_fusion is True and inductor.triton.max_tiles == 3
 
 
 @pytest.mark.parametrize("pdl, tp_size, tune, launches", [("on", 1, False, True), ("off", 1, True, False),
