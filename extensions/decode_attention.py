@@ -23,6 +23,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+import triton.language.extra.cuda  # noqa: F401  (tl.extra.cuda.gdc_wait: programmatic dependent launch)
 
 NAME = "ds_bnb_decode"              # the name it is registered under with transformers
 SLOTS_PER_PROGRAM = 64              # cache slots a program of split_kv() takes (and reads in one step)
@@ -31,10 +32,12 @@ SLOTS_PER_PROGRAM = 64              # cache slots a program of split_kv() takes 
 @triton.jit
 def split_kv(q_ptr, k_ptr, v_ptr, keep_ptr, part_ptr, stat_ptr, L, scale, q_sb, q_sh, keep_sb, keep_sl,
              HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, SLOTS: tl.constexpr, RANGES: tl.constexpr,
-             MASKED: tl.constexpr):
+             MASKED: tl.constexpr, PDL: tl.constexpr = False):
     """One query head's attention over one range of SLOTS cache slots (grid: batch x heads, ranges): the range's
     unnormalised sum of values and its softmax statistics (max score, sum of exponentials) at [bh, r]. k and v:
     [B, HEADS // GROUP, L, D], contiguous; keep: nonzero where a slot is attended (MASKED), else every slot is."""
+    if PDL:                                  # launched early: wait for the kernels before it (the cache's update)
+        tl.extra.cuda.gdc_wait()
     bh, r = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
     d = tl.arange(0, D)
@@ -55,9 +58,12 @@ def split_kv(q_ptr, k_ptr, v_ptr, keep_ptr, part_ptr, stat_ptr, L, scale, q_sb, 
 
 
 @triton.jit
-def combine(part_ptr, stat_ptr, o_ptr, RANGES: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
+def combine(part_ptr, stat_ptr, o_ptr, RANGES: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
+            PDL: tl.constexpr = False):
     """One head's ranges joined, CHUNK ranges at a time: each range's sums rescaled to the largest max, the values'
     sum over the exponentials' (grid: batch x heads); the output [B, 1, HEADS, D] in the query's dtype."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)
     d = tl.arange(0, D)
     big = tl.full((), float("-inf"), tl.float32)
@@ -78,6 +84,20 @@ def combine(part_ptr, stat_ptr, o_ptr, RANGES: tl.constexpr, CHUNK: tl.constexpr
     tl.store(o_ptr + bh * D + d, (acc / total).to(o_ptr.dtype.element_ty))
 
 
+# Both kernels launched as programmatic dependent launches on Hopper and later (PDL: True; each starts while the
+# kernel before it ends and waits in gdc_wait() before its first read, as kernel_4bit.py's matvec) or plainly (False).
+# Not yet measured, so off.
+PDL = False
+
+
+@functools.cache
+def launch(device) -> dict:
+    """The kernels' launch options on `device`: PDL's where it is on and the GPU has it (sm_90 and later)."""
+    if PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return {"PDL": True, "launch_pdl": True}
+    return {}
+
+
 def split(q, k, v, keep, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """split_kv() over every range of the cache: (part [B * H, ranges, D], stat [B * H, ranges, 2]), fp32."""
     B, H, _, D = q.shape
@@ -90,7 +110,7 @@ def split(q, k, v, keep, scale) -> tuple[torch.Tensor, torch.Tensor]:
     keep_strides = (keep.stride(0) if keep.shape[0] > 1 else 0, keep.stride(3)) if keep is not None else (0, 0)
     split_kv[(B * H, ranges)](q, k, v, keep_, part, stat, L, scale, q.stride(0), q.stride(1), *keep_strides,
                               HEADS=H, GROUP=H // KV, D=D, SLOTS=SLOTS_PER_PROGRAM, RANGES=ranges,
-                              MASKED=keep is not None)
+                              MASKED=keep is not None, **launch(q.device))
     return part, stat
 
 
@@ -105,7 +125,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
     part, stat = split(q, k, v, keep, scale)
     out = torch.empty(B, 1, H, D, device=q.device, dtype=q.dtype)
     ranges = part.shape[1]
-    combine[(B * H,)](part, stat, out, RANGES=ranges, CHUNK=min(32, triton.next_power_of_2(ranges)), D=D)
+    combine[(B * H,)](part, stat, out, RANGES=ranges, CHUNK=min(32, triton.next_power_of_2(ranges)), D=D,
+                      **launch(q.device))
     return out
 
 
