@@ -4,7 +4,8 @@ copies nothing from it; a decode loop implements the lesson's Decoder. In readin
 kv_cache.py          KV Cache 启用/验证: the same greedy tokens with the cache on and off, every step timed.
 fast_decode.py       the fast decode loop: a static KV cache and one CUDA graph per step (--loop transformers: the
                      library's own static-cache generate()); --step, --fuse, --tune choose how a step runs.
-decode_attention.py  a decode step's attention as a split-KV Triton kernel (fast_decode.py --attention triton).
+decode_attention.py  a decode step's attention as a split-KV Triton kernel (fast_decode.py --attention: by default
+                     at one row a step on a GPU).
 quantized_matmul.py  the quantized matmuls: bitsandbytes' int8 and 4-bit weights multiplied weight-only, or its own
                      kernels, each with its error against the unquantized weights.
 kernel_4bit.py       the 4-bit weight-only kernel (Triton): bitsandbytes' nf4/fp4 storage dequantized in registers.

@@ -158,7 +158,8 @@ def one_counter_cache():
     transformers' StaticLayer keeps a position counter of its own and advances it in place as it writes its keys and
     values: in a compiled step that is a one-element kernel a layer (32 a 7B step) on the step's critical path. Here
     every layer writes at the one counter, and the last layer advances it once a step; the positions written, the
-    mask (built from layer 0's count before the first layer) and the cache's length between steps are the same."""
+    mask (built from layer 0's count before the first layer) and the cache's length between steps are the same. The
+    loop here and serve.py's take it (serve.py moves the one counter, where it moved one a layer)."""
     import torch
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer

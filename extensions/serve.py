@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ds_bnb_infer as lesson  # noqa: E402
 from extensions.quantized_matmul import QuantizedMatmulConfig, check_matmuls, swap_matmuls  # noqa: E402
 from extensions.fast_decode import (check_attention, decode_step, eos_tensor, forward_last,  # noqa: E402
-                                    fuse_projections, generate_output, greedy_loop, release_step, use_attention)
+                                    fuse_projections, generate_output, greedy_loop, one_counter_cache, release_step,
+                                    use_attention)
 
 @dataclasses.dataclass
 class ServeConfig(QuantizedMatmulConfig):
@@ -109,8 +110,6 @@ class SlotBatch(lesson.Decoder):
 
     def __init__(self, engine, config: ServeConfig):
         import torch
-        from transformers import StaticCache
-        from transformers.cache_utils import StaticLayer
         super().__init__(engine, config)
         if config.fuse:
             fuse_projections(self.module)                             # as fast_decode.py's loop (verified the same)
@@ -119,8 +118,8 @@ class SlotBatch(lesson.Decoder):
         self.device = next(self.module.parameters()).device
         self.rows, self.max_len = config.max_num_seqs, config.max_model_len + 1
         rows, max_len = self.rows, self.max_len
-        self.cache = StaticCache(self.module.config, max_cache_len=max_len)
-        if any(type(layer) is not StaticLayer for layer in self.cache.layers):
+        self.cache = one_counter_cache()(self.module.config, max_cache_len=max_len)    # fast_decode.py's cache
+        if any(type(layer).__name__ != "OneCounterLayer" for layer in self.cache.layers):
             raise lesson.UsageError("serve.py batches models whose every layer attends to all positions (Llama "
                                     "and the like); this model has sliding-window layers.")
         self.mask = torch.zeros(rows, max_len, dtype=torch.long, device=self.device)
@@ -151,11 +150,8 @@ class SlotBatch(lesson.Decoder):
         self.seek()
 
     def seek(self) -> None:
-        """Point every layer's write position (StaticLayer.cumulative_length) at `slot`; a step advances them by 1."""
-        import torch
-        counters = [layer.cumulative_length for layer in self.cache.layers]
-        torch._foreach_mul_(counters, 0)
-        torch._foreach_add_(counters, self.slot)
+        """Point the layers' one write position (their shared cumulative_length) at `slot`; a step advances it by 1."""
+        self.cache.layers[0].cumulative_length.fill_(self.slot)
         self.slot_t.fill_(self.slot)
 
     def move(self, shift: int) -> None:
