@@ -387,6 +387,22 @@ ONE_WARP = True
 X_WORDS = 256
 assert all(X_WORDS % c.kwargs["WORDS"] == 0 for c in MATVEC_ONE_WARP.configs)
 
+def picked_tilings() -> dict[str, str]:
+    """The tilings the autotuners picked in this process, one line a kernel and shape: {"matvec N=.. KW=..": tiling}
+    (the decoders' reports carry it: which candidates are ever picked, and so worth a first call's time). Picks of
+    one shape for other dtypes (the autotuner keys those too) are joined with " | "."""
+    picked = {}
+    for name, tuner in (("matvec", MATVEC), ("matvec", MATVEC_ONE_WARP), ("matmul", MATMUL)):
+        for key, config in tuner.cache.items():
+            label = f"{name} " + " ".join(f"{k}={v}" for k, v in zip(tuner.keys, key))
+            picked[label] = " | ".join(dict.fromkeys(filter(None, [picked.get(label), tiling_of(config)])))
+    return picked
+
+def tiling_of(config: triton.Config) -> str:
+    """A tiling as one line: its block sizes, then warps, stages and the register cap where set."""
+    extra = {"warps": config.num_warps, "stages": config.num_stages, "maxnreg": config.maxnreg}
+    return " ".join(f"{k}={v}" for k, v in {**config.kwargs, **extra}.items() if v is not None)
+
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 def state_args(quant_state):

@@ -297,7 +297,8 @@ def check_matmuls(model) -> dict | None:
         raise lesson.RunFailure(f"the 4-bit matmul kernel differs from its own weight dequantized (rel. error "
                                 f"{worst:.2e}, tolerance {MATMUL_TOL:g}): a kernel bug; --matmul bitsandbytes "
                                 f"avoids it")
-    return {"layers": len(layers), "max_rel_error": worst, "tolerance": MATMUL_TOL}
+    return {"layers": len(layers), "max_rel_error": worst, "tolerance": MATMUL_TOL,
+            "tilings": layers[0].kernels.picked_tilings()}        # (the autotuners picked them in these calls)
 
 class QuantizedGreedy(FastGreedy):
     """fast_decode.py's loop over the model with its bitsandbytes matmuls swapped (prepare_model) where asked, each

@@ -171,7 +171,8 @@ def row(name: str, code: int, stderr: list[str], path: str, bandwidth_gb_s: floa
             "roofline_decode_tokens_per_s": c["batch_size"] * bandwidth_gb_s / m["decode_read_gb"],
             "verified": e["verify"]["passed"] if e["verify"] else "reference",
             "verify": e["verify"]["summary"] if e["verify"] else "plain transformers is the reference",
-            "vs_unquantized": (e["verify"] or {}).get("vs_unquantized"), "fallbacks": e["fallbacks"]}
+            "vs_unquantized": (e["verify"] or {}).get("vs_unquantized"), "fallbacks": e["fallbacks"],
+            "kernel_tilings": ((e["verify"] or {}).get("matmuls") or {}).get("tilings")}
 
 
 def render(result: dict) -> str:

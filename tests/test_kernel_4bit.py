@@ -269,6 +269,17 @@ def test_a_matvec_tiling_without_programs_is_refused():
                                     offset, 48, nested, state.dtype, tiling)
 
 
+def test_every_candidate_tiling_reads_as_one_line_for_the_reports():
+    """kernel_4bit.tiling_of: a candidate as the reports list what the autotuners picked (picked_tilings, which a CPU
+    run leaves empty: the autotuners run on a GPU)."""
+    from extensions import kernel_4bit
+    lines = {kernel_4bit.tiling_of(c) for c in kernel_4bit.MATVEC_ONE_WARP.configs + kernel_4bit.MATMUL.configs}
+    assert len(lines) == len(kernel_4bit.MATVEC_ONE_WARP.configs) + len(kernel_4bit.MATMUL.configs)
+    assert "BLOCK_N=2 WORDS=128 PER_SM=16 warps=1 stages=1 maxnreg=72" in lines
+    assert "BLOCK_N=64 WORDS=16 W_FIRST=True SPLIT=4 warps=4 stages=3" in lines
+    assert kernel_4bit.picked_tilings() == {}
+
+
 def test_triton_kernel_dequantizes_bit_for_bit_and_multiplies_under_the_interpreter():
     """The very kernel a GPU runs (its `tile`), interpreted on the CPU: the dequantized weight equals bitsandbytes'
     (nf4, fp4; double quant on and off; fp16 and fp32 weights; odd shapes), and its matvec (1 row of x) and tensor-core
@@ -443,6 +454,9 @@ def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_
     assert "4 groups of projections fused" in " ".join(engine["notes"]), engine["notes"]
     # each kernel (fused layers' included) against its weight dequantized: 2 layers x (q/k/v, o, gate/up, down)
     assert engine["verify"]["matmuls"]["layers"] == 8 and engine["verify"]["matmuls"]["max_rel_error"] < 1e-2
+    # the tilings the autotuners picked, in the report: the matvec's (one row) and the tensor-core form's (3 and 16)
+    picked = engine["verify"]["matmuls"]["tilings"]
+    assert any(k.startswith("matvec N=") for k in picked) and any(k.startswith("matmul N=") for k in picked), picked
 
 
 @pytest.mark.gpu
