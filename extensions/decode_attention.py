@@ -151,8 +151,9 @@ def _(q, k, v, keep, scale):
 
 def join(part, stat, batch: int, dtype: torch.dtype) -> torch.Tensor:
     """combine() in torch: the ranges' sums rescaled to the largest max and divided by the exponentials' sum ->
-    [B, 1, H, D] in `dtype`. In a compiled step inductor writes it into the kernel that reads the output next (a
-    reduction of a few ranges is unrolled there: o_proj's layout of x, kernel_4bit.py), one kernel a layer fewer."""
+    [B, 1, H, D] in `dtype`. Written for a compiled step, where inductor may fold it into the kernel that reads the
+    output next (o_proj's layout of x, kernel_4bit.py; a reduction over a few ranges it unrolls): a kernel a layer
+    fewer if it does, which the GPU's profile says (benchmarks/profile_decode.py)."""
     m, s = stat.unbind(-1)
     big = m.amax(1, keepdim=True)
     w = torch.where(m == float("-inf"), 0.0, torch.exp(m - big))          # a range with nothing attended weighs 0

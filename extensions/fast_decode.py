@@ -388,7 +388,7 @@ class FastGreedy(lesson.Decoder):
         import torch
         super().__init__(engine, config)
         self.fused = fuse_projections(self.module) if config.fuse else 0
-        self.attention = use_attention(self.module, config.attention, config.batch_size, config.tp_size)
+        use_attention(self.module, config.attention, config.batch_size, config.tp_size)
         self.step, self.mode, self.all_reduce = decode_step(self.module, next(self.module.parameters()).device, config)
         self.caches = {}
         # Tensor parallel: the ranks, which must all run the same number of steps (each step all-reduces).

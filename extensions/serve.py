@@ -113,7 +113,7 @@ class SlotBatch(lesson.Decoder):
         super().__init__(engine, config)
         if config.fuse:
             fuse_projections(self.module)                             # as fast_decode.py's loop (verified the same)
-        self.attention = use_attention(self.module, config.attention, config.max_num_seqs, config.tp_size)
+        use_attention(self.module, config.attention, config.max_num_seqs, config.tp_size)
         check_matmuls(self.module)                                    # 4-bit kernels against their weights
         self.device = next(self.module.parameters()).device
         self.rows, self.max_len = config.max_num_seqs, config.max_model_len + 1
