@@ -152,7 +152,7 @@ def test_a_4bit_kernel_that_is_wrong_fails_the_check_against_its_weight():
         layer = layers[name] = module(packed, state, bias=torch.full((64,), 100.0) if name == "right" else None)
         layer.kernels = types.SimpleNamespace(linear=linear, matmul_4bit=lambda x, *args, wrong=wrong, layer=layer:
                                               wrong(linear(x, *layer.storage())) if wrong else
-                                              linear(x.flip(-1), *layer.storage()))
+                                              linear(x.flip(-1), *layer.storage()), picked_tilings=dict)
     assert check_matmuls(torch.nn.Sequential(module(packed, state))) is None        # no kernels (a CPU): nothing
     right = check_matmuls(torch.nn.Sequential(layers["right"]))
     assert right["layers"] == 1 and right["max_rel_error"] < 1e-6
