@@ -588,11 +588,13 @@ def test_a_rank_that_dies_ends_the_server():
 def test_slot_batch_moves_rows_and_keeps_each_ones_tokens(quant):
     """The batching itself, without HTTP, for each kind of model the server takes: a request joins while another
     decodes, a long prompt moves the cache right, the end of the cache moves it left; each row's greedy tokens equal
-    generate() run alone on the same model."""
+    generate() run alone on the same model. The cache's layers share one write position (fast_decode.py's
+    one-counter cache), which the moves set once."""
     config = m.DeployConfig(model_name="random:tiny", backend="hf", device="cpu", quant=quant)
     model, _, info = m.init_engine(config)
     assert info.quant == quant
     batch = SlotBatch(model, ServeConfig(max_num_seqs=2, max_model_len=39))
+    assert len({id(layer.cumulative_length) for layer in batch.cache.layers}) == 1
 
     def alone(prompt, n):
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
