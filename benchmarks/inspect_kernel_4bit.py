@@ -117,8 +117,13 @@ def main() -> int:
                           dict(x_ptr="*fp32", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32",
                                KB="i32"),
                           dict(NESTED=True, BLOCK_N=n, WORDS=words, PER_SM=per_sm, PDL=True, XW=512,  # the 7B's x
-                               SHUFFLE=shuffle, SCALES_AHEAD=ahead), warps, n * words * 8 // (32 * warps),
+                               SHUFFLE=shuffle, SCALES_AHEAD=ahead, TRIGGER=False), warps, n * words * 8 // (32 * warps),
                           ("N", "KW"), regs))
+    # kernel_4bit.TRIGGER_EARLY: the matvec lets the kernel after it launch once it has passed its own gdc_wait()
+    cases.append(("matvec, kernel after it launched early (TRIGGER)", "BLOCK_N=2 WORDS=128 warps=1", kernel_4bit.matvec,
+                  dict(x_ptr="*fp32", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32", KB="i32"),
+                  dict(NESTED=True, BLOCK_N=2, WORDS=128, PER_SM=0, PDL=True, XW=512, SHUFFLE=False, SCALES_AHEAD=True,
+                       TRIGGER=True), 1, 2 * 128 * 8 // 32, ("N", "KW"), None))
     for n, words, warps in [(16, 128, 4), (8, 128, 4)]:
         cases.append(("former smem matvec (variants' smem)", f"BLOCK_N={n} WORDS={words} warps={warps}",
                       variants.matvec_smem,
@@ -153,6 +158,10 @@ def main() -> int:
                          codes_per_thread_step=codes, instructions_per_code=round(len(loop) / codes, 2),
                          barriers=loop.count("BAR"), spills=loop.count("LDL") + loop.count("STL"),
                          waits_for_prior_kernel="griddepcontrol.wait" in ptx,     # PDL: the matvec's gdc_wait()
+                         # and its gdc_launch_dependents() after that wait (TRIGGER), or none
+                         launches_next_after_wait=ptx.find("griddepcontrol.launch_dependents")
+                         > ptx.find("griddepcontrol.wait") >= 0,
+                         launches_next="griddepcontrol.launch_dependents" in ptx,
                          async_copies=loop.count("LDGSTS"),        # Triton's pipeline: global -> shared, no registers
                          alu_per_code=round(sum(i in ALU for i in loop) / codes, 2),
                          shared_loads_per_code=round(loop.count("LDS") / codes, 2),

@@ -36,8 +36,9 @@ def split_kv(q_ptr, k_ptr, v_ptr, keep_ptr, part_ptr, stat_ptr, L, scale, q_sb, 
     """One query head's attention over one range of SLOTS cache slots (grid: batch x heads, ranges): the range's
     unnormalised sum of values and its softmax statistics (max score, sum of exponentials) at [bh, r]. k and v:
     [B, HEADS // GROUP, L, D], contiguous; keep: nonzero where a slot is attended (MASKED), else every slot is."""
-    if PDL:                                  # launched early: wait for the kernels before it (the cache's update)
-        tl.extra.cuda.gdc_wait()
+    if PDL:                                  # launched early: wait for the kernels before it (the cache's update),
+        tl.extra.cuda.gdc_wait()             # then let the one after it launch early too
+        tl.extra.cuda.gdc_launch_dependents()
     bh, r = tl.program_id(0), tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
     d = tl.arange(0, D)
@@ -64,6 +65,7 @@ def combine(part_ptr, stat_ptr, o_ptr, RANGES: tl.constexpr, CHUNK: tl.constexpr
     sum over the exponentials' (grid: batch x heads); the output [B, 1, HEADS, D] in the query's dtype."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
     d = tl.arange(0, D)
     big = tl.full((), float("-inf"), tl.float32)
@@ -85,7 +87,8 @@ def combine(part_ptr, stat_ptr, o_ptr, RANGES: tl.constexpr, CHUNK: tl.constexpr
 
 
 # Both kernels launched as programmatic dependent launches on Hopper and later (PDL: True; each starts while the
-# kernel before it ends and waits in gdc_wait() before its first read, as kernel_4bit.py's matvec) or plainly (False).
+# kernel before it ends and waits in gdc_wait() before its first read, as kernel_4bit.py's matvec, and past that wait
+# lets the kernel after it launch early too) or plainly (False).
 # Not yet measured, so off.
 PDL = False
 

@@ -259,7 +259,8 @@ def matvec_step(acc, table, words, absmax, x_ptr, absmax2_ptr, code2_ptr, offset
 @triton.jit
 def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, offset_ptr, N, KW, KB, XW: tl.constexpr,
            NESTED: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, PER_SM: tl.constexpr = 0,
-           PDL: tl.constexpr = False, SHUFFLE: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False):
+           PDL: tl.constexpr = False, SHUFFLE: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False,
+           TRIGGER: tl.constexpr = False):
     """out[N] = W[N, K] @ x[K] (one row of x: a decode step at batch 1). A program: BLOCK_N rows of W, WORDS int32
     words (8 codes each) of every row a step, the next step's words loaded before this step's are used. x comes as
     code_major() lays it out (fp32, row j holding code position j of every word, XW words a row, zeros past KW), so
@@ -269,7 +270,9 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
     Launched with fewer programs than blocks of BLOCK_N rows, a program takes blocks pid, pid + programs, ... in one
     pipeline: the first words of its next block are loaded during the last step of the one before (else each block's
     first load waits a whole memory latency). PDL (launched as a programmatic dependent launch): the first words are
-    loaded before the kernel that writes x has finished; gdc_wait() holds every read of x until it has. PER_SM: the
+    loaded before the kernel that writes x has finished; gdc_wait() holds every read of x until it has; with TRIGGER
+    too, the kernel after it may launch once every program has passed that wait (it waits in its own gdc_wait() for
+    this one to finish), not only when this one has ended. PER_SM: the
     programs an SM runs at once, for the launcher (0: a program a block). SHUFFLE: the table lookup by warp shuffle
     (lane_table(), shuffle_lookup(); PTX, so not under Triton's interpreter), else by tl.gather (word_values()).
     SCALES_AHEAD: the next step's absmax loaded with its words, a step ahead, else at the start of the step that uses
@@ -287,6 +290,8 @@ def matvec(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr, 
         table = tl.load(code_ptr + tl.arange(0, 16))                              # the 16-entry code (nf4 or fp4)
     if PDL:
         tl.extra.cuda.gdc_wait()
+        if TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
     for b in range(pid, tl.cdiv(N, BLOCK_N), programs):
         rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -382,6 +387,10 @@ SCALES_AHEAD = True
 # Every tiling computes the same products (one-hot rows of x give the dequantized weight at any tiling); only a row's
 # order of summing follows the tiling. benchmarks/probe_matvec_shuffle.py times both sets.
 ONE_WARP = True
+# On Hopper (the matvec a programmatic dependent launch), the kernel after the matvec launched as soon as every program
+# has passed its gdc_wait() (True: it then waits in its own gdc_wait() for the matvec to end, and starts at once when it
+# has) or when the matvec has ended (False). The same kernels and values either way; not yet measured, so off.
+TRIGGER_EARLY = False
 # code_major() pads x's rows with zeros to a multiple of this many words, a multiple of every matvec step's words (its
 # last step reads x unmasked: a masked word is code 0, whose value is not 0).
 X_WORDS = 256
@@ -477,7 +486,8 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
     args = (xt, words(packed), absmax, absmax2, code2, code, out, offset, n, kw, kw // 8, xt.shape[1])
     # enable_fp_fusion=False: a scale's product and its sum with the offset are rounded apart, as in bitsandbytes (a
     # fused multiply-add rounds once: a scale could differ in its last bit); the products with x are tl.fma.
-    pdl = {"PDL": True, "launch_pdl": True} if pdl_capable(xt.device) and pdl is not False else {}
+    pdl = ({"PDL": True, "launch_pdl": True, "TRIGGER": TRIGGER_EARLY} if pdl_capable(xt.device) and pdl is not False
+           else {})
     # Triton's interpreter (a CPU's tests) runs no PTX: the lookup by tl.gather there, whatever SHUFFLE_ON_GPU says.
     shuffle = (SHUFFLE_ON_GPU if shuffle is None else shuffle) and xt.device.type == "cuda"
     ahead = SCALES_AHEAD if scales_ahead is None else scales_ahead

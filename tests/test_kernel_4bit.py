@@ -316,7 +316,8 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
     25 instructions a code (the table in global memory), 20 barriers a step (x a vector, moved through shared memory
     at each code position). The tensor-core form: fewer instructions a code of W with W the dot's first operand than
     with x first, and with Triton's pipeline its loads copied asynchronously. Launched as a programmatic dependent
-    launch (Hopper), the matvec waits for the kernel before it (griddepcontrol.wait) before it reads x; it keeps its
+    launch (Hopper), the matvec waits for the kernel before it (griddepcontrol.wait) before it reads x (with
+    TRIGGER_EARLY, then lets the kernel after it launch: griddepcontrol.launch_dependents); it keeps its
     own pipeline of loads into registers (no asynchronous copies, LDGSTS: Triton's pipeline was slower,
     kernel_4bit.py)."""
     from extensions import kernel_4bit
@@ -352,7 +353,10 @@ def test_matvec_compiled_for_an_h100_spends_few_instructions_a_code(tmp_path):
     assert next(row for row in shuffle if row["tiling"] == at_16x128)["instructions_per_code"] < 4
     # and each shuffle reads the table from its own thread's scalar (a tensor may be moved between threads)
     assert all(row["shuffles_read_own_lane"] for row in shuffle), shuffle
-    assert all(row["waits_for_prior_kernel"] for row in now), now
+    assert all(row["waits_for_prior_kernel"] and not row["launches_next"] for row in now), now
+    # kernel_4bit.TRIGGER_EARLY: the kernel after it launched early, only once the matvec has passed its own wait
+    early = [row for row in rows if "(TRIGGER)" in row["kernel"]]
+    assert len(early) == 1 and early[0]["launches_next_after_wait"] and early[0]["barriers"] == 0, early
     assert not any(row["async_copies"] for row in now), now      # its own pipeline: loads into registers
     # the tensor-core form: its tile as the dot's first operand (read from registers) can spend fewer than x first;
     # with Triton's pipeline (num_stages 3) the loads feeding the dot are copied asynchronously; nothing spills
