@@ -46,7 +46,13 @@ else
   pid=$!
   # up to 600 s: a 4-bit server's first start on a machine times each kernel tiling at each shape (later ones read the
   # picks from Triton's cache)
-  for _ in $(seq 600); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
+  # (and no longer once it has exited: a server that failed to start says why in its log)
+  for _ in $(seq 600); do curl -sf localhost:8000/health > /dev/null && break; kill -0 "$pid" 2> /dev/null || break
+    sleep 1; done
+  if ! kill -0 "$pid" 2> /dev/null; then
+    wait "$pid"; echo "server exited $? before it was up: $(tail -n 1 "$OUT/server$T.log")" >> "$OUT/env-$PART.log"
+    cat "$OUT/env-$PART.log"; exit 1
+  fi
   echo "server up after ${SECONDS}s" >> "$OUT/env-$PART.log"
   timeout -k 10 240 python3 measure/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1 16 64 \
     --requests 8 64 128 --max-tokens 128 --prompt-len 32 --distinct 8 --json "$OUT/serve$T.json" > "$OUT/bench$T.log" 2>&1
