@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Usage (repo root, after the device prefix of benchmarks/README.md, whose .whl also holds requirements-serve.txt's
-# wheels, carry [".whl"]):
+# wheels, carry [".whl"]: fastapi 0.165.0, uvicorn 0.54.0, starlette 1.10.0, anyio 4.16.0, annotated-doc 0.0.7,
+# opentelemetry-api 1.45.3, click 8.5.1, h11 0.16.0, httpx 0.28.1, httpcore 1.0.9, certifi, idna: `pip download
+# --only-binary=:all: --python-version 3.12 -r requirements-serve.txt`, less the pydantic of the lesson's wheels):
 #   PART=serve bash benchmarks/gpu_serve.sh     # one GPU: the server, 16 rows x 256 positions, queue 32; load at 1, 16, 64
 #   SERVE_ARGS="--admit-wait-ms 10" PART=serve bash benchmarks/gpu_serve.sh  # the same, the server given these flags
 #                                               # too; its files are named after them: serve-admit-wait-ms-10.json, ...
