@@ -12,7 +12,8 @@ Device probe (issue 25): extensions/kernel_4bit.py's 4-bit matmul, one linear at
            bf16), 1 and 16 rows: CUDA graphs of 24 calls cycling through 8 copies of the weights (more than L2
            holds: every call reads memory), median of 5 replays; the kernel's weight bytes / time as GB/s; its
            output against x @ W^T in fp32; the tilings the autotuners picked; one row also launched without PDL
-           (not as a programmatic dependent launch).
+           (not as a programmatic dependent launch), and with each call letting the next launch once past its wait
+           (kernel_4bit.TRIGGER_EARLY; its output equal to the default's first).
 """
 import argparse
 import json
@@ -120,6 +121,14 @@ def main() -> int:
                                              None, False)
                     rows[f"ours no PDL {label}"] = graph_time([lambda c=c: no_pdl(c) for c in copies])
                     print(f"{name} {label}: without PDL {rows[f'ours no PDL {label}'] * 1e6:.1f} us", flush=True)
+                    def trigger(c):      # the same tiling, the next call launched once this one passed its wait
+                        (absmax, absmax2, code2, code, offset), nested = states[id(c)]
+                        return K.matvec_4bit(xt, c[0], absmax, absmax2, code2, code, offset, n, nested, x.dtype,
+                                             trigger=True)
+                    assert torch.equal(trigger(copies[0]), ours(copies[0])), "TRIGGER changed the matvec's output"
+                    rows[f"ours trigger {label}"] = graph_time([lambda c=c: trigger(c) for c in copies])
+                    print(f"{name} {label}: the next launched early {rows[f'ours trigger {label}'] * 1e6:.1f} us",
+                          flush=True)
                 rows[f"bnb matmul_4bit {label}"] = graph_time([lambda c=c: bnb.matmul_4bit(x, c[3].t(),
                                                                                            quant_state=c[1])
                                                               for c in copies])

@@ -464,7 +464,7 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
                 code2: torch.Tensor, code: torch.Tensor, offset: torch.Tensor, out_features: int, nested: bool,
                 out_dtype: torch.dtype, tiling: list[int] | None = None, pdl: bool | None = None,
                 shuffle: bool | None = None, scales_ahead: bool | None = None,
-                one_warp: bool | None = None) -> torch.Tensor:
+                one_warp: bool | None = None, trigger: bool | None = None) -> torch.Tensor:
     """The matvec [1, N] in out_dtype, x given as code_major(x). A custom op: torch.compile keeps it whole in the
     compiled step (and a CUDA graph captures its launch). Its tiling is autotuned; tiling (BLOCK_N, BLOCKS[,
     PROGRAMS[, WARPS]]): rows of W and blocks of 64 codes a step (and at most that many programs, of that many warps
@@ -472,7 +472,9 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
     the GPU can (None) or not (False).
     shuffle: the table lookup on a GPU by warp shuffle or not (None: SHUFFLE_ON_GPU; the tests, the probes).
     scales_ahead: the absmax loaded a step ahead or not (None: SCALES_AHEAD; the tests, the probes).
-    one_warp: the autotuner times the one-warp programs too or not (None: ONE_WARP; the probes)."""
+    one_warp: the autotuner times the one-warp programs too or not (None: ONE_WARP; the probes).
+    trigger: with PDL, the kernel after it launched once its programs have passed their wait or not (None:
+    TRIGGER_EARLY; the probes)."""
     n = out_features
     kw = packed.numel() // 4 // n
     if not xt.is_contiguous() or xt.shape[0] != 8 or xt.shape[1] < kw or xt.shape[1] % X_WORDS:
@@ -486,8 +488,8 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
     args = (xt, words(packed), absmax, absmax2, code2, code, out, offset, n, kw, kw // 8, xt.shape[1])
     # enable_fp_fusion=False: a scale's product and its sum with the offset are rounded apart, as in bitsandbytes (a
     # fused multiply-add rounds once: a scale could differ in its last bit); the products with x are tl.fma.
-    pdl = ({"PDL": True, "launch_pdl": True, "TRIGGER": TRIGGER_EARLY} if pdl_capable(xt.device) and pdl is not False
-           else {})
+    pdl = ({"PDL": True, "launch_pdl": True, "TRIGGER": TRIGGER_EARLY if trigger is None else trigger}
+           if pdl_capable(xt.device) and pdl is not False else {})
     # Triton's interpreter (a CPU's tests) runs no PTX: the lookup by tl.gather there, whatever SHUFFLE_ON_GPU says.
     shuffle = (SHUFFLE_ON_GPU if shuffle is None else shuffle) and xt.device.type == "cuda"
     ahead = SCALES_AHEAD if scales_ahead is None else scales_ahead
@@ -503,7 +505,7 @@ def matvec_4bit(xt: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
 
 @matvec_4bit.register_fake
 def _(xt, packed, absmax, absmax2, code2, code, offset, out_features, nested, out_dtype, tiling=None, pdl=None,
-      shuffle=None, scales_ahead=None, one_warp=None):
+      shuffle=None, scales_ahead=None, one_warp=None, trigger=None):
     return xt.new_empty(1, out_features, dtype=out_dtype)
 
 @torch.library.custom_op("ds_bnb_infer::matmul_rows_4bit", mutates_args=())
