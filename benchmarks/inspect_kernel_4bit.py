@@ -117,7 +117,8 @@ def main() -> int:
                           dict(x_ptr="*fp32", **common, out_ptr="*fp16", offset_ptr="*fp32", N="i32", KW="i32",
                                KB="i32"),
                           dict(NESTED=True, BLOCK_N=n, WORDS=words, PER_SM=per_sm, PDL=True, XW=512,  # the 7B's x
-                               SHUFFLE=shuffle, SCALES_AHEAD=ahead, TRIGGER=kernel_4bit.TRIGGER_EARLY), warps, n * words * 8 // (32 * warps),
+                               SHUFFLE=shuffle, SCALES_AHEAD=ahead, TRIGGER=kernel_4bit.TRIGGER_EARLY), warps,
+                          n * words * 8 // (32 * warps),
                           ("N", "KW"), regs))
     # kernel_4bit.TRIGGER_EARLY: the matvec lets the kernel after it launch once it has passed its own gdc_wait()
     cases.append(("matvec, kernel after it launched early (TRIGGER)", "BLOCK_N=2 WORDS=128 warps=1", kernel_4bit.matvec,
