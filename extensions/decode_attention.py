@@ -7,8 +7,9 @@ once a layer. Here each program takes one query head over one range of cache slo
 exponentials and weighted sum of values: the online softmax), and a second kernel joins the ranges of each head (or,
 in a compiled step with JOIN_IN_GRAPH, the same sums written in torch, for inductor to fold into the kernel that lays
 out o_proj's input: one launch a layer fewer; not yet measured, so off); the mask is read as transformers builds it
-(boolean, once a step). Grouped-query attention reads a key/value head for each group of query heads. Prefill (more
-than one query token) stays transformers' sdpa path.
+(boolean, once a step; MASK_ONCE keeps a compiled step from writing it again for each layer). Grouped-query
+attention reads a key/value head for each group of query heads. Prefill (more than one query token) stays
+transformers' sdpa path.
 
   python extensions/fast_decode.py --model random:llama-2-7b --backend hf --attention triton    # one GPU
 
@@ -169,6 +170,34 @@ def join(part, stat, batch: int, dtype: torch.dtype) -> torch.Tensor:
 JOIN_IN_GRAPH = False
 
 
+# A compiled step reads the mask that transformers built once for the step (MASK_ONCE: True), or the mask computed
+# again for each layer (False). The mask is a pointwise result of one input (the cache positions), which inductor
+# recomputes wherever it is read rather than keep: as each layer's kernel takes it, that is a kernel a layer writing
+# the same mask (profile_decode.py on a GPU: one of ~1 us a layer). With MASK_ONCE it goes through keep_once(), an
+# op inductor keeps whole, so one result is what every layer reads. The same values either way; not yet timed, so
+# off.
+MASK_ONCE = False
+
+
+@torch.library.custom_op("ds_bnb_infer::keep_once", mutates_args=())
+def keep_once(keep: torch.Tensor) -> torch.Tensor:
+    """The mask, copied: a custom op, which a compiled step computes once however many layers read its result."""
+    return keep.clone()
+
+
+@keep_once.register_fake
+def _(keep):
+    return torch.empty_like(keep)
+
+
+def step_mask(*args, **kwargs):
+    """transformers' sdpa mask (sdpa_mask, as its sdpa path builds it), through keep_once() in a compiled step when
+    MASK_ONCE."""
+    from transformers.masking_utils import sdpa_mask
+    mask = sdpa_mask(*args, **kwargs)
+    return keep_once(mask) if MASK_ONCE and isinstance(mask, torch.Tensor) and torch.compiler.is_compiling() else mask
+
+
 @torch.compiler.assume_constant_result
 def interpreted() -> bool:
     """Does Triton run kernels in its interpreter (its own setting; a constant to torch.compile's tracing)?"""
@@ -204,9 +233,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 def register() -> str:
     """Register attention_forward with transformers under NAME, with the mask that its sdpa path builds; the name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, step_mask)
     return NAME
 
 

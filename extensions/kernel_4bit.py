@@ -389,7 +389,9 @@ SCALES_AHEAD = True
 ONE_WARP = True
 # On Hopper (the matvec a programmatic dependent launch), the kernel after the matvec launched as soon as every program
 # has passed its gdc_wait() (True: it then waits in its own gdc_wait() for the matvec to end, and starts at once when it
-# has) or when the matvec has ended (False). The same kernels and values either way; not yet measured, so off.
+# has) or when the matvec has ended (False). The same kernels and values either way. Off: a 7B step took longer with
+# it (profile_decode.py, benchmarks/README.md), most likely as the early kernel's programs hold their SMs while
+# they wait, where the matvec's last programs would run.
 TRIGGER_EARLY = False
 # code_major() pads x's rows with zeros to a multiple of this many words, a multiple of every matvec step's words (its
 # last step reads x unmasked: a masked word is code 0, whose value is not 0).

@@ -97,6 +97,45 @@ def test_split_kv_attention_is_sdpa_under_the_interpreter():
     assert "power-of-two" in out["heads of 24"] and "does not use" in out["eager"], out
 
 
+# A compiled decode step of a tiny Llama with this file's attention: which buffer each layer's kernel is given as its
+# mask, and the logits, with MASK_ONCE as argv[2] says.
+MASK_STEP = r'''
+import json, os, re, sys
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, sys.argv[1])
+import torch
+from torch._inductor.utils import run_and_get_code
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from extensions import decode_attention as A
+A.MASK_ONCE = sys.argv[2] == "on"
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa")
+model = LlamaForCausalLM(config).eval()
+A.use(model)
+cache = StaticCache(config=config, max_cache_len=32)
+with torch.no_grad():
+    model(input_ids=torch.randint(1, 64, (1, 5)), past_key_values=cache, cache_position=torch.arange(5))
+    step = torch.compile(lambda tok, pos: model(input_ids=tok, past_key_values=cache, cache_position=pos).logits)
+    logits, code = run_and_get_code(step, torch.tensor([[3]]), torch.tensor([5]))
+masks = re.findall(r"ds_bnb_infer\.decode_attention\.default\(\w+, \w+, \w+, (\w+),", "\n".join(code))
+print(json.dumps({"masks": masks, "logits": logits.flatten().tolist()}))
+'''
+
+
+def test_mask_once_gives_every_layer_the_steps_one_mask():
+    """MASK_ONCE: in a compiled step (inductor, here for the CPU) each of 3 layers' attention kernels reads the one
+    mask buffer the step computed, where without it inductor writes a mask for each layer (what MASK_ONCE is for);
+    the logits are the same bit for bit."""
+    out = {}
+    for setting in ("off", "on"):
+        r = run_group([sys.executable, "-c", MASK_STEP, str(ROOT), setting], timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[setting] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["on"]["masks"]) == 3 and len(set(out["on"]["masks"])) == 1, out["on"]["masks"]
+    assert len(set(out["off"]["masks"])) == 3, out["off"]["masks"]
+    assert out["on"]["logits"] == out["off"]["logits"]
+
 def test_triton_attention_needs_a_gpu_and_this_files_loop():
     """--attention triton on a CPU (fast_decode.py, serve.py), with --loop transformers, or in tensor_parallel.py
     without its fast loop: one sentence, exit 2."""
