@@ -136,6 +136,7 @@ def test_mask_once_gives_every_layer_the_steps_one_mask():
     assert len(set(out["off"]["masks"])) == 3, out["off"]["masks"]
     assert out["on"]["logits"] == out["off"]["logits"]
 
+
 def test_triton_attention_needs_a_gpu_and_this_files_loop():
     """--attention triton on a CPU (fast_decode.py, serve.py), with --loop transformers, or in tensor_parallel.py
     without its fast loop: one sentence, exit 2."""
