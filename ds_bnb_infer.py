@@ -155,9 +155,8 @@ def validate(config: DeployConfig, world_size: int, cuda_available: bool) -> Non
                f"bnb_4bit_{n}", "4bit") for n in ("quant_type", "use_double_quant", "compute_dtype")]]],
         (c.prompts_file and c.prompts != DeployConfig().prompts, "give --prompt or --prompts-file, not both."),
     ]
-    for refused, message in refusals:
-        if refused:
-            raise UsageError(message)
+    if refused := [message for bad, message in refusals if bad]:
+        raise UsageError(refused[0])
     if c.json_path not in (None, "-"):
         check_writable(c.json_path, "--json")
 
@@ -268,8 +267,7 @@ def load_tokenizer(config: DeployConfig):
         with loading_errors(config.model_name):
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token      # Llama has no pad token; padded positions are masked anyway
+    tok.pad_token = tok.pad_token or tok.eos_token      # Llama has no pad token; padded positions are masked anyway
     return tok
 
 def model_config(config: DeployConfig):
@@ -332,8 +330,7 @@ def random_weights(model, seed: int, device: str) -> None:
     gen = torch.Generator(device=device).manual_seed(seed)
     for p in model.parameters():
         if p.dim() >= 2:
-            p.data.copy_(torch.empty(p.shape, dtype=p.dtype, device=device).normal_(
-                0, model.config.initializer_range, generator=gen))
+            p.data.copy_(torch.empty_like(p, device=device).normal_(0, model.config.initializer_range, generator=gen))
 
 def load_model(config: DeployConfig, quant: str, device: str):
     """第七节: the model object on `device`, quantized by bitsandbytes when quant != none. tp > 1 keeps it on the
@@ -410,6 +407,12 @@ INJECTION_BROKEN = {"deepspeed_upto": "0.19.8", "transformers_from": "4.53"}
 def kernel_tol(dtype, compute: str | None = None) -> float:
     """Rounding tolerance of kernels computing in `dtype`, or in 4-bit's `compute` dtype (a flag's name) if coarser."""
     return max(KERNEL_TOL[{v: k for k, v in DTYPES.items()}.get(str(dtype)[6:], "fp32")], KERNEL_TOL.get(compute, 0))
+
+def failed_check(result: dict, dtype) -> RunFailure:
+    """verify() failed: said, and past the model dtype's tolerance (4-bit computing coarser, 第七节) the flag to try."""
+    own = {v: k for k, v in DTYPES.items()}.get(str(dtype)[6:], "fp32")
+    fix = f"; try --bnb-4bit-compute-dtype {own} (the model's dtype)" if result["tolerance"] > KERNEL_TOL[own] else ""
+    return RunFailure(f"its output differs from {result['reference']}: {result['summary']}{fix}")
 
 def injection_known_broken() -> str | None:
     """Why kernel injection cannot work with the installed versions; None when not known (then: try, verify)."""
@@ -594,7 +597,7 @@ def init_engine(config: DeployConfig, decoder: type[Decoder] | None = None) -> t
             with step_timer(seconds, "verify", f"the engine against {ref['of']}"):
                 result = verify(engine, verify_ids, ref, tol)
             if not result["passed"]:
-                raise RunFailure("its output differs from the unwrapped model: " + result["summary"])
+                raise failed_check(result, dtype)
     except Exception as e:
         if not inject or isinstance(e, (UsageError, torch.OutOfMemoryError)):
             raise
@@ -884,12 +887,9 @@ def main(argv=None, prog: str = "ds_bnb_infer.py", config_class: type = DeployCo
         if config.debug:
             raise
         import torch
-        if isinstance(e, KeyboardInterrupt):
-            log("interrupted (Ctrl-C): no report was written.")
-            return 130
-        if isinstance(e, UsageError):
-            log(f"error: {e}")
-            return 2
+        if isinstance(e, (KeyboardInterrupt, UsageError)):
+            log("interrupted (Ctrl-C): no report was written." if isinstance(e, KeyboardInterrupt) else f"error: {e}")
+            return 130 if isinstance(e, KeyboardInterrupt) else 2
         print(f"error: out of GPU memory ({reason_of(e)[:120]}); try --quant 4bit, a smaller --batch-size or "
               "--max-new-tokens, or more GPUs with --tp-size." if isinstance(e, torch.OutOfMemoryError) else
               f"error: {e if isinstance(e, RunFailure) else reason_of(e)} (run with --debug for the traceback)",

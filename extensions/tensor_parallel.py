@@ -298,7 +298,7 @@ def on_rank0(build):
         tdist.broadcast_object_list(ref, src=0)
     return ref[0]
 
-def checked_decoder(engine, decoder, config, inputs, tol, seconds: dict, checked: tuple):
+def checked_decoder(engine, decoder, config, inputs, tol, dtype, seconds: dict, checked: tuple):
     """(engine, mode, result): `decoder` (fast_decode.py's loop) around the engine, checked against the engine's own
     generate() at full depth - what the depth check cannot see (every layer, the loop's cache and steps).
     `checked`: (the depth check's result, its depth)."""
@@ -311,7 +311,7 @@ def checked_decoder(engine, decoder, config, inputs, tol, seconds: dict, checked
     with lesson.step_timer(seconds, "verify_decoder", f"{engine.mode} decoding against {full['of']}"):
         second = lesson.verify(engine, inputs, full, tol)
     if not second["passed"]:
-        raise lesson.RunFailure(f"{engine.mode} decoding differs from the engine: " + second["summary"])
+        raise lesson.failed_check(second, dtype)
     return engine, engine.mode, dict(result, passed=True, decoder=second,
                                      summary=f"{result['summary']} (depth {layers}); {engine.mode} decoding against "
                                              f"the engine at full depth: {second['summary']}")
@@ -583,9 +583,9 @@ def init_engine(config, decoder=None) -> tuple:
                 depth(engine.module, ref["layers"]):
             result = lesson.verify(engine, inputs, ref, tol)
         if not result["passed"]:
-            raise lesson.RunFailure(f"its output differs from {ref['of']}: " + result["summary"])
+            raise lesson.failed_check(result, dtype)
     if decoder is not None:
-        engine, mode, result = checked_decoder(engine, decoder, config, inputs, tol, seconds,
+        engine, mode, result = checked_decoder(engine, decoder, config, inputs, tol, dtype, seconds,
                                                (result, ref["layers"] if config.verify else None))
     check = check_matmuls(engine.module) if config.quant != "none" else None   # the reference ran these kernels too
     if check:

@@ -166,6 +166,25 @@ def test_verify_detects_a_changed_model():
     assert not result["passed"] and 0 < result["prefill_rel_error"] < 0.1
 
 
+def test_a_failed_check_names_the_compute_dtype_only_where_4bit_computes_coarser():
+    """A check that fails at a tolerance above the model dtype's (4-bit's bf16 compute in an fp16 model: it rounds
+    where the model does not, 第七节) names the flag that computes in the model's dtype; any other failure does not."""
+    config = tiny_config(backend="hf")
+    model = m.load_model(config, "none", "cpu")
+    enc = m.load_tokenizer(config)(["one prompt"], return_tensors="pt")
+    ids = {k: enc[k] for k in ("input_ids", "attention_mask")}
+    ref = m.reference(model, ids, tp_size=1)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2.0)
+    for dtype, compute, fix in [(torch.float16, "bf16", "fp16"), (torch.float32, "bf16", "fp32"),
+                                (torch.float16, None, None), (torch.bfloat16, "bf16", None)]:
+        result = m.verify(model, ids, ref, m.kernel_tol(dtype, compute))
+        message = str(m.failed_check(result, dtype))
+        assert not result["passed"] and message.startswith(f"its output differs from {ref['of']}: rel. error")
+        assert ("--bnb-4bit-compute-dtype" in message) == (fix is not None)
+        assert fix is None or message.endswith(f"; try --bnb-4bit-compute-dtype {fix} (the model's dtype)")
+
+
 # --- kernel injection and fallbacks (each failure is real: a package hidden, a kernel missing on a CPU) -----------
 
 def test_kernel_injection_is_off_by_default_on_known_broken_versions(tiny):
