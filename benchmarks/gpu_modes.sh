@@ -25,7 +25,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PROMPT="Explain tensor parallelism now: "
 read -r -a EXTRA <<< "${EXTRA:-}"
 COMMON=(--model "${MODEL:-random:llama-2-7b}" --max-new-tokens 128 --prompt "$PROMPT" --iters 3 "${EXTRA[@]}")
-BUDGET=${BUDGET:-560}                     # seconds this script may take (a device call's limit is 600)
+BUDGET=${BUDGET:-560}                     # seconds this script may take in all
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import ds_bnb_infer as m; print(m.versions())"; } > "$OUT/env.log" 2>&1
 

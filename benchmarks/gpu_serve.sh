@@ -10,9 +10,9 @@
 #   PART=tp2 bash benchmarks/gpu_serve.sh       # two GPUs: the 2-GPU tests, then the server under the launcher
 # extensions/serve.py under load (measure/bench_serve.py) against the offline decode of the same card:
 # random:llama-2-7b fp16, prompts of 32 tokens, 128-token answers, greedy. Run serve and offline in one call on one
-# machine to compare them (and PART=serve with and without SERVE_ARGS). env-PART.log: date, card, each step's exit; a
-# device call returns few files, so when there are more than 8 in OUT (earlier runs' included) they are packed into
-# PART.tgz (PART-<flags>.tgz with SERVE_ARGS).
+# machine to compare them (and PART=serve with and without SERVE_ARGS). env-PART.log: date, card, each step's exit; when
+# there are more than 8 files in OUT (earlier runs' included) they are packed into one, PART.tgz (PART-<flags>.tgz
+# with SERVE_ARGS).
 set -uo pipefail
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 export PATH="${PYTHONPATH:+$PYTHONPATH/bin:}$PATH"   # the launcher of a deepspeed installed with --target
@@ -64,7 +64,7 @@ else
   wait "$pid"; echo "server exit $?" >> "$OUT/env-$PART.log"
 fi
 cat "$OUT/env-$PART.log"; tail -n 5 "$OUT"/*.log
-# At most 8 files come back from a device call: when there are more, pack them.
+# More than 8 files: packed into one.
 if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
   tar czf "/tmp/$PART.tgz" -C "$OUT" . && find "$OUT" -type f -delete && mv "/tmp/$PART.tgz" "$OUT/"
 fi

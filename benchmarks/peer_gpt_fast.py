@@ -2,7 +2,7 @@
 
 Device harness (issues 11 and 13): the peer, gpt-fast, timed on the card where this script's rows run.
 
-gpt-fast (pytorch-labs/gpt-fast, BSD-3-Clause) is not part of this project and is not copied into it: a device call
+gpt-fast (pytorch-labs/gpt-fast, BSD-3-Clause) is not part of this project and is not copied into it: a device run
 carries its files in an ignored folder (default .peer/gpt-fast, filled by benchmarks/gpu_peer.sh's header command)
 and this harness runs its own generate.main(), its recipe unchanged: torch.compile(mode="reduce-overhead") of its
 decode step, coordinate-descent tuning, its own tensor parallel under torchrun. Only what cannot be had offline is
