@@ -198,6 +198,8 @@ def batches_of(prompts: list[str], batch_size: int) -> list[list[str]]:
 # 第七节 bitsandbytes: the tokenizer and the model object, plain or quantized, loaded before DeepSpeed sees it.
 QUANT_FALLBACK = {"4bit": "8bit", "8bit": "none"}     # 第七节: "若遇到不支持，可退回 8bit 或 FP16"
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}      # the flags' names -> torch's
+def dtype_flag(dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(str(dtype)[6:], "fp32")      # torch.float16 -> "fp16"
 
 def weights_dtype(config: DeployConfig, device: str):
     """The dtype of the weights bitsandbytes leaves unquantized: --dtype; auto = fp16 on a GPU, fp32 on a CPU."""
@@ -328,9 +330,8 @@ def random_weights(model, seed: int, device: str) -> None:
     matrix at a time (tp ranks build on the CPU, slow at billions of draws): one seed, one model on every rank."""
     import torch
     gen = torch.Generator(device=device).manual_seed(seed)
-    for p in model.parameters():
-        if p.dim() >= 2:
-            p.data.copy_(torch.empty_like(p, device=device).normal_(0, model.config.initializer_range, generator=gen))
+    for p in [p for p in model.parameters() if p.dim() >= 2]:
+        p.data.copy_(torch.empty_like(p, device=device).normal_(0, model.config.initializer_range, generator=gen))
 
 def load_model(config: DeployConfig, quant: str, device: str):
     """第七节: the model object on `device`, quantized by bitsandbytes when quant != none. tp > 1 keeps it on the
@@ -406,12 +407,11 @@ INJECTION_BROKEN = {"deepspeed_upto": "0.19.8", "transformers_from": "4.53"}
 
 def kernel_tol(dtype, compute: str | None = None) -> float:
     """Rounding tolerance of kernels computing in `dtype`, or in 4-bit's `compute` dtype (a flag's name) if coarser."""
-    return max(KERNEL_TOL[{v: k for k, v in DTYPES.items()}.get(str(dtype)[6:], "fp32")], KERNEL_TOL.get(compute, 0))
+    return max(KERNEL_TOL[dtype_flag(dtype)], KERNEL_TOL.get(compute, 0))
 
 def failed_check(result: dict, dtype) -> RunFailure:
-    """verify() failed: said, and past the model dtype's tolerance (4-bit computing coarser, 第七节) the flag to try."""
-    own = {v: k for k, v in DTYPES.items()}.get(str(dtype)[6:], "fp32")
-    fix = f"; try --bnb-4bit-compute-dtype {own} (the model's dtype)" if result["tolerance"] > KERNEL_TOL[own] else ""
+    """verify() failed, said; past the model dtype's tolerance (4-bit computing coarser, 第七节), the flag to try."""
+    fix = f"; try --bnb-4bit-compute-dtype {dtype_flag(dtype)}" if result["tolerance"] > kernel_tol(dtype) else ""
     return RunFailure(f"its output differs from {result['reference']}: {result['summary']}{fix}")
 
 def injection_known_broken() -> str | None:

@@ -182,7 +182,7 @@ def test_a_failed_check_names_the_compute_dtype_only_where_4bit_computes_coarser
         message = str(m.failed_check(result, dtype))
         assert not result["passed"] and message.startswith(f"its output differs from {ref['of']}: rel. error")
         assert ("--bnb-4bit-compute-dtype" in message) == (fix is not None)
-        assert fix is None or message.endswith(f"; try --bnb-4bit-compute-dtype {fix} (the model's dtype)")
+        assert fix is None or message.endswith(f"; try --bnb-4bit-compute-dtype {fix}")
 
 
 # --- kernel injection and fallbacks (each failure is real: a package hidden, a kernel missing on a CPU) -----------
