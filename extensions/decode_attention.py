@@ -5,11 +5,12 @@ layer, which the GPU reads in about a microsecond. transformers' sdpa path runs 
 on an H100, tiled for long queries) after a kernel that turns the boolean mask into the additive bias SDPA takes,
 once a layer. Here each program takes one query head over one range of cache slots (its running max, sum of
 exponentials and weighted sum of values: the online softmax), and a second kernel joins the ranges of each head (or,
-in a compiled step with JOIN_IN_GRAPH, the same sums written in torch, for inductor to fold into the kernel that lays
-out o_proj's input: one launch a layer fewer; not yet measured, so off); the mask is read as transformers builds it
-(boolean, once a step; MASK_ONCE keeps a compiled step from writing it again for each layer). Grouped-query
-attention reads a key/value head for each group of query heads. Prefill (more than one query token) stays
-transformers' sdpa path.
+in a compiled step with JOIN_IN_GRAPH, the same sums written in torch, which inductor compiles with the kernels around
+them); the mask is read as transformers builds it (boolean, once a step; MASK_ONCE keeps a compiled step from writing
+it again for each layer); on Hopper both kernels are programmatic dependent launches (PDL). Those three are on,
+together with kernel_4bit.INDUCTOR_OPTIONS' one-pass norms: measured so as one change, faster end to end
+(benchmarks/README.md). Grouped-query attention reads a key/value head for each group of query heads. Prefill (more
+than one query token) stays transformers' sdpa path.
 
   python extensions/fast_decode.py --model random:llama-2-7b --backend hf --attention triton    # one GPU
 
@@ -89,9 +90,9 @@ def combine(part_ptr, stat_ptr, o_ptr, RANGES: tl.constexpr, CHUNK: tl.constexpr
 
 # Both kernels launched as programmatic dependent launches on Hopper and later (PDL: True; each starts while the
 # kernel before it ends and waits in gdc_wait() before its first read, as kernel_4bit.py's matvec, and past that wait
-# lets the kernel after it launch early too) or plainly (False).
-# Not yet measured, so off.
-PDL = False
+# lets the kernel after it launch early too) or plainly (False). On: part of the one change measured faster end to end
+# (the module docstring); alone it shortened the profiled step a little (benchmarks/profile_decode.py).
+PDL = True
 
 
 @functools.cache
@@ -155,9 +156,8 @@ def _(q, k, v, keep, scale):
 
 def join(part, stat, batch: int, dtype: torch.dtype) -> torch.Tensor:
     """combine() in torch: the ranges' sums rescaled to the largest max and divided by the exponentials' sum ->
-    [B, 1, H, D] in `dtype`. Written for a compiled step, where inductor may fold it into the kernel that reads the
-    output next (o_proj's layout of x, kernel_4bit.py; a reduction over a few ranges it unrolls): a kernel a layer
-    fewer if it does, which the GPU's profile says (benchmarks/profile_decode.py)."""
+    [B, 1, H, D] in `dtype`. Written for a compiled step, where inductor compiles it with the kernels around it (the
+    division goes into o_proj's layout of x, kernel_4bit.py; benchmarks/profile_decode.py shows the rest)."""
     m, s = stat.unbind(-1)
     big = m.amax(1, keepdim=True)
     w = torch.where(m == float("-inf"), 0.0, torch.exp(m - big))          # a range with nothing attended weighs 0
@@ -167,16 +167,19 @@ def join(part, stat, batch: int, dtype: torch.dtype) -> torch.Tensor:
 
 # A compiled step joins the ranges in torch (JOIN_IN_GRAPH: True; join()) or with combine() (False). Both give the
 # same values within fp32 rounding (tests/test_decode_attention.py); outside a compiled step combine() always does.
-JOIN_IN_GRAPH = False
+# On as part of the one change measured (the module docstring), though inductor folded only the division into
+# o_proj's layout and made the largest max and the weights kernels of their own: launches a layer more, not one
+# fewer (profile_decode.py). Whether the step is faster without it is the next measurement (benchmarks/README.md).
+JOIN_IN_GRAPH = True
 
 
 # A compiled step reads the mask that transformers built once for the step (MASK_ONCE: True), or the mask computed
 # again for each layer (False). The mask is a pointwise result of one input (the cache positions), which inductor
 # recomputes wherever it is read rather than keep: as each layer's kernel takes it, that is a kernel a layer writing
 # the same mask (profile_decode.py on a GPU: one of ~1 us a layer). With MASK_ONCE it goes through keep_once(), an
-# op inductor keeps whole, so one result is what every layer reads. The same values either way; not yet timed, so
-# off.
-MASK_ONCE = False
+# op inductor keeps whole, so one result is what every layer reads. The same values either way; on as part of the
+# one change measured (the module docstring).
+MASK_ONCE = True
 
 
 @torch.library.custom_op("ds_bnb_infer::keep_once", mutates_args=())

@@ -444,8 +444,14 @@ def code_major(x):
 # which inductor picks a 2D tiling, and by default a tiled pointwise kernel is not fused into the reduction before it,
 # so each RMSNorm feeding a matvec ran as two kernels (the reduction, then the norm applied and transposed; 64 a 7B
 # step). With this option the norm, the residual add before it and the layout are one kernel (the gpu test counts
-# them). Int4WeightOnly carries it; fast_decode.decode_step() compiles with every option the model's layers carry.
-INDUCTOR_OPTIONS = {"triton.tiling_prevents_reduction_fusion": False}
+# them). The two after it make every such norm one persistent one-pass reduction (multi_kernel 2: inductor's larger
+# threshold for keeping a whole row in registers, and that form always taken, without timing both) and keep inductor
+# from computing a small result again in each kernel that reads it (realize_reads_threshold 1). With decode_attention's
+# MASK_ONCE, PDL and JOIN_IN_GRAPH they were measured as one change: a batch-1 step faster, 16 rows the same
+# (benchmarks/README.md). Int4WeightOnly carries them; fast_decode.decode_step() compiles with every option the model's
+# layers carry.
+INDUCTOR_OPTIONS = {"triton.tiling_prevents_reduction_fusion": False, "realize_reads_threshold": 1,
+                    "triton.multi_kernel": 2}
 
 @functools.cache
 def pdl_capable(device) -> bool:

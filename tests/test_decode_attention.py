@@ -44,12 +44,12 @@ graphs = []
 def backend(gm, inputs):
     graphs.append(gm.code)
     return gm.forward
-A.JOIN_IN_GRAPH = True
+join_default, A.JOIN_IN_GRAPH = A.JOIN_IN_GRAPH, True
 joined = torch.compile(lambda q, k, v, keep: A.attention_forward(None, q, k, v, keep)[0], fullgraph=True,
                        backend=backend)
 out["join compiled"] = float((joined(q, k, v, keep) - want).abs().max())
 out["ranges op traced"] = "decode_attention_ranges" in graphs[0]
-A.JOIN_IN_GRAPH = False
+A.JOIN_IN_GRAPH = join_default
 # 2100 slots: 33 ranges, joined in two chunks
 long_keep = torch.rand(1, 1, 1, 2100) < 0.7
 check("33 ranges", q, torch.randn(B, KV, 2100, D), torch.randn(B, KV, 2100, D), long_keep)

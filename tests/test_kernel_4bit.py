@@ -6,6 +6,7 @@ layers are swapped (and fused) decoding verified."""
 import gc
 import json
 import math
+import re
 import sys
 import weakref
 
@@ -468,7 +469,9 @@ def test_kernel_on_the_gpu_is_bitsandbytes_bit_for_bit_and_decodes_verified(tmp_
 def test_a_norm_before_the_matvec_and_its_layout_compile_to_one_kernel():
     """kernel_4bit.INDUCTOR_OPTIONS, which Int4WeightOnly carries and fast_decode.decode_step gives torch.compile: the
     residual add, the RMSNorm and code_major()'s layout of its output for the matvec are one kernel (inductor's
-    default: two, the layout's transpose kept out of the reduction), and the product is the eager one."""
+    default: two, the layout's transpose kept out of the reduction), and the product is the eager one. Launches are
+    counted in the compiled wrapper (a kernel's `.run(`): with the options a reduction may be compiled in two forms, a
+    multi-kernel choosing one, and the wrapper launches only that."""
     from torch._inductor.utils import run_and_get_code
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from extensions import kernel_4bit
@@ -488,7 +491,7 @@ def test_a_norm_before_the_matvec_and_its_layout_compile_to_one_kernel():
         torch._dynamo.reset()
         with torch.no_grad():
             (_, y), code = run_and_get_code(torch.compile(forward, fullgraph=True, options=options), h, d)
-        assert sum(src.count("async_compile.triton(") for src in code) == kernels, (options, code)
+        assert len(re.findall(r"\w+\.run\(", "\n".join(code))) == kernels, (options, code)
         assert float((y.float() - eager.float()).norm() / eager.float().norm()) < 1e-3
 
 @pytest.mark.gpu
