@@ -35,8 +35,8 @@ def check(name, q, k, v, mask):
 for name, mask in (("masked", keep), ("unmasked", None), ("mask expanded", keep[:1].expand(B, 1, 1, L)),
                    ("one mask row for both", keep[1:])):
     check(name, q, k, v, mask)
-# the ranges joined in torch (join(), a compiled step's form) and by combine(), eager and compiled (the branch that
-# takes join() runs only while torch.compile traces)
+# the ranges joined in torch (join(), a compiled step's form by default: JOIN_IN_GRAPH) and by combine(), eager and
+# compiled (the branch that takes join() runs only while torch.compile traces)
 scale = D ** -0.5
 want = A.decode_attention(q, k, v, keep, scale)
 out["join"] = float((A.join(*A.decode_attention_ranges(q, k, v, keep, scale), B, q.dtype) - want).abs().max())
@@ -44,12 +44,10 @@ graphs = []
 def backend(gm, inputs):
     graphs.append(gm.code)
     return gm.forward
-join_default, A.JOIN_IN_GRAPH = A.JOIN_IN_GRAPH, True
 joined = torch.compile(lambda q, k, v, keep: A.attention_forward(None, q, k, v, keep)[0], fullgraph=True,
                        backend=backend)
 out["join compiled"] = float((joined(q, k, v, keep) - want).abs().max())
 out["ranges op traced"] = "decode_attention_ranges" in graphs[0]
-A.JOIN_IN_GRAPH = join_default
 # 2100 slots: 33 ranges, joined in two chunks
 long_keep = torch.rand(1, 1, 1, 2100) < 0.7
 check("33 ranges", q, torch.randn(B, KV, 2100, D), torch.randn(B, KV, 2100, D), long_keep)
@@ -82,9 +80,10 @@ print(json.dumps(out))
 def test_split_kv_attention_is_sdpa_under_the_interpreter():
     """The very kernels a GPU runs, interpreted: one query token's attention over a static cache (grouped-query
     heads, padded and unfilled slots masked, no mask, a mask of one row for every row, expanded or not, a strided
-    query, 33 ranges of slots joined in two chunks) equals SDPA's in fp64 within fp32 rounding; and a tiny
-    grouped-query Llama given it (decode_attention.use) decodes the same greedy tokens as with transformers' sdpa,
-    left padding included, its logits within fp32 rounding; a model it cannot take is refused with the reason."""
+    query, 33 ranges of slots joined in two chunks, and by default joined in torch inside a compiled call) equals
+    SDPA's in fp64 within fp32 rounding; and a tiny grouped-query Llama given it (decode_attention.use) decodes the
+    same greedy tokens as with transformers' sdpa, left padding included, its logits within fp32 rounding; a model
+    it cannot take is refused with the reason."""
     r = run_group([sys.executable, "-c", INTERPRETED, str(ROOT)], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -98,7 +97,8 @@ def test_split_kv_attention_is_sdpa_under_the_interpreter():
 
 
 # A compiled decode step of a tiny Llama with this file's attention: which buffer each layer's kernel is given as its
-# mask, and the logits, with MASK_ONCE as argv[2] says.
+# mask (decode_attention or, joined in the graph, decode_attention_ranges), and the logits, with MASK_ONCE as the
+# module sets it (argv[2] "default") or off.
 MASK_STEP = r'''
 import json, os, re, sys
 os.environ["TRITON_INTERPRET"] = "1"
@@ -107,7 +107,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 from extensions import decode_attention as A
-A.MASK_ONCE = sys.argv[2] == "on"
+A.MASK_ONCE = A.MASK_ONCE if sys.argv[2] == "default" else False
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa")
@@ -118,23 +118,23 @@ with torch.no_grad():
     model(input_ids=torch.randint(1, 64, (1, 5)), past_key_values=cache, cache_position=torch.arange(5))
     step = torch.compile(lambda tok, pos: model(input_ids=tok, past_key_values=cache, cache_position=pos).logits)
     logits, code = run_and_get_code(step, torch.tensor([[3]]), torch.tensor([5]))
-masks = re.findall(r"ds_bnb_infer\.decode_attention\.default\(\w+, \w+, \w+, (\w+),", "\n".join(code))
+masks = re.findall(r"ds_bnb_infer\.decode_attention(?:_ranges)?\.default\(\w+, \w+, \w+, (\w+),", "\n".join(code))
 print(json.dumps({"masks": masks, "logits": logits.flatten().tolist()}))
 '''
 
 
 def test_mask_once_gives_every_layer_the_steps_one_mask():
-    """MASK_ONCE: in a compiled step (inductor, here for the CPU) each of 3 layers' attention kernels reads the one
-    mask buffer the step computed, where without it inductor writes a mask for each layer (what MASK_ONCE is for);
-    the logits are the same bit for bit."""
+    """MASK_ONCE, on by default: in a compiled step (inductor, here for the CPU) each of 3 layers' attention kernels
+    reads the one mask buffer the step computed, where without it inductor writes a mask for each layer (what
+    MASK_ONCE is for); the logits are the same bit for bit."""
     out = {}
-    for setting in ("off", "on"):
+    for setting in ("off", "default"):
         r = run_group([sys.executable, "-c", MASK_STEP, str(ROOT), setting], timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         out[setting] = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(out["on"]["masks"]) == 3 and len(set(out["on"]["masks"])) == 1, out["on"]["masks"]
+    assert len(out["default"]["masks"]) == 3 and len(set(out["default"]["masks"])) == 1, out["default"]["masks"]
     assert len(set(out["off"]["masks"])) == 3, out["off"]["masks"]
-    assert out["on"]["logits"] == out["off"]["logits"]
+    assert out["default"]["logits"] == out["off"]["logits"]
 
 
 def test_triton_attention_needs_a_gpu_and_this_files_loop():
