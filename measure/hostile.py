@@ -102,7 +102,10 @@ class Target:
         self.args, self.url = args, args.url.rstrip("/")
         u = urllib.parse.urlsplit(self.url)
         self.host, self.port = u.hostname, u.port or 80
-        self.http = httpx.Client(timeout=args.timeout, limits=httpx.Limits(max_connections=None))
+        # Idle connections are reused for at most 1 s: uvicorn closes a kept-alive connection after 5 s idle and
+        # httpx would reuse one for up to 5 s, so a request sent on it just then finds it closed with no answer (a
+        # case right after a 5 s burst did), which is the client's race, not the server's failure.
+        self.http = httpx.Client(timeout=args.timeout, limits=httpx.Limits(max_connections=None, keepalive_expiry=1.0))
         health = self.http.get(self.url + "/health").json()
         self.health = {k: health.get(k) for k in ("model", "max_num_seqs", "max_model_len")}
         self.rows = health.get("max_num_seqs") or 1
